@@ -1,0 +1,36 @@
+# Two set-up commands (see README): `make demo` and `make test`. Each creates .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Single-machine Ray and gloo stay on loopback.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export GLOO_SOCKET_IFNAME := lo
+
+.PHONY: venv demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m launch.demo
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check .
+
+bench: venv
+	$(PY) tests/benchmarks/bench_preprocess.py
+	$(PY) tests/benchmarks/bench_models.py
+	$(PY) tests/benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo_out

@@ -1,0 +1,1 @@
+"""Thin entry points: train.py (DeepSpeed), evaluate.py, predict.py, demo.py."""

@@ -1,0 +1,165 @@
+"""Typed configuration of the training data pipeline (the `data:` section of an experiment config).
+
+Every field has a docstring under it; `DataConfig.validate()` raises `ValueError` naming the full dotted key
+(e.g. ``data.patch_size``) and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("patch3d", "slice2d", "image2d")
+TARGETS = ("regions", "binary")
+
+
+def _is_int_tuple(value: object, n: int | None = None) -> bool:
+    ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return ok and (n is None or len(value) == n)
+
+
+def _is_num(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _range(key: str, value: object, lo: float, hi: float | None = None) -> None:
+    """Check a (low, high) pair with lo <= low <= high (<= hi)."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_num(v) for v in value)):
+        raise ValueError(f"{key}: expected a pair of numbers (low, high), got {value!r}")
+    low, high = value
+    if low > high or low < lo or (hi is not None and high > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{key}: expected low <= high within {bound}, got {list(value)}")
+
+
+def _prob(key: str, value: object) -> None:
+    if not _is_num(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key}: expected a probability in [0, 1], got {value!r}")
+
+
+@dataclass
+class AugmentConfig:
+    """Random augmentation of training samples; one implementation for 2D and 3D.
+
+    Flips and axis permutations run in loader workers; the spatial transform (rotation + scaling) and the intensity
+    transforms run batched on the device (`distseg.data.augment.DeviceAugment`).
+    """
+
+    enabled: bool = True
+    """Master switch; False yields the raw crops (validation never augments)."""
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    """Spatial axes (0-based over the patch dims, (Z,Y,X) or (Y,X)) each flipped with probability 0.5.
+    Axes beyond the patch dimensionality are ignored, so the 3D default also serves 2D."""
+    rotate_deg: float = 30.0
+    """Maximum absolute rotation angle in degrees, drawn uniformly per axis (in-plane only for 2D)."""
+    rotate_prob: float = 0.2
+    """Probability that a sample is rotated."""
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    """Range of the isotropic zoom factor (>1 zooms in)."""
+    scale_prob: float = 0.2
+    """Probability that a sample is scaled."""
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    """Range of the per-channel multiplicative intensity factor (applied to every sample when enabled)."""
+    intensity_shift: float = 0.1
+    """Maximum absolute per-channel additive shift, in units of the (z-scored) intensity."""
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    """Range of the gamma exponent applied to per-channel min-max rescaled intensities."""
+    gamma_prob: float = 0.3
+    """Probability that a sample gets a gamma transform."""
+    noise_std: float = 0.1
+    """Maximum standard deviation of additive Gaussian noise (drawn uniformly in [0, noise_std])."""
+    noise_prob: float = 0.15
+    """Probability that a sample gets Gaussian noise."""
+
+    def validate(self, prefix: str = "data.augment") -> None:
+        """Raise ValueError naming ``<prefix>.<field>`` for the first invalid field."""
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"{prefix}.enabled: expected true/false, got {self.enabled!r}")
+        if not _is_int_tuple(self.flip_axes) or any(a < 0 or a > 2 for a in self.flip_axes):
+            raise ValueError(f"{prefix}.flip_axes: expected a list of axes in 0..2, got {self.flip_axes!r}")
+        if not _is_num(self.rotate_deg) or not 0.0 <= self.rotate_deg <= 180.0:
+            raise ValueError(f"{prefix}.rotate_deg: expected degrees in [0, 180], got {self.rotate_deg!r}")
+        _prob(f"{prefix}.rotate_prob", self.rotate_prob)
+        _range(f"{prefix}.scale_range", self.scale_range, 1e-3)
+        _prob(f"{prefix}.scale_prob", self.scale_prob)
+        _range(f"{prefix}.intensity_scale", self.intensity_scale, 0.0)
+        if not _is_num(self.intensity_shift) or self.intensity_shift < 0:
+            raise ValueError(f"{prefix}.intensity_shift: expected a number >= 0, got {self.intensity_shift!r}")
+        _range(f"{prefix}.gamma_range", self.gamma_range, 1e-3)
+        _prob(f"{prefix}.gamma_prob", self.gamma_prob)
+        if not _is_num(self.noise_std) or self.noise_std < 0:
+            raise ValueError(f"{prefix}.noise_std: expected a number >= 0, got {self.noise_std!r}")
+        _prob(f"{prefix}.noise_prob", self.noise_prob)
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how batches are drawn from it."""
+
+    store: str = ""
+    """Path to the `<name>.zarr` store written by `python -m preprocess`."""
+    mode: str = "patch3d"
+    """"patch3d" (random 3D patches), "slice2d" (axial slices from 3D stores) or "image2d" (Z=1 image stores)."""
+    patch_size: tuple[int, ...] = (128, 128, 128)
+    """Patch shape: (Z, Y, X) for patch3d; (Y, X) for slice2d / image2d."""
+    batch_size: int = 2
+    """Samples per rank per micro-step."""
+    foreground_fraction: float = 0.33
+    """Fraction of training samples centred on a voxel of a random present class (nnU-Net-style oversampling)."""
+    val_folds: tuple[int, ...] = (0,)
+    """Folds held out for validation; training uses all other folds."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker."""
+    target: str = "regions"
+    """"regions" (one sigmoid target per store region, e.g. BraTS WT/TC/ET) or "binary" (label > 0)."""
+    val_patch_size: tuple[int, ...] = ()
+    """Validation crop shape (centred on the case/image); empty = `patch_size`. Validation of a 3D store in
+    patch3d mode yields one centred crop per case; slice2d yields every axial slice; image2d the whole image."""
+    context_margin: int = 0
+    """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling
+    resamples real data instead of zero padding; `DeviceAugment` crops it away, so the model always sees
+    `patch_size`. With 0 the loader yields exactly `patch_size` and rotated corners are zero-filled."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmentation settings."""
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3 if self.mode == "patch3d" else 2
+
+    def validate(self, prefix: str = "data") -> None:
+        """Raise ValueError naming ``<prefix>.<field>`` for the first invalid field."""
+        if not isinstance(self.store, str) or not self.store:
+            raise ValueError(f"{prefix}.store: expected the path of a <name>.zarr store, got {self.store!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"{prefix}.mode: expected one of {list(MODES)}, got {self.mode!r}")
+        n = self.spatial_dims
+        if not _is_int_tuple(self.patch_size, n) or any(p <= 0 for p in self.patch_size):
+            raise ValueError(
+                f"{prefix}.patch_size: expected {n} positive ints for mode={self.mode}, got {list(self.patch_size)}"
+            )
+        if self.val_patch_size and (
+            not _is_int_tuple(self.val_patch_size, n) or any(p <= 0 for p in self.val_patch_size)
+        ):
+            raise ValueError(
+                f"{prefix}.val_patch_size: expected {n} positive ints for mode={self.mode} (or empty), "
+                f"got {list(self.val_patch_size)}"
+            )
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"{prefix}.batch_size: expected an int >= 1, got {self.batch_size!r}")
+        _prob(f"{prefix}.foreground_fraction", self.foreground_fraction)
+        if not _is_int_tuple(self.val_folds) or any(f < 0 for f in self.val_folds):
+            raise ValueError(f"{prefix}.val_folds: expected a list of fold numbers >= 0, got {self.val_folds!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"{prefix}.num_workers: expected an int >= 0, got {self.num_workers!r}")
+        if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:
+            raise ValueError(f"{prefix}.prefetch_factor: expected an int >= 1, got {self.prefetch_factor!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"{prefix}.target: expected one of {list(TARGETS)}, got {self.target!r}")
+        if not isinstance(self.context_margin, int) or self.context_margin < 0:
+            raise ValueError(f"{prefix}.context_margin: expected an int >= 0, got {self.context_margin!r}")
+        self.augment.validate(f"{prefix}.augment")
+
+    @property
+    def effective_val_patch_size(self) -> tuple[int, ...]:
+        return tuple(self.val_patch_size) if self.val_patch_size else tuple(self.patch_size)

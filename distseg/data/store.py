@@ -1,0 +1,278 @@
+"""Reader side of the preprocessed-dataset store (Zarr v3 group on shared storage).
+
+Layout written by `preprocess` (see `.notes/preprocess.md` for the measured choices)::
+
+    <dst>/<name>.zarr/
+        zarr.json                      root attrs: format_version, kind, channels, label_values, regions, ...
+        cases/<case_id>/zarr.json      case attrs: geometry + undo info, normalisation stats, fold, checksums
+        cases/<case_id>/image          (C, Z, Y, X) raw source intensities (int16 / uint8 / float32), chunked
+        cases/<case_id>/label          (Z, Y, X) uint8, canonical label values (absent for unlabelled cases)
+        cases/<case_id>/foreground     (N, 3) int16 (z, y, x) sampled voxel coords; rows per class in attrs
+        .tmp/                          cases being written; renamed into `cases/` only when complete
+
+Images are stored as the cropped *original* intensities (lossless, compresses far better than normalised floats);
+the z-score is applied here on read: ``(raw - mean[c]) / std[c]`` inside the normalisation mask, 0 outside.
+This module never imports `preprocess` or `ray`; a `Store` is cheap to open and each DataLoader worker should open
+its own (zarr array handles are cached per process id, so an inherited object is also safe after fork).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION: int = 1
+"""Bump when the on-disk layout or attribute meaning changes; readers refuse other versions."""
+
+CASES_GROUP = "cases"
+TMP_DIR = ".tmp"
+
+BRATS_CHANNELS = ["t1", "t1ce", "t2", "flair"]
+BRATS_LABEL_VALUES = {"0": "background", "1": "necrosis", "2": "edema", "3": "enhancing"}
+BRATS_REGIONS = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+BINARY_LABEL_VALUES = {"0": "background", "1": "tumour"}
+BINARY_REGIONS = {"tumour": [1]}
+
+# Stored (canonical) label -> source label, per source convention; used to write predictions back.
+LABEL_CONVENTIONS: dict[str, dict[int, int]] = {
+    "brats2018": {0: 0, 1: 1, 2: 2, 3: 4},  # BraTS 2018-2021: enhancing tumour is 4
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},  # BraTS 2023+: enhancing tumour is 3
+    "binary255": {0: 0, 1: 255},
+    "binary01": {0: 0, 1: 1},
+}
+
+
+class StoreError(Exception):
+    """A store, case or attribute is missing or not what this reader expects (the message names which)."""
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """One stored case. `shape` is the stored image shape (C, Z, Y, X); `spacing` is (z, y, x) in mm."""
+
+    case_id: str
+    shape: tuple[int, int, int, int]
+    spacing: tuple[float, float, float]
+    fold: int
+    has_label: bool
+    attrs: dict[str, Any] = field(repr=False)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Store:
+    """Read-only view of a preprocessed dataset. Open with `Store.open(path)`."""
+
+    def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.kind: str = attrs["kind"]
+        self.channels: list[str] = list(attrs["channels"])
+        self.regions: dict[str, list[int]] = {k: list(v) for k, v in attrs["regions"].items()}
+        self._case_attrs: dict[str, dict[str, Any]] = {}
+        self._arrays: dict[tuple[str, str], Any] = {}
+        self._pid = os.getpid()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Store:
+        """Open `<dst>/<name>.zarr`. Raises StoreError when missing, not a distseg store or another format version."""
+        p = Path(path).expanduser().resolve()
+        meta_path = p / "zarr.json"
+        if not meta_path.is_file():
+            raise StoreError(f"{p}: not a Zarr v3 store (no zarr.json); expected the output of `python -m preprocess`")
+        try:
+            meta = _read_json(meta_path)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{meta_path}: unreadable store metadata ({e})") from e
+        attrs = meta.get("attributes", {})
+        version = attrs.get("format_version")
+        if version is None:
+            raise StoreError(f"{p}: not a distseg store (root attrs lack 'format_version')")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{p}: store format_version {version} but this reader expects {FORMAT_VERSION}; "
+                "re-run `python -m preprocess` with this version of distseg"
+            )
+        for key in ("kind", "channels", "label_values", "regions"):
+            if key not in attrs:
+                raise StoreError(f"{p}: root attrs lack required key {key!r}")
+        return cls(p, attrs)
+
+    # ---- case listing and metadata -------------------------------------------------------------------------
+    def _all_case_ids(self) -> list[str]:
+        cases_dir = self.path / CASES_GROUP
+        if not cases_dir.is_dir():
+            return []
+        # A case directory counts only once its group metadata exists; writers rename complete cases into place.
+        return sorted(d for d in os.listdir(cases_dir) if (cases_dir / d / "zarr.json").is_file())
+
+    def case_attrs(self, case_id: str) -> dict[str, Any]:
+        """The case group's attributes (cached)."""
+        attrs = self._case_attrs.get(case_id)
+        if attrs is None:
+            meta_path = self.path / CASES_GROUP / case_id / "zarr.json"
+            if not meta_path.is_file():
+                raise StoreError(f"{self.path}: no case {case_id!r} (expected {meta_path})")
+            attrs = _read_json(meta_path).get("attributes", {})
+            self._case_attrs[case_id] = attrs
+        return attrs
+
+    def case_ids(
+        self,
+        folds: Iterable[int] | None = None,
+        exclude_folds: Iterable[int] | None = None,
+        labelled_only: bool = False,
+    ) -> list[str]:
+        """Sorted ids of complete cases, optionally restricted to / excluding folds, or to labelled cases."""
+        keep = None if folds is None else set(folds)
+        drop = set() if exclude_folds is None else set(exclude_folds)
+        out = []
+        for cid in self._all_case_ids():
+            a = self.case_attrs(cid)
+            fold = int(a.get("fold", -1))
+            if keep is not None and fold not in keep:
+                continue
+            if fold in drop or (labelled_only and not a.get("has_label", False)):
+                continue
+            out.append(cid)
+        return out
+
+    def case(self, case_id: str) -> CaseInfo:
+        a = self.case_attrs(case_id)
+        try:
+            return CaseInfo(
+                case_id=case_id,
+                shape=tuple(int(s) for s in a["shape"]),  # type: ignore[arg-type]
+                spacing=tuple(float(s) for s in a["spacing"]),  # type: ignore[arg-type]
+                fold=int(a.get("fold", -1)),
+                has_label=bool(a["has_label"]),
+                attrs=a,
+            )
+        except KeyError as e:
+            raise StoreError(f"{self.path}: case {case_id!r} attrs lack key {e.args[0]!r}") from e
+
+    # ---- array access ----------------------------------------------------------------------------------------
+    def _array(self, case_id: str, name: str) -> Any:
+        if os.getpid() != self._pid:  # forked into a loader worker: never reuse the parent's zarr handles
+            self._arrays.clear()
+            self._pid = os.getpid()
+        key = (case_id, name)
+        arr = self._arrays.get(key)
+        if arr is None:
+            import zarr  # deferred: keeps `Store.open` cheap
+
+            p = self.path / CASES_GROUP / case_id / name
+            if not (p / "zarr.json").is_file():
+                raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (expected {p})")
+            arr = zarr.open_array(str(p), mode="r")
+            self._arrays[key] = arr
+        return arr
+
+    def foreground(self, case_id: str, cls: int) -> np.ndarray:
+        """(N, 3) int64 (z, y, x) voxel coordinates (stored frame) sampled from class `cls`; (0, 3) if absent."""
+        rows = self.case_attrs(case_id).get("foreground_rows", {}).get(str(int(cls)))
+        if not rows or rows[1] <= rows[0]:
+            return np.zeros((0, 3), dtype=np.int64)
+        return np.asarray(self._array(case_id, "foreground")[rows[0] : rows[1]], dtype=np.int64)
+
+    def _normalise(self, case_id: str, raw: np.ndarray) -> np.ndarray:
+        """raw (C, ...) stored intensities -> float32 z-scored (C, ...), 0 outside the normalisation mask."""
+        norm = self.case_attrs(case_id)["normalization"]
+        img = raw.astype(np.float32, copy=True)
+        if norm.get("applied", False):  # stored already normalised
+            return img
+        c = (slice(None),) + (None,) * (raw.ndim - 1)
+        mean = np.asarray(norm["mean"], dtype=np.float32)[c]
+        inv_std = (1.0 / np.asarray(norm["std"], dtype=np.float32))[c]
+        img -= mean
+        img *= inv_std
+        if norm["mask"] == "nonzero_any":  # brain = nonzero in any modality; background stays exactly 0
+            img *= np.any(raw != 0, axis=0, keepdims=True)
+        elif norm["mask"] != "all":
+            raise StoreError(f"{self.path}: case {case_id!r} has unknown normalization mask {norm['mask']!r}")
+        return img
+
+    def read_patch(
+        self, case_id: str, start: tuple[int, int, int], size: tuple[int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image float32 (C, *size) normalised and label uint8 (*size) (None when unlabelled).
+
+        `start` is (z, y, x) in the stored frame and may be negative; the part of the box outside the volume
+        is zero-padded (image 0, label 0).
+        """
+        info = self.case(case_id)
+        spatial = info.shape[1:]
+        if len(start) != 3 or len(size) != 3:
+            raise StoreError(f"read_patch({case_id!r}): start and size must be (z, y, x); got {start}, {size}")
+        src, dst = [], []
+        for s, n, dim in zip(start, size, spatial, strict=True):
+            lo, hi = max(int(s), 0), min(int(s) + int(n), dim)
+            if hi <= lo:  # no overlap at all
+                src, dst = None, None
+                break
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - int(s), hi - int(s)))
+        image = np.zeros((info.shape[0], *size), dtype=np.float32)
+        label = np.zeros(tuple(size), dtype=np.uint8) if info.has_label else None
+        if src is None:
+            return image, label
+        raw = self._array(case_id, "image")[(slice(None), *src)]
+        image[(slice(None), *dst)] = self._normalise(case_id, raw)
+        if label is not None:
+            label[tuple(dst)] = self._array(case_id, "label")[tuple(src)]
+        return image, label
+
+    def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole case: image float32 (C, Z, Y, X) normalised, label uint8 (Z, Y, X) or None."""
+        info = self.case(case_id)
+        image = self._normalise(case_id, self._array(case_id, "image")[...])
+        label = np.asarray(self._array(case_id, "label")[...]) if info.has_label else None
+        return image, label
+
+
+def to_source_convention(label: np.ndarray, convention: str) -> np.ndarray:
+    """Map canonical stored labels back to a source convention (e.g. brats2018: 3 -> 4). Same shape, uint8."""
+    if convention not in LABEL_CONVENTIONS:
+        raise StoreError(f"unknown label convention {convention!r}; expected one of {sorted(LABEL_CONVENTIONS)}")
+    lut = np.zeros(256, dtype=np.uint8)
+    for stored, source in LABEL_CONVENTIONS[convention].items():
+        lut[stored] = source
+    return lut[np.asarray(label, dtype=np.uint8)]
+
+
+def restore_to_source_geometry(label: np.ndarray, attrs: dict[str, Any], source_convention: bool = True) -> np.ndarray:
+    """Undo crop + axis transpose for a stored-frame label volume (Z, Y, X), e.g. a prediction.
+
+    Returns the volume in the source array order (NIfTI: (X, Y, Z), to be saved with `attrs["affine"]`; 2D: (H, W)
+    at the original size) in the source label convention when `source_convention` is true.
+    """
+    label = np.asarray(label)
+    expected = tuple(attrs["shape"][1:])
+    if label.shape != expected:
+        raise StoreError(f"case {attrs.get('case_id')!r}: label shape {label.shape} != stored shape {expected}")
+    if attrs.get("resized_from") is not None:  # 2D case resized on conversion: nearest back to the source size
+        from PIL import Image
+
+        h, w = attrs["resized_from"]
+        label = np.asarray(Image.fromarray(label[0].astype(np.uint8)).resize((w, h), Image.NEAREST))[None]
+    full = np.zeros(tuple(attrs["original_shape_zyx"]), dtype=label.dtype)
+    box = tuple(slice(lo, hi) for lo, hi in attrs["crop_box_zyx"])
+    full[box] = label
+    out = full.transpose(attrs["store_to_source_axes"])
+    if attrs.get("source_ndim") == 2:  # 2D sources are stored with Z = 1
+        out = out[0]
+    if source_convention:
+        out = to_source_convention(out, attrs["label_convention"])
+    return out

@@ -1,0 +1,195 @@
+"""Writer side of the store contract (`distseg.data.store`): root init, atomic case writes, temp cleanup.
+
+A case is written into `<store>/.tmp/<case_id>.<random>` and renamed into `<store>/cases/<case_id>` only when every
+array and attribute is on disk, so readers (which list `cases/`) never see a half-written case. A run killed
+mid-case leaves only `.tmp/` debris, which `clean_temp` removes at the start of the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distseg.data.store import CASES_GROUP, FORMAT_VERSION, TMP_DIR, StoreError
+
+logger = logging.getLogger(__name__)
+
+_CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chunking and compression of stored arrays (defaults chosen by measurement, see .notes/preprocess.md)."""
+
+    chunks_zyx: tuple[int, int, int] = (16, 64, 64)
+    """Spatial chunk (z, y, x) of image and label; the image chunk spans all channels."""
+    cname: str = "zstd"
+    """Blosc inner compressor."""
+    clevel: int = 3
+    """Blosc compression level."""
+    shuffle: str = "bitshuffle"
+    """Blosc shuffle filter: "shuffle" | "bitshuffle" | "noshuffle"."""
+
+
+def validate_case_id(case_id: str) -> None:
+    """Raise ValueError unless `case_id` is a safe single path component (no '/', no '..', no leading dot)."""
+    if not _CASE_ID_RE.match(case_id) or ".." in case_id:
+        raise ValueError(
+            f"case id {case_id!r} is not a safe folder name: expected letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit and no '..'"
+        )
+
+
+def init_store(store_path: Path, root_attrs: dict[str, Any]) -> None:
+    """Create the root group (or check an existing one is compatible: same format_version and kind)."""
+    import zarr
+
+    meta = store_path / "zarr.json"
+    if meta.is_file():
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+        for key in ("format_version", "kind"):
+            if attrs.get(key) != root_attrs[key]:
+                raise StoreError(
+                    f"{store_path}: existing store has {key}={attrs.get(key)!r} but this run writes "
+                    f"{root_attrs[key]!r}; use another --name or --dst"
+                )
+        if attrs.get("channels") != root_attrs["channels"]:
+            raise StoreError(
+                f"{store_path}: existing store has channels {attrs.get('channels')} but this run writes "
+                f"{root_attrs['channels']}; use another --name or --dst"
+            )
+        zarr.open_group(str(store_path), mode="r+").attrs.update(root_attrs)
+    else:
+        store_path.mkdir(parents=True, exist_ok=True)
+        zarr.open_group(str(store_path), mode="w", attributes=root_attrs)
+    root = zarr.open_group(str(store_path), mode="r+")
+    if CASES_GROUP not in root:
+        root.create_group(CASES_GROUP)
+    (store_path / TMP_DIR).mkdir(exist_ok=True)
+
+
+def root_attrs_base(
+    kind: str, channels: list[str], label_values: dict[str, str], regions: dict[str, list[int]]
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "channels": channels,
+        "label_values": label_values,
+        "regions": regions,
+        "axes": ["c", "z", "y", "x"],
+    }
+
+
+def read_case_attrs(store_path: Path, case_id: str) -> dict[str, Any] | None:
+    """Attributes of a complete case, or None when the case is not (yet) in the store."""
+    meta = store_path / CASES_GROUP / case_id / "zarr.json"
+    try:
+        return json.loads(meta.read_text()).get("attributes", {})
+    except FileNotFoundError:
+        return None
+    except ValueError:  # unreadable metadata: treat as absent so the case is redone
+        return None
+
+
+def set_case_fold(store_path: Path, case_id: str, fold: int) -> None:
+    """Rewrite a complete case's `fold` attr in place, atomically (temp file + rename of its zarr.json)."""
+    meta = store_path / CASES_GROUP / case_id / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc.setdefault("attributes", {})["fold"] = int(fold)
+    tmp = meta.with_name(f".zarr.json.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, meta)
+
+
+def _compressors(layout: Layout) -> list[Any]:
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname=layout.cname, clevel=layout.clevel, shuffle=layout.shuffle)]
+
+
+def write_case(
+    store_path: Path,
+    case_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    foreground: dict[int, np.ndarray],
+    attrs: dict[str, Any],
+    layout: Layout,
+) -> None:
+    """Write one case atomically. image (C, Z, Y, X), label (Z, Y, X) uint8 or None, foreground {cls: (N, 3)}."""
+    import zarr
+
+    validate_case_id(case_id)
+    tmp = store_path / TMP_DIR / f"{case_id}.{uuid.uuid4().hex}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rows: dict[str, list[int]] = {}
+        coords = []
+        n = 0
+        for cls in sorted(foreground):
+            pts = np.asarray(foreground[cls], dtype=np.int16).reshape(-1, 3)
+            rows[str(cls)] = [n, n + len(pts)]
+            coords.append(pts)
+            n += len(pts)
+        attrs = {**attrs, "foreground_rows": rows, "has_label": label is not None, "shape": list(image.shape)}
+        group = zarr.open_group(str(tmp), mode="w", attributes=attrs)
+        c = image.shape[0]
+        chunks = tuple(min(a, b) for a, b in zip(layout.chunks_zyx, image.shape[1:], strict=True))
+        group.create_array(
+            "image", data=image, chunks=(c, *chunks), compressors=_compressors(layout), fill_value=0,
+            dimension_names=["c", "z", "y", "x"],
+        )
+        if label is not None:
+            group.create_array(
+                "label", data=np.ascontiguousarray(label, dtype=np.uint8), chunks=chunks,
+                compressors=_compressors(layout), fill_value=0, dimension_names=["z", "y", "x"],
+            )
+        fg = np.concatenate(coords) if coords else np.zeros((0, 3), dtype=np.int16)
+        group.create_array(
+            "foreground", data=fg, chunks=(max(len(fg), 1), 3), compressors=_compressors(layout), fill_value=0
+        )
+        _publish(store_path, case_id, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish(store_path: Path, case_id: str, tmp: Path) -> None:
+    """Rename a complete temp case into `cases/`; an older version is moved aside first, then deleted."""
+    target = store_path / CASES_GROUP / case_id
+    old = None
+    if target.exists():
+        old = store_path / TMP_DIR / f"{case_id}.old.{uuid.uuid4().hex}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_temp(store_path: Path) -> int:
+    """Remove leftovers of killed runs under `.tmp/` and incomplete dirs under `cases/`; returns how many."""
+    removed = 0
+    tmp_root = store_path / TMP_DIR
+    if tmp_root.is_dir():
+        for entry in tmp_root.iterdir():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed += 1
+    cases = store_path / CASES_GROUP
+    if cases.is_dir():
+        for entry in cases.iterdir():
+            if entry.is_dir() and not (entry / "zarr.json").is_file():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+    if removed:
+        logger.info("removed %d leftover temporary entries from %s", removed, store_path)
+    return removed

@@ -46,6 +46,9 @@ class AugmentConfig:
 
     enabled: bool = True
     """Master switch; False yields the raw crops (validation never augments)."""
+    on_device: bool = True
+    """Run rotation/scaling and intensity transforms batched in the training step (`DeviceAugment`, on the
+    accelerator); False runs the same transforms on CPU in the loader workers (flips always run in workers)."""
     flip_axes: tuple[int, ...] = (0, 1, 2)
     """Spatial axes (0-based over the patch dims, (Z,Y,X) or (Y,X)) each flipped with probability 0.5.
     Axes beyond the patch dimensionality are ignored, so the 3D default also serves 2D."""
@@ -72,8 +75,9 @@ class AugmentConfig:
 
     def validate(self, prefix: str = "data.augment") -> None:
         """Raise ValueError naming ``<prefix>.<field>`` for the first invalid field."""
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"{prefix}.enabled: expected true/false, got {self.enabled!r}")
+        for name in ("enabled", "on_device"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{prefix}.{name}: expected true/false, got {getattr(self, name)!r}")
         if not _is_int_tuple(self.flip_axes) or any(a < 0 or a > 2 for a in self.flip_axes):
             raise ValueError(f"{prefix}.flip_axes: expected a list of axes in 0..2, got {self.flip_axes!r}")
         if not _is_num(self.rotate_deg) or not 0.0 <= self.rotate_deg <= 180.0:

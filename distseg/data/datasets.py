@@ -1,0 +1,151 @@
+"""Datasets over a `Store`: training batches (map-style, indexed by step) and deterministic validation samples.
+
+Each process opens the store itself on first use (`_StoreHandle`): a dataset pickled into a DataLoader worker
+carries only the path, never the parent's open handles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distseg.data.augment import DeviceAugment, apply_flips
+from distseg.data.sampling import TrainSampler, centred_start
+from distseg.data.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class _StoreHandle:
+    """A store path that opens lazily, once per process; pickles as the path alone."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        self._store: Store | None = None
+        self._pid = -1
+
+    def get(self) -> Store:
+        if self._store is None or self._pid != os.getpid():
+            self._store = Store.open(self.path)
+            self._pid = os.getpid()
+            logger.debug("opened store %s in pid %d", self.path, self._pid)
+        return self._store
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_store": None, "_pid": -1}
+
+
+def crop_or_pad(image: np.ndarray, label: np.ndarray | None, start: tuple[int, ...], size: tuple[int, ...]):
+    """Box of `size` at `start` over the trailing spatial dims of image (C, *D) / label (*D); zero outside."""
+    out_img = np.zeros((image.shape[0], *size), dtype=image.dtype)
+    out_lab = None if label is None else np.zeros(size, dtype=label.dtype)
+    src, dst = [], []
+    for s, n, d in zip(start, size, image.shape[1:], strict=True):
+        lo, hi = max(s, 0), min(s + n, d)
+        if hi <= lo:
+            return out_img, out_lab
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out_img[(slice(None), *dst)] = image[(slice(None), *src)]
+    if out_lab is not None:
+        out_lab[tuple(dst)] = label[tuple(src)]
+    return out_img, out_lab
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Item `s` is training batch `s` of this rank: samples ``s*B .. s*B+B-1`` of the `TrainSampler`.
+
+    Returns ``{"image": float32 (B, C, *P'), "label": uint8 (B, *P'), "case_id": list[str],
+    "sample_index": int64 (B,), "foreground": bool (B,)}`` where ``P' = patch + 2*margin`` (`P' = patch` when
+    `worker_augment` is given: it resamples and crops here, on CPU).
+    """
+
+    def __init__(
+        self, store_path: str, sampler: TrainSampler, batch_size: int, worker_augment: DeviceAugment | None = None
+    ) -> None:
+        self.store = _StoreHandle(store_path)
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.worker_augment = worker_augment
+
+    def __len__(self) -> int:  # effectively infinite; the step sampler decides what is read
+        return 2**62
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str, bool]:
+        """One sample: image float32 (C, *P'), label uint8 (*P'), case id, whether foreground-centred."""
+        store = self.store.get()
+        plan = self.sampler.plan(store, index)
+        image, label = store.read_patch(plan.case_id, plan.start, plan.size)
+        if label is None:
+            raise ValueError(f"{store.path}: training case {plan.case_id!r} has no label")
+        if self.sampler.spatial_dims == 2:  # (C, 1, Y, X) box from one axial slice -> (C, Y, X)
+            image, label = image[:, 0], label[0]
+        image, label = apply_flips(image, label, plan.flips)
+        return image, label, plan.case_id, plan.foreground
+
+    def __getitem__(self, step: int) -> dict:
+        first = int(step) * self.batch_size
+        samples = [self.sample(first + j) for j in range(self.batch_size)]
+        index = torch.arange(first, first + self.batch_size, dtype=torch.int64)
+        image = torch.from_numpy(np.stack([s[0] for s in samples]))
+        label = torch.from_numpy(np.stack([s[1] for s in samples]))
+        if self.worker_augment is not None:
+            image, label = self.worker_augment(image, label, index)
+        return {
+            "image": image,
+            "label": label,
+            "case_id": [s[2] for s in samples],
+            "sample_index": index,
+            "foreground": torch.tensor([s[3] for s in samples], dtype=torch.bool),
+        }
+
+
+@dataclass(frozen=True)
+class ValSample:
+    """One validation crop: box at `start` of `size` (z, y, x); `slice2d` boxes have Z size 1."""
+
+    case_id: str
+    start: tuple[int, int, int]
+    size: tuple[int, int, int]
+
+
+def validation_samples(store: Store, case_ids: list[str], mode: str, patch_size: tuple[int, ...]) -> list[ValSample]:
+    """Deterministic crops of `case_ids`: patch3d one centred 3D crop per case; slice2d every axial slice (centred
+    in-plane crop); image2d one centred crop of the (Z = 1) image. Crops larger than the case are zero-padded."""
+    out: list[ValSample] = []
+    for cid in case_ids:
+        shape = store.case(cid).shape[1:]
+        if mode == "patch3d":
+            out.append(ValSample(cid, centred_start(shape, patch_size), tuple(patch_size)))  # type: ignore[arg-type]
+            continue
+        y0, x0 = centred_start(shape[1:], patch_size)
+        zs = range(shape[0]) if mode == "slice2d" else [shape[0] // 2]
+        out.extend(ValSample(cid, (z, y0, x0), (1, *patch_size)) for z in zs)  # type: ignore[arg-type]
+    return out
+
+
+class ValReader:
+    """Reads `ValSample`s; keeps the last whole case in memory so consecutive slices of one case read it once."""
+
+    def __init__(self, store: Store, spatial_dims: int) -> None:
+        self.store = store
+        self.spatial_dims = spatial_dims
+        self._cached: tuple[str, np.ndarray, np.ndarray | None] | None = None
+
+    def read(self, s: ValSample) -> tuple[np.ndarray, np.ndarray]:
+        """image float32 (C, *P), label uint8 (*P) (zeros for unlabelled cases, which validation never lists)."""
+        if self.spatial_dims == 3:
+            image, label = self.store.read_patch(s.case_id, s.start, s.size)
+        else:
+            if self._cached is None or self._cached[0] != s.case_id:
+                self._cached = (s.case_id, *self.store.read_case(s.case_id))
+            _, whole_img, whole_lab = self._cached
+            image, label = crop_or_pad(whole_img, whole_lab, s.start, s.size)
+            image, label = image[:, 0], None if label is None else label[0]
+        if label is None:
+            label = np.zeros(image.shape[1:], dtype=np.uint8)
+        return image, label

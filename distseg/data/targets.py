@@ -1,0 +1,47 @@
+"""Canonical label maps -> training targets (one sigmoid channel per region), on any device.
+
+BraTS regions (store attr ``regions``): WT = {1, 2, 3} (whole tumour), TC = {1, 3} (tumour core), ET = {3}
+(enhancing). 2D stores have one region, ``tumour`` = {1}. ``target="binary"`` is one channel, label > 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+
+def num_targets(target: str, regions: Mapping[str, Sequence[int]]) -> int:
+    """Output channels the model needs for `target`."""
+    if target == "binary":
+        return 1
+    if target == "regions":
+        return len(regions)
+    raise ValueError(f"data.target: expected 'regions' or 'binary', got {target!r}")
+
+
+def target_names(target: str, regions: Mapping[str, Sequence[int]]) -> list[str]:
+    """Channel names in the order `labels_to_targets` produces them (e.g. ["WT", "TC", "ET"])."""
+    num_targets(target, regions)  # raises for an unknown target
+    return ["foreground"] if target == "binary" else list(regions)
+
+
+def labels_to_targets(label: torch.Tensor, target: str, regions: Mapping[str, Sequence[int]]) -> torch.Tensor:
+    """label integer (B, *S) canonical values -> float32 (B, K, *S) of {0, 1}, on label's device.
+
+    "regions": channel k is 1 where the label is in the k-th region's values (store order, e.g. WT, TC, ET);
+    "binary": one channel, label > 0.
+    """
+    if target == "binary":
+        return (label > 0).unsqueeze(1).float()
+    num_targets(target, regions)  # raises for an unknown target
+    if not regions:
+        raise ValueError("labels_to_targets: the store defines no regions; use data.target=binary")
+    max_value = max(max(v) for v in regions.values())
+    # A lookup table (value -> K bits) is one gather instead of K `isin`s. Values above every region (none in a
+    # valid store) clamp onto an all-zero row, so no host sync is needed to size the table.
+    lut = torch.zeros(int(max_value) + 2, len(regions), dtype=torch.float32, device=label.device)
+    for k, values in enumerate(regions.values()):
+        lut[torch.as_tensor(list(values), dtype=torch.long, device=label.device), k] = 1.0
+    out = lut[label.long().clamp(0, int(max_value) + 1)]  # (B, *S, K)
+    return out.movedim(-1, 1).contiguous()

@@ -103,7 +103,7 @@ def run_stage(module: Callable[..., torch.Tensor], *args: torch.Tensor, use_chec
     Only checkpoints while gradients are being recorded. The recompute would update BatchNorm running stats a
     second time, so they are restored around it (`_RestoreNormStats`); with it, results match the plain run.
     """
-    if use_checkpoint and torch.is_grad_enabled() and any(a.requires_grad for a in args):
+    if use_checkpoint and torch.is_grad_enabled():
         target = module if isinstance(module, nn.Module) else nn.Module()
         return checkpoint(
             module,

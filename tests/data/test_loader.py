@@ -1,0 +1,210 @@
+"""Training sampler / loader and validation iterator over real tiny Zarr stores."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distseg.data import store as store_mod
+from distseg.data.config import AugmentConfig, DataConfig
+from distseg.data.datasets import TrainBatches
+from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator
+from distseg.data.sampling import TrainSampler
+from distseg.data.store import Store
+
+
+def _cfg(store: Path, **kw) -> DataConfig:
+    base = {"store": str(store), "patch_size": (8, 8, 8), "batch_size": 2, "num_workers": 0, "val_folds": (0,)}
+    return DataConfig(**{**base, **kw})
+
+
+def _take(loader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (
+        torch.equal(a["image"], b["image"])
+        and torch.equal(a["label"], b["label"])
+        and a["case_id"] == b["case_id"]
+        and torch.equal(a["sample_index"], b["sample_index"])
+    )
+
+
+def test_foreground_oversampling_fraction(brats_store: Path) -> None:
+    store = Store.open(brats_store)
+    cases = store.case_ids(exclude_folds=[0])
+    n = 400
+
+    def stats(fraction: float) -> tuple[float, float]:
+        sampler = TrainSampler(cases, (8, 8, 8), fraction, (), seed=11, rank=0, world_size=1)
+        ds = TrainBatches(str(brats_store), sampler, batch_size=1)
+        flagged = contains = 0
+        for i in range(n):
+            _, label, _, fg = ds.sample(i)
+            if fg:  # centred on a foreground voxel: the centre voxel carries a tumour class
+                flagged += 1
+                assert label[4, 4, 4] > 0
+            contains += bool(label.any())
+        return flagged / n, contains / n
+
+    flagged, contains_fg = stats(0.33)
+    flagged_random, contains_random = stats(0.0)
+    assert flagged_random == 0.0
+    # Bernoulli(0.33) over 400 draws: sd 0.024, so +-0.08 is > 3 sd
+    assert abs(flagged - 0.33) < 0.08, flagged
+    # oversampling raises the share of patches that contain tumour well above uniform sampling
+    assert contains_fg >= flagged and contains_fg > contains_random + 0.2, (contains_fg, contains_random)
+
+
+def test_overhanging_patch_is_zero_padded(brats_store: Path) -> None:
+    store = Store.open(brats_store)
+    image, label = store.read_case("case01")
+    sampler = TrainSampler(["case01"], (8, 8, 8), 0.0, (), seed=0, rank=0, world_size=1)
+    ds = TrainBatches(str(brats_store), sampler, batch_size=1)
+    seen_overhang = 0
+    for i in range(60):
+        plan = sampler.plan(store, i)
+        img, lab, _, _ = ds.sample(i)
+        shape = image.shape[1:]
+        inside = tuple(slice(max(-s, 0), min(d - s, 8)) for s, d in zip(plan.start, shape, strict=True))
+        src = tuple(slice(max(s, 0), min(s + 8, d)) for s, d in zip(plan.start, shape, strict=True))
+        np.testing.assert_array_equal(img[(slice(None), *inside)], image[(slice(None), *src)])
+        np.testing.assert_array_equal(lab[inside], label[src])
+        mask = np.ones((8, 8, 8), bool)
+        mask[inside] = False
+        if mask.any():
+            seen_overhang += 1
+            assert not img[:, mask].any() and not lab[mask].any()
+    assert seen_overhang > 10  # centres are uniform over the volume, so many patches overhang
+
+
+def test_same_seed_rank_step_same_batch_and_ranks_differ(brats_store: Path) -> None:
+    cfg = _cfg(brats_store)
+    a = _take(build_train_loader(cfg, rank=0, world_size=2, seed=5), 4)
+    b = _take(build_train_loader(cfg, rank=0, world_size=2, seed=5), 4)
+    other = _take(build_train_loader(cfg, rank=1, world_size=2, seed=5), 4)
+    other_seed = _take(build_train_loader(cfg, rank=0, world_size=2, seed=6), 4)
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+    assert not any(torch.equal(x["image"], y["image"]) for x, y in zip(a, other, strict=True))
+    assert not any(torch.equal(x["image"], y["image"]) for x, y in zip(a, other_seed, strict=True))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reproduces_uninterrupted_run(brats_store: Path, workers: int) -> None:
+    cfg = _cfg(brats_store, num_workers=workers, context_margin=2)
+    full = _take(build_train_loader(cfg, rank=1, world_size=2, seed=3), 7)
+    resumed_loader = build_train_loader(cfg, rank=1, world_size=2, seed=3, start_step=4)
+    resumed = _take(resumed_loader, 3)
+    assert all(_same(x, y) for x, y in zip(full[4:], resumed, strict=True))
+    assert resumed_loader.state_dict() == {"next_step": 7}
+    # the device augmentation of the resumed batches matches too (draws keyed by sample index)
+    aug = build_device_augment(cfg, seed=3, rank=1)
+    for x, y in zip(full[4:], resumed, strict=True):
+        xa, ya = aug(x["image"], x["label"], x["sample_index"]), aug(y["image"], y["label"], y["sample_index"])
+        assert torch.equal(xa[0], ya[0]) and torch.equal(xa[1], ya[1])
+
+
+def test_load_state_dict_resumes(brats_store: Path) -> None:
+    cfg = _cfg(brats_store)
+    full = _take(build_train_loader(cfg, 0, 1, seed=1), 5)
+    loader = build_train_loader(cfg, 0, 1, seed=1)
+    loader.load_state_dict({"next_step": 3})
+    assert all(_same(x, y) for x, y in zip(full[3:], _take(loader, 2), strict=True))
+
+
+def test_global_shuffle_shards_each_epoch(brats_store: Path) -> None:
+    """Over one epoch (n_train samples across all ranks) every training case is drawn exactly once."""
+    store = Store.open(brats_store)
+    cases = store.case_ids(exclude_folds=[0])
+    for world in (1, 2, 4):
+        for epoch in range(2):
+            drawn = []
+            for r in range(world):
+                sampler = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=2, rank=r, world_size=world)
+                drawn += [
+                    sampler.case_for(i) for i in range(len(cases) * 3)
+                    if epoch * len(cases) <= i * world + r < (epoch + 1) * len(cases)
+                ]
+            assert sorted(drawn) == sorted(cases)
+
+
+def test_workers_open_their_own_store(brats_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker opens the store itself (once); the parent's handle never travels into a worker."""
+    log = tmp_path / "opens.txt"
+    real_open = store_mod.Store.open.__func__
+
+    def recording_open(cls, path):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real_open(cls, path)
+
+    monkeypatch.setattr(store_mod.Store, "open", classmethod(recording_open))  # inherited by forked workers
+    loader = build_train_loader(_cfg(brats_store, num_workers=2), 0, 1, seed=0)
+    it = iter(loader)
+    for _ in range(6):
+        next(it)
+    pids = Counter(int(p) for p in log.read_text().split())
+    workers = {p: c for p, c in pids.items() if p != os.getpid()}
+    assert len(workers) == 2 and all(c == 1 for c in workers.values()), pids
+    assert loader._loader is not None and loader._loader.persistent_workers
+
+
+@pytest.mark.parametrize("mode", ["patch3d", "slice2d"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_validation_sharding_covers_all_without_duplicates(brats_store: Path, mode: str, world: int) -> None:
+    patch = (8, 8, 8) if mode == "patch3d" else (16, 16)
+    cfg = _cfg(brats_store, mode=mode, patch_size=patch, val_folds=(0, 1), batch_size=3)
+    store = Store.open(brats_store)
+    val_cases = store.case_ids(folds=[0, 1])
+    expected = Counter(
+        {c: (store.case(c).shape[1] if mode == "slice2d" else 1) for c in val_cases}
+    )
+    seen: Counter = Counter()
+    boxes = set()
+    n_batches = []
+    for r in range(world):
+        batches = list(build_val_iterator(cfg, r, world))
+        n_batches.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (3, 4, *patch) and b["label"].shape == (3, *patch)
+            for cid, valid, start in zip(b["case_id"], b["valid"].tolist(), b["start"].tolist(), strict=True):
+                if valid:
+                    seen[cid] += 1
+                    boxes.add((cid, *start))
+    assert seen == expected
+    assert len(boxes) == sum(expected.values())  # no (case, crop) pair twice
+    assert len(set(n_batches)) == 1  # every rank runs the same number of (collective) forwards
+    # deterministic
+    assert all(torch.equal(x["image"], y["image"]) for x, y in
+               zip(build_val_iterator(cfg, 0, world), build_val_iterator(cfg, 0, world), strict=True))
+
+
+def test_slice2d_training_oversamples_tumour_slices(brats_store: Path) -> None:
+    cfg = _cfg(brats_store, mode="slice2d", patch_size=(12, 12), foreground_fraction=1.0,
+               augment=AugmentConfig(enabled=False), batch_size=4)
+    for batch in _take(build_train_loader(cfg, 0, 1, seed=0), 5):
+        assert batch["image"].shape == (4, 4, 12, 12) and batch["foreground"].all()
+        assert batch["label"][:, 6, 6].gt(0).all()
+
+
+def test_image2d_pads_small_images_and_validates_whole_images(image_store: Path) -> None:
+    cfg = DataConfig(store=str(image_store), mode="image2d", patch_size=(40, 40), val_patch_size=(42, 30),
+                     val_folds=(1,), num_workers=0, target="binary", batch_size=2)
+    batch = _take(build_train_loader(cfg, 0, 1, seed=0), 1)[0]
+    assert batch["image"].shape == (2, 1, 40, 40) and batch["label"].dtype == torch.uint8
+    store = Store.open(image_store)
+    batches = list(build_val_iterator(cfg, 0, 1))
+    got = {}
+    for b in batches:
+        for i, cid in enumerate(b["case_id"]):
+            if b["valid"][i]:
+                got[cid] = int(b["label"][i].sum())
+    # the validation crop covers every image fully, so every labelled voxel is seen
+    assert got == {c: int(store.read_case(c)[1].sum()) for c in store.case_ids(folds=[1])}

@@ -30,13 +30,13 @@ _CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 class Layout:
     """Chunking and compression of stored arrays (defaults chosen by measurement, see .notes/preprocess.md)."""
 
-    chunks_zyx: tuple[int, int, int] = (16, 64, 64)
+    chunks_zyx: tuple[int, int, int] = (4, 256, 256)
     """Spatial chunk (z, y, x) of image and label; the image chunk spans all channels."""
     cname: str = "zstd"
     """Blosc inner compressor."""
     clevel: int = 3
     """Blosc compression level."""
-    shuffle: str = "bitshuffle"
+    shuffle: str = "shuffle"
     """Blosc shuffle filter: "shuffle" | "bitshuffle" | "noshuffle"."""
 
 
@@ -101,11 +101,11 @@ def read_case_attrs(store_path: Path, case_id: str) -> dict[str, Any] | None:
         return None
 
 
-def set_case_fold(store_path: Path, case_id: str, fold: int) -> None:
-    """Rewrite a complete case's `fold` attr in place, atomically (temp file + rename of its zarr.json)."""
+def update_case_attrs(store_path: Path, case_id: str, updates: dict[str, Any]) -> None:
+    """Update a complete case's attrs in place, atomically (temp file + rename of its zarr.json)."""
     meta = store_path / CASES_GROUP / case_id / "zarr.json"
     doc = json.loads(meta.read_text())
-    doc.setdefault("attributes", {})["fold"] = int(fold)
+    doc.setdefault("attributes", {}).update(updates)
     tmp = meta.with_name(f".zarr.json.{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, meta)

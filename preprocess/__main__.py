@@ -1,0 +1,73 @@
+"""`python -m preprocess {brats,images2d,synth} ...` (also the `distseg-preprocess` console script).
+
+Exit status: 0 all cases ok (or skipped as unchanged), 3 some cases failed but every good case was written,
+2 bad usage (bad arguments, missing --src, nothing to convert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("preprocess")
+
+
+def _common(p: argparse.ArgumentParser, default_name: str) -> None:
+    p.add_argument("--src", required=True, type=Path, help="folder with the source cases (searched recursively)")
+    p.add_argument("--dst", required=True, type=Path, help="output folder on shared storage (made absolute)")
+    p.add_argument("--name", default=default_name,
+                   help=f"dataset name: writes DST/NAME.zarr + DST/NAME.manifest.parquet (default {default_name})")
+    p.add_argument("--folds", type=int, default=5, help="K for the K-fold assignment sha256(case_id) mod K")
+    p.add_argument("--address", default=None, help="Ray cluster address; default: RAY_ADDRESS if set, else local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default: all)")
+    p.add_argument("--serial", action="store_true", help="convert in this process without Ray (debugging)")
+    p.add_argument("--force", action="store_true", help="reconvert cases even when their sources are unchanged")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("brats", help="BraTS NIfTI (2018-2021 and 2023+ namings) -> Zarr store + manifest")
+    _common(b, "brats")
+    i = sub.add_parser("images2d", help="2D image/mask folders (PNG/JPEG/TIFF) -> Zarr store + manifest")
+    _common(i, "images2d")
+    i.add_argument("--size", type=int, default=None, help="resize to SxS (image bilinear, mask nearest)")
+    i.add_argument("--channels", choices=["auto", "gray", "rgb"], default="auto",
+                   help="gray: 1 channel; rgb: 3 channels (alpha dropped, gray replicated); auto: rgb if any of the "
+                        "first images has distinct colour channels, else gray (decided once for the whole dataset)")
+    s = sub.add_parser("synth", help="write a small synthetic dataset (BraTS 2021 NIfTI layout or 2D PNG folders)")
+    s.add_argument("--kind", choices=["brats", "images2d"], required=True)
+    s.add_argument("--n", type=int, required=True, help="number of cases")
+    s.add_argument("--dst", type=Path, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", type=lambda t: tuple(int(v) for v in t.lower().split("x")), default=None,
+                   help="BraTS: XxYxZ (default 96x96x64); images2d: HxW (default 128x128)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        from preprocess.synth import write_synth
+
+        n = write_synth(args.kind, args.n, args.dst.resolve(), args.seed, args.shape)
+        logger.info("wrote %d synthetic %s cases under %s", n, args.kind, args.dst.resolve())
+        return 0
+    if not args.src.is_dir():
+        parser.error(f"--src {args.src}: not a directory; expected the folder holding the source cases")
+    if args.folds < 1:
+        parser.error(f"--folds {args.folds}: expected an integer >= 1")
+    if args.command == "images2d" and args.size is not None and args.size < 1:
+        parser.error(f"--size {args.size}: expected a positive integer")
+    from preprocess.pipeline import run_dataset
+
+    return run_dataset(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Find source cases: BraTS NIfTI in every release naming, and 2D image/mask pairs.
+
+BraTS namings (`.nii` or `.nii.gz`, any folder depth, grouped by the case id in the file name):
+- 2018-2021: `<case>_{t1,t1ce,t2,flair,seg}` e.g. `Brats18_2013_3_1_t1ce`, `BraTS20_Training_001_flair`,
+  `BraTS2021_00000_seg`; labels {0,1,2,4} ("brats2018" convention).
+- 2023+: `BraTS-<COHORT>-<5 digits>-<3 digits>-{t1n,t1c,t2w,t2f,seg}` for GLI/MEN/MET/PED/SSA/...;
+  labels {0,1,2,3} ("brats2023").
+Modalities are mapped onto one channel order: t1 (=t1n), t1ce (=t1c), t2 (=t2w), flair (=t2f).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+_OLD_RE = re.compile(r"^(?P<case>.+)_(?P<mod>t1|t1ce|t2|flair|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_NEW_RE = re.compile(
+    r"^(?P<case>BraTS-[A-Za-z]+(?:-[A-Za-z]+)*-\d+-\d+)-(?P<mod>t1n|t1c|t2w|t2f|seg)\.nii(?:\.gz)?$", re.IGNORECASE
+)
+_NEW_TO_CANON = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", "seg": "seg"}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@dataclass
+class SourceCase:
+    """One source case. `files` maps canonical modality (t1, t1ce, t2, flair, seg / image, mask) to its file."""
+
+    case_id: str
+    naming: str
+    """brats2018 | brats2023 | images2d"""
+    files: dict[str, Path] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """Discovery-time errors (duplicates, unpaired files); a case with problems is reported failed, not converted."""
+
+    def expected_name(self, modality: str) -> str:
+        """The file name this case's `modality` would have in its naming (for 'missing modality' messages)."""
+        if self.naming == "brats2023":
+            suffix = {v: k for k, v in _NEW_TO_CANON.items()}[modality]
+            return f"{self.case_id}-{suffix}.nii.gz"
+        return f"{self.case_id}_{modality}.nii.gz"
+
+
+def _walk_files(src: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(src, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".zarr"))
+        out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+    return out
+
+
+def parse_brats_name(name: str) -> tuple[str, str, str] | None:
+    """File name -> (case_id, canonical modality, naming) or None when it is not a BraTS file name."""
+    m = _NEW_RE.match(name)
+    if m:
+        return m["case"], _NEW_TO_CANON[m["mod"].lower()], "brats2023"
+    m = _OLD_RE.match(name)
+    if m:
+        return m["case"], m["mod"].lower(), "brats2018"
+    return None
+
+
+def discover_brats(src: Path) -> list[SourceCase]:
+    """All BraTS cases under `src`, sorted by case id. Problems (duplicates) are attached, never raised."""
+    cases: dict[str, SourceCase] = {}
+    ignored = 0
+    for path in _walk_files(src):
+        parsed = parse_brats_name(path.name)
+        if parsed is None:
+            ignored += ".nii" in path.name
+            continue
+        case_id, mod, naming = parsed
+        case = cases.setdefault(case_id, SourceCase(case_id, naming))
+        if case.naming != naming:
+            case.problems.append(f"case id {case_id!r} appears with both {case.naming} and {naming} file names")
+        if mod in case.files:
+            case.problems.append(
+                f"duplicate case id {case_id!r}: {mod} found twice ({case.files[mod]} and {path}); "
+                "expected each case once under --src"
+            )
+        elif case.files and next(iter(case.files.values())).parent != path.parent:
+            case.problems.append(
+                f"duplicate case id {case_id!r}: files in {next(iter(case.files.values())).parent} and "
+                f"{path.parent}; expected each case's files in one folder"
+            )
+            case.files[mod] = path
+        else:
+            case.files[mod] = path
+    if ignored:
+        logger.warning("ignored %d NIfTI files under %s whose names match no BraTS naming", ignored, src)
+    return [cases[k] for k in sorted(cases)]
+
+
+def _stem_and_mask(path: Path) -> tuple[str, bool]:
+    stem = path.stem
+    if stem.lower().endswith("_mask"):
+        return stem[: -len("_mask")], True
+    return stem, False
+
+
+def discover_images2d(src: Path) -> list[SourceCase]:
+    """Pair 2D images with masks. Layouts: `images/X.ext` + `masks/X.ext`; `images/X.ext` + `masks/X_mask.ext`;
+    `X.ext` + `X_mask.ext` side by side (any folder). Case id = X (made unique with the folder when needed).
+    Unpaired files become cases with a problem naming the file and the mask/image that was expected."""
+    images: dict[tuple[Path, str], Path] = {}
+    masks: dict[tuple[Path, str], Path] = {}
+    for path in _walk_files(src):
+        if path.suffix.lower() not in IMAGE_EXTS:
+            continue
+        stem, is_mask = _stem_and_mask(path)
+        parent = path.parent
+        in_masks = parent.name.lower() in ("masks", "mask", "labels")
+        in_images = parent.name.lower() in ("images", "image", "imgs")
+        # images/ and masks/ folders pair with each other: key them on their common parent.
+        key_dir = parent.parent if (in_masks or in_images) else parent
+        (masks if (is_mask or in_masks) else images)[(key_dir, stem)] = path
+    cases: dict[str, SourceCase] = {}
+    for key in sorted(set(images) | set(masks)):
+        key_dir, stem = key
+        cid = stem
+        if cid in cases:  # same stem in two dataset folders: qualify with the folder, never overwrite
+            cid = f"{key_dir.name}-{stem}"
+        case = SourceCase(cid, "images2d")
+        if key in images:
+            case.files["image"] = images[key]
+        else:
+            case.problems.append(f"{masks[key]}: mask without an image; expected {stem}.<png|jpg|tif> beside it "
+                                 "or in images/")
+        if key in masks:
+            case.files["mask"] = masks[key]
+        elif key in images:
+            case.problems.append(f"{images[key]}: image without a mask; expected {stem}_mask.<ext> beside it or "
+                                 f"masks/{stem}.<ext> / masks/{stem}_mask.<ext>")
+        cases[cid] = case
+    return [cases[k] for k in sorted(cases)]

@@ -1,0 +1,62 @@
+"""One preprocessing run: discover -> init store -> clean leftovers -> convert every case -> manifest -> exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from preprocess.common import fold_of
+from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest
+from preprocess.writer import Layout, clean_temp, init_store
+
+logger = logging.getLogger(__name__)
+
+
+def run_dataset(args: argparse.Namespace) -> int:
+    """Run `brats` or `images2d` for parsed CLI args; returns the exit status."""
+    src = args.src.resolve()
+    dst = args.dst.expanduser().resolve()  # workers on other nodes must see the same absolute path
+    layout = Layout()
+    if args.command == "brats":
+        from preprocess.brats import brats_root_attrs, convert_brats_case
+        from preprocess.discover import discover_brats
+
+        cases = discover_brats(src)
+        if not cases:
+            logger.error(
+                "no BraTS cases found under %s: expected files named like <case>_{t1,t1ce,t2,flair,seg}.nii.gz "
+                "(2018-2021) or BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz (2023+)", src,
+            )
+            return EXIT_USAGE
+        root_attrs = brats_root_attrs()
+        fn: Any = convert_brats_case
+        extra: tuple[Any, ...] = ()
+    else:
+        from preprocess.discover import discover_images2d
+        from preprocess.images2d import convert_2d_case, decide_channels, images2d_root_attrs
+
+        cases = discover_images2d(src)
+        if not cases:
+            logger.error("no images found under %s: expected images/ + masks/ folders or X.png + X_mask.png pairs "
+                         "(PNG, JPEG or TIFF)", src)
+            return EXIT_USAGE
+        channels = decide_channels(cases, args.channels)
+        root_attrs = images2d_root_attrs(channels, args.size)
+        fn = convert_2d_case
+        extra = (channels, args.size)
+    root_attrs.update(folds=args.folds, fold_assignment="int(sha256(case_id)[:8], 16) % folds", source_root=str(src))
+    store_path = dst / f"{args.name}.zarr"
+    manifest = dst / f"{args.name}.manifest.parquet"
+    init_store(store_path, root_attrs)
+    clean_temp(store_path)
+    jobs = [
+        (c.case_id, (c, store_path, fold_of(c.case_id, args.folds), layout, *extra, args.force)) for c in cases
+    ]
+    logger.info("%d %s cases under %s -> %s", len(cases), args.command, src, store_path)
+    if not args.serial:
+        init_ray(args.address, args.num_cpus)
+    rows = run_cases(fn, jobs, use_ray=not args.serial, desc=args.command)
+    write_manifest(manifest, rows)
+    return summarize(rows, store_path, manifest)
+

@@ -1,0 +1,109 @@
+"""The driver: fan cases out as Ray tasks (or run them in-process), collect rows, write the Parquet manifest.
+
+Each case is one Ray task calling a pure converter (`convert_brats_case` / `convert_2d_case`) that writes straight
+to shared storage; the driver only gathers the small result rows and writes `<dst>/<name>.manifest.parquet`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from preprocess.common import result_row
+
+logger = logging.getLogger(__name__)
+
+TASK_MAX_RETRIES = 3
+"""Ray re-runs a case this many times when its worker process dies (node lost, OOM-kill); writes are atomic."""
+
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to a cluster (`--address`, or RAY_ADDRESS inside `ray job submit`), else start local Ray on 127.0.0.1."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    elif os.environ.get("RAY_ADDRESS"):  # set by the job system for `ray job submit` entrypoints
+        ray.init()
+    else:
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+    logger.info("Ray: %s CPUs available", ray.cluster_resources().get("CPU"))
+
+
+def run_cases(
+    fn: Callable[..., dict[str, Any]],
+    jobs: Sequence[tuple[str, tuple[Any, ...]]],
+    use_ray: bool,
+    desc: str,
+) -> list[dict[str, Any]]:
+    """Run `fn(*args)` for each (case_id, args); returns one row per job, failures included (never raises)."""
+    from tqdm import tqdm
+
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", dynamic_ncols=True)
+    if not use_ray:
+        for _, args in jobs:
+            rows.append(fn(*args))
+            bar.update()
+        bar.close()
+        return rows
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=TASK_MAX_RETRIES, retry_exceptions=False)(fn)
+    pending = {remote.remote(*args): cid for cid, args in jobs}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            cid = pending.pop(ref)
+            try:
+                rows.append(ray.get(ref))
+            except Exception as e:  # the task's worker died TASK_MAX_RETRIES + 1 times
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                rows.append(result_row(cid, "failed", f"{cid}: worker failed after retries: {msg}"))
+            bar.update()
+            bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
+    bar.close()
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write the manifest atomically (temp file + rename) so readers never see a partial table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows, key=lambda r: r["case_id"])
+    schema = pa.schema([
+        ("case_id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("source", pa.string()),
+        ("naming", pa.string()), ("label_convention", pa.string()), ("has_label", pa.bool_()),
+        ("original_shape_zyx", pa.list_(pa.int64())), ("stored_shape", pa.list_(pa.int64())),
+        ("spacing_zyx", pa.list_(pa.float64())), ("crop_box_zyx", pa.string()), ("label_counts", pa.string()),
+        ("label_counts_source", pa.string()), ("source_sha256", pa.string()), ("fold", pa.int64()),
+        ("seconds", pa.float64()),
+    ])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def summarize(rows: list[dict[str, Any]], store_path: Path, manifest: Path) -> int:
+    """Log a summary and every failure reason; return the exit status (0 all ok, 3 some failed)."""
+    n = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    for r in rows:
+        if r["status"] == "failed":
+            logger.error("FAILED %s: %s", r["case_id"], r["error"])
+    logger.info(
+        "%d cases: %d converted, %d skipped (unchanged), %d failed -> %s, %s",
+        len(rows), n["ok"], n["skipped"], n["failed"], store_path, manifest,
+    )
+    return EXIT_SOME_FAILED if n["failed"] else EXIT_OK

@@ -33,6 +33,10 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     elif os.environ.get("RAY_ADDRESS"):  # set by the job system for `ray job submit` entrypoints
         ray.init()
     else:
+        # A throwaway one-machine cluster on 127.0.0.1 that lives only as long as this command. Left unset, Ray
+        # enables token auth here and writes ~/.ray/auth_token, which silently switches every later
+        # `ray start --head` on the machine to token mode. RAY_AUTH_MODE=token in the environment still wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
             address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
             log_to_driver=True,

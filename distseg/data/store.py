@@ -85,6 +85,10 @@ class Store:
         self._arrays: dict[tuple[str, str], Any] = {}
         self._pid = os.getpid()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Zarr handles are per process; a pickled Store (spawned loader worker) reopens them lazily.
+        return {**self.__dict__, "_arrays": {}}
+
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
         """Open `<dst>/<name>.zarr`. Raises StoreError when missing, not a distseg store or another format version."""

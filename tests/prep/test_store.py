@@ -1,0 +1,154 @@
+"""The reader contract (`distseg.data.store`) on stores written by the real converter."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from distseg.data.store import FORMAT_VERSION, Store, StoreError, restore_to_source_geometry
+from preprocess.common import fold_of
+
+
+@pytest.fixture
+def store_path(brats_src: Path, tmp_path: Path, run_cli) -> Path:
+    assert run_cli("brats", "--src", str(brats_src), "--dst", str(tmp_path / "out"), "--name", "s", "--folds", "3") == 0
+    return tmp_path / "out" / "s.zarr"
+
+
+def _set_root_attr(store_path: Path, key: str, value) -> None:
+    meta = store_path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"][key] = value
+    meta.write_text(json.dumps(doc))
+
+
+def test_root_attrs_follow_contract(store_path):
+    s = Store.open(store_path)
+    assert s.attrs["format_version"] == FORMAT_VERSION
+    assert s.kind == "brats3d" and s.channels == ["t1", "t1ce", "t2", "flair"]
+    assert s.regions == {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+    assert s.attrs["label_values"]["3"] == "enhancing"
+    # A plain zarr client sees the same layout.
+    g = zarr.open_group(str(store_path), mode="r")
+    assert sorted(g["cases"].group_keys()) == s.case_ids()
+
+
+def test_format_version_mismatch_raises(store_path):
+    _set_root_attr(store_path, "format_version", FORMAT_VERSION + 1)
+    with pytest.raises(StoreError, match=r"format_version .* expects"):
+        Store.open(store_path)
+
+
+def test_missing_or_foreign_store_raises(tmp_path):
+    with pytest.raises(StoreError, match="no zarr.json"):
+        Store.open(tmp_path / "nope.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not a distseg store"):
+        Store.open(tmp_path / "plain.zarr")
+
+
+def test_unknown_case_raises_naming_it(store_path):
+    with pytest.raises(StoreError, match="no case 'nope'"):
+        Store.open(store_path).case("nope")
+
+
+def test_folds_filtering(store_path):
+    s = Store.open(store_path)
+    ids = s.case_ids()
+    assert len(ids) == 4
+    for cid in ids:
+        assert s.case(cid).fold == fold_of(cid, 3)
+    by_fold = {f: s.case_ids(folds=[f]) for f in range(3)}
+    assert sorted(sum(by_fold.values(), [])) == ids
+    assert s.case_ids(exclude_folds=[0]) == sorted(set(ids) - set(by_fold[0]))
+
+
+def test_read_patch_out_of_bounds_is_zero_padded(store_path):
+    s = Store.open(store_path)
+    cid = s.case_ids()[0]
+    info = s.case(cid)
+    image, label = s.read_case(cid)
+    c, z, y, x = info.shape
+    start, size = (-3, y - 5, -2), (8, 9, x + 4)
+    pi, pl = s.read_patch(cid, start, size)
+    assert pi.shape == (c, *size) and pi.dtype == np.float32 and pl.shape == size and pl.dtype == np.uint8
+    padded_i = np.pad(image, ((0, 0), (3, 8), (0, 9), (2, 8)))
+    padded_l = np.pad(label, ((3, 8), (0, 9), (2, 8)))
+    np.testing.assert_array_equal(pi, padded_i[:, 0:8, y - 5 : y + 4, 0 : x + 4])
+    np.testing.assert_array_equal(pl, padded_l[0:8, y - 5 : y + 4, 0 : x + 4])
+    assert not pi[:, :3].any() and not pl[:, 5:].any()  # the padded parts are exactly zero
+    # Entirely outside: all zeros, right shape.
+    oi, ol = s.read_patch(cid, (z + 10, 0, 0), (4, 4, 4))
+    assert oi.shape == (c, 4, 4, 4) and not oi.any() and not ol.any()
+
+
+def test_normalisation_is_zscore_over_brain(store_path, brats_src):
+    s = Store.open(store_path)
+    cid = s.case_ids()[1]
+    info = s.case(cid)
+    image, _ = s.read_case(cid)
+    vols = [np.asanyarray(nib.load(brats_src / cid / f"{cid}_{m}.nii.gz").dataobj).astype(np.float64)
+            for m in ("t1", "t1ce", "t2", "flair")]
+    brain = np.any([v != 0 for v in vols], axis=0)
+    for ch, v in enumerate(vols):
+        mean, std = v[brain].mean(), v[brain].std()
+        assert info.attrs["normalization"]["mean"][ch] == pytest.approx(mean, rel=1e-6)
+        assert info.attrs["normalization"]["std"][ch] == pytest.approx(std, rel=1e-6)
+        expected = np.where(brain, (v - mean) / std, 0.0).transpose(2, 1, 0)
+        box = tuple(slice(lo, hi) for lo, hi in info.attrs["crop_box_zyx"])
+        np.testing.assert_allclose(image[ch], expected[box], atol=1e-4)
+    brain_zyx = image.any(axis=0)
+    assert abs(image[:, brain_zyx].mean(axis=1)).max() < 1e-4
+    np.testing.assert_allclose(image[:, brain_zyx].std(axis=1), 1.0, atol=1e-4)
+
+
+def test_foreground_coords_point_at_their_class(store_path):
+    s = Store.open(store_path)
+    for cid in s.case_ids():
+        _, label = s.read_case(cid)
+        for cls in (1, 2, 3):
+            pts = s.foreground(cid, cls)
+            assert pts.ndim == 2 and pts.shape[1] == 3
+            assert len(pts) == min(int((label == cls).sum()), 10_000)
+            if len(pts):
+                assert (label[pts[:, 0], pts[:, 1], pts[:, 2]] == cls).all()
+    assert s.foreground(s.case_ids()[0], 7).shape == (0, 3)
+
+
+def test_undo_reconstructs_source_label(store_path, brats_src):
+    s = Store.open(store_path)
+    for cid in s.case_ids():
+        _, label = s.read_case(cid)
+        seg = np.asanyarray(nib.load(brats_src / cid / f"{cid}_seg.nii.gz").dataobj)
+        np.testing.assert_array_equal(restore_to_source_geometry(label, s.case(cid).attrs), seg)
+
+
+def test_store_is_usable_after_fork(store_path):
+    """A Store opened (and used) in the parent keeps working in a forked loader worker."""
+    import multiprocessing as mp
+
+    s = Store.open(store_path)
+    cid = s.case_ids()[0]
+    ref, _ = s.read_patch(cid, (0, 0, 0), (4, 4, 4))
+    global _INHERITED
+    _INHERITED = s  # inherited through fork, not pickled
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply(_read_sum_inherited, (cid,))
+    assert got == pytest.approx(float(ref.sum()), rel=1e-6)
+    # DataLoader workers under spawn pickle the dataset (and its Store): that must work too.
+    clone = pickle.loads(pickle.dumps(s))
+    np.testing.assert_array_equal(clone.read_patch(cid, (0, 0, 0), (4, 4, 4))[0], ref)
+
+
+_INHERITED: Store | None = None
+
+
+def _read_sum_inherited(cid: str) -> float:
+    assert _INHERITED is not None
+    return float(_INHERITED.read_patch(cid, (0, 0, 0), (4, 4, 4))[0].sum())

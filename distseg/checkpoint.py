@@ -1,0 +1,204 @@
+"""Checkpoints that count only when complete.
+
+Layout under ``<run>/checkpoints/``::
+
+    step_00000040/                 one tag per saved optimizer step
+        mp_rank_00_model_states.pt, *_optim_states.pt ...   DeepSpeed's files (every rank writes its shard)
+        rng_rank00000.pt ...       per-rank RNG states (python, numpy, torch, accelerator)
+        trainer_state.json         step, epoch, samples seen, loader position, val Dice, resolved config
+        COMPLETE.json              written LAST by rank 0, after a barrier once every rank's save returned;
+                                   lists every file with its size so a later truncation is caught too
+    latest                         the newest complete tag (atomic rename); DeepSpeed's tools read it as well
+    best                           the complete tag with the best mean validation Dice
+
+Resume scans for the newest tag whose marker exists and whose files match it; a tag folder without a marker
+(a save interrupted by a crash or SIGKILL) is ignored and later deleted. DeepSpeed stores `client_state` only in
+some ranks' model-state files (depends on the ZeRO stage), so the trainer's own state goes to files we control.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distseg import dist
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+STATE_FILE = "trainer_state.json"
+TAG_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed here (the message says why and what to do)."""
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, ints, tuples)."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+        "numpy_gauss": (int(np_state["has_gauss"]), float(np_state["gauss"])),
+        "torch": torch.get_rng_state(),
+    }
+    acc = dist.accelerator()
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        dist.accelerator().set_rng_state(state["accelerator"])
+
+
+# ------------------------------------------------------------------------------------------------ finding
+def read_marker(tag_dir: Path) -> dict[str, Any] | None:
+    """The marker of a COMPLETE checkpoint whose listed files all exist with their recorded sizes, else None."""
+    try:
+        marker = json.loads((tag_dir / MARKER).read_text(encoding="utf-8"))
+        for name, size in marker["files"].items():
+            if (tag_dir / name).stat().st_size != size:
+                logger.warning("checkpoint %s: %s has changed size since it was saved; ignoring it", tag_dir, name)
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return marker
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str, dict[str, Any]]]:
+    """(step, tag, marker) of every complete checkpoint in `ckpt_dir`, oldest first."""
+    found = []
+    if ckpt_dir.is_dir():
+        for d in sorted(ckpt_dir.iterdir()):
+            if d.is_dir() and d.name.startswith(TAG_PREFIX):
+                marker = read_marker(d)
+                if marker is not None:
+                    found.append((int(marker["step"]), d.name, marker))
+    return sorted(found)
+
+
+def newest_complete(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    found = complete_checkpoints(ckpt_dir)
+    return (found[-1][1], found[-1][2]) if found else None
+
+
+def check_world_size(marker: dict[str, Any], tag_dir: Path, world_size: int) -> None:
+    """Refuse to resume ZeRO shards written by another number of ranks, saying how to carry on."""
+    saved = int(marker["world_size"])
+    if saved != world_size:
+        raise CheckpointError(
+            f"checkpoint {tag_dir} was written by {saved} ranks but this run has {world_size}; ZeRO optimizer "
+            f"shards are per rank. Either relaunch with {saved} ranks (e.g. deepspeed --num_gpus {saved} ...), or "
+            f"start a NEW run from its weights: python -m deepspeed.utils.zero_to_fp32 {tag_dir.parent} "
+            f"<out_dir> --tag {tag_dir.name}, then set model.init_weights=<out_dir>/pytorch_model.bin and a new "
+            f"run.name (the optimizer state starts fresh)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ save/load
+def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: int, keep_best: bool) -> str:
+    """Save tag ``step_<step>`` on EVERY rank (collective), mark it complete, move `latest`, prune old tags.
+
+    `state`: the trainer's JSON-able counters and config (identical on all ranks); ``state["val_dice"]`` (mean
+    validation Dice at this step, or None) decides `best`.
+    """
+    rank = dist.rank()
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if rank == 0 and tag_dir.exists():  # debris of an interrupted save of the same step: start clean
+        shutil.rmtree(tag_dir)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": state}, save_latest=False)
+    rng_path = tag_dir / f"rng_rank{rank:05d}.pt"
+    torch.save(rng_state(), rng_path.with_suffix(".tmp"))
+    rng_path.with_suffix(".tmp").replace(rng_path)
+    if rank == 0:
+        _atomic_write(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+    dist.barrier()  # every rank's files are written: only now may the checkpoint count
+    if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER}
+        marker = {
+            "step": step,
+            "world_size": dist.world_size(),
+            "val_dice": state.get("val_dice"),
+            "time": time.time(),
+            "files": files,
+        }
+        _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=1))
+        _atomic_write(ckpt_dir / "latest", tag)
+        prune(ckpt_dir, keep_last, keep_best)
+    dist.barrier()
+    logger.info("checkpoint %s complete", tag_dir)
+    return tag
+
+
+def best_tag(complete: list[tuple[int, str, dict[str, Any]]]) -> str | None:
+    """The complete tag with the highest mean validation Dice (the newest one on ties)."""
+    scored = [(m["val_dice"], step, tag) for step, tag, m in complete if m.get("val_dice") is not None]
+    return max(scored)[2] if scored else None
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep_best: bool) -> None:
+    """Delete all but the newest `keep_last` complete tags (+ the best one); incomplete tags are debris."""
+    complete = complete_checkpoints(ckpt_dir)
+    keep = {tag for _, tag, _ in complete[-keep_last:]}
+    best = best_tag(complete) if keep_best else None
+    if best:
+        keep.add(best)
+        _atomic_write(ckpt_dir / "best", best)
+    for d in ckpt_dir.iterdir():
+        if d.is_dir() and d.name.startswith(TAG_PREFIX) and d.name not in keep:
+            logger.info("pruning checkpoint %s", d.name)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Load tag `tag` into `engine` on every rank (collective); restore this rank's RNG; return trainer state."""
+    tag_dir = ckpt_dir / tag
+    load_path, _ = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    state = json.loads((tag_dir / STATE_FILE).read_text(encoding="utf-8"))
+    rng_path = tag_dir / f"rng_rank{dist.rank():05d}.pt"
+    set_rng_state(torch.load(rng_path, weights_only=True))
+    return state

@@ -1,0 +1,417 @@
+"""The experiment config: typed dataclasses (the schema), loaded from YAML with dotted ``key=value`` overrides.
+
+    cfg = load_config("configs/debug.yaml", ["optim.lr=3e-4", "data.patch_size=[32,32,32]"])
+
+Precedence: dataclass defaults < YAML file < overrides. Unknown keys, wrong types and bad values raise
+`ConfigError` naming the full dotted key and what was expected, before any distributed work starts.
+`python -m distseg.config check CONFIG [key=value ...]` validates and prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distseg.data.config import DataConfig
+from distseg.losses import LossConfig
+from distseg.monitor import MonitorConfig
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is not what the schema expects (the message names the dotted key)."""
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes and how it is seeded."""
+
+    name: str = "debug"
+    """Run name; everything the run writes goes to ``<output_root>/runs/<name>/``."""
+    output_root: str = "outputs"
+    """Root folder on shared storage (relative paths are relative to the working directory)."""
+    seed: int = 0
+    """Base seed: model init, sampling and augmentation derive from (seed, rank, step)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which registered model to build (`distseg.models.build_model`)."""
+
+    name: str = "unet3d"
+    """Registered model name (see `python -m distseg.models`)."""
+    preset: str = "default"
+    """Model preset: "default" (full size) or "debug" (tiny, for tests)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Model config fields to override (e.g. {deep_supervision: true}); in/out channels come from the store."""
+    init_weights: str = ""
+    """Optional consolidated fp32 state dict (e.g. zero_to_fp32's pytorch_model.bin) to start from; the optimizer
+    state starts fresh. Empty = random init from run.seed."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (warm-up, then cosine or poly decay), stepped per optimizer step."""
+
+    name: str = "adamw"
+    """"adamw" or "sgd" (SGD with Nesterov momentum, nnU-Net style)."""
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warm-up)."""
+    weight_decay: float = 1e-4
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    momentum: float = 0.99
+    """SGD Nesterov momentum."""
+    schedule: str = "cosine"
+    """Decay after warm-up: "cosine", "poly" or "constant"."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to `lr`."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of `lr` (cosine and poly)."""
+    poly_power: float = 0.9
+    """Exponent of the poly decay (1 - t)^power."""
+
+
+@dataclass
+class TrainConfig:
+    """Length of training and what happens each step."""
+
+    steps: int = 1000
+    """Optimizer steps to train for (each is `grad_accum` micro-batches per rank)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    val_every: int = 250
+    """Validate every this many optimizer steps and at the end (0 = never)."""
+    max_nonfinite_in_row: int = 5
+    """Stop with an error after this many consecutive micro-batches with a non-finite loss (each is skipped)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``<run>/checkpoints/<tag>/`` (DeepSpeed files + trainer state + COMPLETE.json)."""
+
+    every: int = 500
+    """Save every this many optimizer steps and at the end (0 = only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept besides the best one (older ones are pruned)."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the best mean validation Dice."""
+    resume: str = "auto"
+    """"auto": continue from the newest COMPLETE checkpoint of this run if any; "never": refuse to start when
+    the run folder already holds checkpoints (choose a new run.name)."""
+
+
+@dataclass
+class EngineConfig:
+    """The DeepSpeed engine; its JSON config is derived from this and the sections above (see distseg.engine)."""
+
+    preset: str = ""
+    """Optional DeepSpeed JSON preset (e.g. configs/deepspeed/zero.json) for tuning knobs; values derived from this
+    config may be "auto" there and explicit values must agree with it. Empty = no preset."""
+    zero_stage: int = 2
+    """ZeRO stage 0-3 (0 = plain data parallel; 1 optimizer states, 2 + gradients, 3 + parameters sharded)."""
+    precision: str = "bf16"
+    """"bf16", "fp16" (dynamic loss scaling) or "fp32"."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU (ZeRO-Offload; stage >= 1, AdamW uses DeepSpeedCPUAdam)."""
+    offload_param: bool = False
+    """Keep parameters on the CPU (ZeRO-Infinity; stage 3 only)."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault-injection switches for tests. Never set these in a real run."""
+
+    inject_nan_at_step: int = -1
+    """FAULT INJECTION: replace rank 0's loss with NaN at this optimizer step (-1 = off)."""
+    inject_nan_times: int = 1
+    """FAULT INJECTION: how many consecutive micro-batches get the NaN loss."""
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: every section of the YAML file."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run name, output folder and seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The store and how batches are drawn (distseg.data.config)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The training loss (distseg.losses)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, accumulation, clipping, validation cadence."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence, retention and resume policy."""
+    deepspeed: EngineConfig = field(default_factory=EngineConfig)
+    """ZeRO stage, precision, offload, optional JSON preset."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """TensorBoard logging (distseg.monitor)."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Fault injection for tests."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_root) / "runs" / self.run.name
+
+    def validate(self) -> None:
+        """Check values beyond their types; raises ConfigError naming the dotted key (cheap: builds nothing)."""
+        try:
+            for name in ("data", "loss", "monitor"):  # the other engineers' sections check themselves
+                getattr(self, name).validate(name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        _check_run(self.run)
+        _check_model(self.model, self.data.spatial_dims, self.data.mode)
+        _check_optim(self.optim)
+        _check_train(self.train, self.checkpoint, self.debug)
+        _check_engine(self.deepspeed, self.optim)
+
+
+# ------------------------------------------------------------------------------------- value checks
+def _need(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _check_run(c: RunConfig) -> None:
+    _need(bool(c.name) and "/" not in c.name and c.name not in (".", ".."), "run.name", "a folder name", c.name)
+    _need(bool(c.output_root), "run.output_root", "a folder path", c.output_root)
+    _need(c.seed >= 0, "run.seed", "an int >= 0", c.seed)
+
+
+def _check_model(c: ModelConfig, spatial_dims: int, mode: str) -> None:
+    from distseg.models import available_models, model_config
+
+    _need(c.name in available_models(), "model.name", f"one of {available_models()}", c.name)
+    try:
+        resolved = model_config(c.name, c.preset, **c.overrides)
+    except KeyError as e:
+        raise ConfigError(f"model.preset: {e.args[0]}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.overrides: {e}") from e
+    if c.init_weights and not Path(c.init_weights).is_file():
+        raise ConfigError(f"model.init_weights: no state dict file at {c.init_weights!r}")
+    dims = getattr(resolved, "spatial_dims", 2)
+    if dims != spatial_dims:
+        raise ConfigError(
+            f"model.name: {c.name} is a {dims}D model but data.mode={mode} yields {spatial_dims}D patches; "
+            f"pick a {spatial_dims}D model or another data.mode"
+        )
+
+
+def _check_optim(c: OptimConfig) -> None:
+    _need(c.name in ("adamw", "sgd"), "optim.name", "'adamw' or 'sgd'", c.name)
+    _need(c.lr > 0, "optim.lr", "a learning rate > 0", c.lr)
+    _need(c.weight_decay >= 0, "optim.weight_decay", "a number >= 0", c.weight_decay)
+    _need(all(0 <= b < 1 for b in c.betas), "optim.betas", "two numbers in [0, 1)", list(c.betas))
+    _need(c.eps > 0, "optim.eps", "a number > 0", c.eps)
+    _need(0 <= c.momentum < 1, "optim.momentum", "a number in [0, 1)", c.momentum)
+    _need(c.schedule in ("cosine", "poly", "constant"), "optim.schedule", "'cosine', 'poly' or 'constant'", c.schedule)
+    _need(c.warmup_steps >= 0, "optim.warmup_steps", "an int >= 0", c.warmup_steps)
+    _need(0 <= c.min_lr_ratio <= 1, "optim.min_lr_ratio", "a fraction in [0, 1]", c.min_lr_ratio)
+    _need(c.poly_power > 0, "optim.poly_power", "a number > 0", c.poly_power)
+
+
+def _check_train(c: TrainConfig, ck: CheckpointConfig, dbg: DebugConfig) -> None:
+    _need(c.steps >= 1, "train.steps", "an int >= 1", c.steps)
+    _need(c.grad_accum >= 1, "train.grad_accum", "an int >= 1", c.grad_accum)
+    _need(c.clip_grad >= 0, "train.clip_grad", "a norm >= 0 (0 = off)", c.clip_grad)
+    _need(c.val_every >= 0, "train.val_every", "an int >= 0 (0 = never)", c.val_every)
+    _need(c.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", "an int >= 1", c.max_nonfinite_in_row)
+    _need(ck.every >= 0, "checkpoint.every", "an int >= 0 (0 = only at the end)", ck.every)
+    _need(ck.keep_last >= 1, "checkpoint.keep_last", "an int >= 1", ck.keep_last)
+    _need(ck.resume in ("auto", "never"), "checkpoint.resume", "'auto' or 'never'", ck.resume)
+    _need(dbg.inject_nan_times >= 1, "debug.inject_nan_times", "an int >= 1", dbg.inject_nan_times)
+
+
+def _check_engine(c: EngineConfig, optim: OptimConfig) -> None:
+    _need(c.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3", c.zero_stage)
+    _need(c.precision in ("bf16", "fp16", "fp32"), "deepspeed.precision", "'bf16', 'fp16' or 'fp32'", c.precision)
+    if c.offload_optimizer:
+        _need(c.zero_stage >= 1, "deepspeed.offload_optimizer", "zero_stage >= 1 to offload", c.zero_stage)
+    if c.offload_param:
+        _need(c.zero_stage == 3, "deepspeed.offload_param", "zero_stage == 3 to offload parameters", c.zero_stage)
+    if c.preset and not Path(c.preset).is_file():
+        raise ConfigError(f"deepspeed.preset: no DeepSpeed JSON at {c.preset!r} (relative to {Path.cwd()})")
+
+
+# ------------------------------------------------------------------------------------- dict <-> dataclass
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """`value` (from YAML) as type `tp`, or ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+                items = [_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))]
+            else:
+                item_tp = args[0] if args else Any
+                items = [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise ConfigError(f"{key}: unsupported schema type {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ConfigError with dotted keys."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown config key{hint}; {where} accepts: {', '.join(names)}")
+        kwargs[key] = _coerce(dotted, value, hints[key])
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict/list/scalars (tuples become lists) for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------------------- loading
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override to the nested dict `raw` (value parsed with yaml.safe_load)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value with a dotted key, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: override value {text!r} is not valid YAML ({e})") from e
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section; cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults < YAML file `path` < dotted `overrides`; validated. Raises ConfigError with the dotted key."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        cfg = from_dict(ExperimentConfig, raw)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a section's own __post_init__ checks
+        raise ConfigError(str(e)) from e
+    cfg.validate()
+    return cfg
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def write_resolved(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Write the resolved config to ``<run_dir>/config.yaml`` atomically (write then rename)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_yaml(cfg), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distseg.config check CONFIG [key=value ...]``: validate and print the resolved config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "check":
+        sys.stderr.write("usage: python -m distseg.config check CONFIG [key=value ...]\n")
+        return 2
+    try:
+        cfg = load_config(argv[1], argv[2:])
+    except ConfigError as e:
+        sys.stderr.write(f"config error: {e}\n")
+        return 2
+    sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Small distributed helpers: rank/world, the accelerator device, symmetric all-reduces.
+
+Device and backend come from `deepspeed.get_accelerator()`, so the same code runs on GPUs (nccl) and on CPU (gloo).
+Every helper that communicates is a collective: all ranks must call it in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+logger = logging.getLogger(__name__)
+
+
+def accelerator():
+    """The DeepSpeed accelerator object (imported lazily: importing deepspeed is slow and has side effects)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def env_rank() -> int:
+    """Global rank from the launcher's environment (valid before `init_distributed`); 0 when not launched."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """World size from the launcher's environment (valid before `init_distributed`); 1 when not launched."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> None:
+    """Join the process group with the accelerator's backend (nccl on GPUs, gloo on CPU).
+
+    Works without a launcher too (single process): DeepSpeed then fills MASTER_ADDR/PORT itself.
+    """
+    import deepspeed
+
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name())
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device() -> torch.device:
+    """This rank's accelerator device (``cuda:<local_rank>`` on GPUs, ``cpu`` on CPU)."""
+    acc = accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    acc.set_device(local_rank())
+    return torch.device(acc.device_name(local_rank()))
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place SUM over ranks (collective); returns `t`. float64 tensors stay float64 (exact counts)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place MAX over ranks (collective); returns `t`."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from `src` to every rank (collective)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+

@@ -1,0 +1,126 @@
+"""The DeepSpeed engine: its JSON config derived from the experiment config, and `deepspeed.initialize`.
+
+The experiment config is the single source of truth for what training means (batch sizes, accumulation, clipping,
+precision, ZeRO stage, offload). A JSON preset (`deepspeed.preset`) may add tuning knobs (bucket sizes,
+communication overlap, ...); any derived key may be "auto" there and is filled in; an explicit preset value that
+disagrees with the experiment config is an error rather than a silent winner.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from distseg.config import ConfigError, ExperimentConfig
+from distseg.optim import build_optimizer, build_scheduler, param_groups
+
+logger = logging.getLogger(__name__)
+
+_OFF = {"enabled": False}
+
+
+def derived_values(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed keys the experiment config decides, as a nested dict."""
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    engine = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if engine.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        # DeepSpeed checks this identity itself; deriving it here keeps it true for any world size.
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(cfg.train.clip_grad),
+        "bf16": {"enabled": engine.precision == "bf16"},
+        # fp16 uses dynamic loss scaling: overflowing steps are skipped by DeepSpeed and the scale lowered.
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} if engine.precision == "fp16" else _OFF,
+        "zero_optimization": zero,
+        # SGD with offload runs torch.optim.SGD on the CPU copies; only AdamW has DeepSpeed's CPU kernel.
+        "zero_force_ds_cpu_optimizer": cfg.optim.name == "adamw",
+        "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed's own step prints out of the way
+        "wall_clock_breakdown": False,
+    }
+
+
+def _merge(preset: Any, derived: Any, key: str, source: str) -> Any:
+    """Fill "auto" in `preset` from `derived`; explicit preset values must agree with `derived`."""
+    if isinstance(preset, str) and preset == "auto":
+        return copy.deepcopy(derived)
+    if isinstance(preset, dict) and isinstance(derived, dict):
+        out = dict(preset)
+        for k, v in derived.items():
+            out[k] = _merge(preset[k], v, f"{key}.{k}" if key else k, source) if k in preset else copy.deepcopy(v)
+        return out
+    if preset != derived:
+        raise ConfigError(
+            f"{source}: {key} is {preset!r} but the experiment config implies {derived!r}; set it to \"auto\" in "
+            f"the preset or change the experiment config (deepspeed.*, train.*, data.batch_size)"
+        )
+    return preset
+
+
+def _find_auto(node: Any, key: str = "") -> str | None:
+    if node == "auto":
+        return key
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found = _find_auto(v, f"{key}.{k}" if key else k)
+            if found:
+                return found
+    return None
+
+
+def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for `world_size` ranks. Raises ConfigError for a bad or conflicting preset."""
+    preset: dict[str, Any] = {}
+    if cfg.deepspeed.preset:
+        path = Path(cfg.deepspeed.preset)
+        try:
+            preset = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"deepspeed.preset: cannot read DeepSpeed JSON {path}: {e}") from e
+        if not isinstance(preset, dict):
+            raise ConfigError(f"deepspeed.preset: {path} must hold a JSON object")
+        for owned in ("optimizer", "scheduler"):
+            if owned in preset:
+                raise ConfigError(
+                    f"deepspeed.preset: {path} has an {owned!r} block; optimizers and schedules come from the "
+                    "experiment config's optim section (distseg.optim), remove it from the preset"
+                )
+    ds = _merge(preset, derived_values(cfg, world_size), "", f"deepspeed.preset ({cfg.deepspeed.preset})")
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(
+            f"deepspeed.preset: {cfg.deepspeed.preset}: {leftover} is \"auto\" but the experiment config does not "
+            "derive it; give it a value"
+        )
+    return ds
+
+
+def initialize(model: nn.Module, cfg: ExperimentConfig, ds_config: dict[str, Any]):
+    """Wrap `model` in a DeepSpeed engine with the configured optimizer and LR schedule.
+
+    Returns the engine; `engine.optimizer` is DeepSpeed's wrapper, `engine.lr_scheduler` our LambdaLR, stepped by
+    `engine.step()` once per optimizer step (at the gradient-accumulation boundary).
+    """
+    import deepspeed
+
+    optimizer = build_optimizer(
+        cfg.optim, param_groups(model, cfg.optim.weight_decay), offload=cfg.deepspeed.offload_optimizer
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        # A callable: DeepSpeed builds the schedule on its own optimizer wrapper, whose param groups it updates.
+        lr_scheduler=lambda opt: build_scheduler(cfg.optim, opt, cfg.train.steps),
+        config=ds_config,
+    )
+    return engine

@@ -1,0 +1,278 @@
+"""The training loop: one readable loop over micro-batches, run identically on every rank.
+
+    trainer = Trainer(cfg)      # after dist.init_distributed(); resumes from the newest COMPLETE checkpoint
+    trainer.train()
+    trainer.close()
+
+Step = one optimizer step = `train.grad_accum` micro-batches per rank. Everything random derives from
+(seed, rank, sample index), so a run resumed from step N continues exactly like an uninterrupted one.
+Collectives (all-reduces, forwards under ZeRO-3, checkpoint saves) happen on every rank in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from distseg import checkpoint, dist
+from distseg.config import ExperimentConfig, to_dict, write_resolved
+from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
+from distseg.data.targets import labels_to_targets, num_targets, target_names
+from distseg.engine import build_ds_config, initialize
+from distseg.losses import build_loss
+from distseg.metrics import MetricAccumulator, confusion_counts
+from distseg.models import build_model
+from distseg.monitor import build_monitor, memory_stats
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive micro-batches had a non-finite loss; the run stops (last good checkpoint kept)."""
+
+
+@dataclass
+class TrainState:
+    """The trainer's counters; saved in every checkpoint (trainer_state.json)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    micro_batches: int = 0
+    """Micro-batches drawn from the loader on each rank (= the loader position to resume from)."""
+    samples_seen: int = 0
+    """Samples (all ranks) that went into an optimizer update."""
+    nonfinite_skipped: int = 0
+    """Micro-batches skipped because some rank's loss was not finite."""
+    val_dice: float | None = None
+    """Mean validation Dice of the latest validation."""
+
+
+def build_seeded_model(cfg: ExperimentConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
+    """The model with identical initial weights on every rank: the init RNG is seeded from run.seed only."""
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(
+        cfg.model.name, cfg.model.preset, **{"in_channels": in_channels, "out_channels": out_channels,
+                                             **cfg.model.overrides}
+    )
+    if cfg.model.init_weights:
+        state = torch.load(cfg.model.init_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        logger.info("initial weights from %s", cfg.model.init_weights)
+    return model
+
+
+class Trainer:
+    """Builds the model, engine, loss, augmentation and monitor for this rank; `train()` runs the loop."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.device = dist.device()
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        store = open_store(cfg.data)
+        self.regions = store.regions
+        self.channel_names = target_names(cfg.data.target, store.regions)
+        self.train_cases = len(store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True))
+        if self.rank == 0:
+            write_resolved(cfg, self.run_dir)
+        model = build_seeded_model(cfg, len(store.channels), num_targets(cfg.data.target, store.regions))
+        self.engine = initialize(model, cfg, build_ds_config(cfg, self.world_size))
+        self.dtype = _DTYPES[cfg.deepspeed.precision]
+        self.loss_fn = build_loss(cfg.loss)
+        self.augment = build_device_augment(cfg.data, cfg.run.seed, self.rank)
+        self.monitor = build_monitor(cfg.monitor, self.run_dir, self.rank)
+        self.state = TrainState()
+        self.resumed_from: str | None = None
+        self._resume()
+
+    # ------------------------------------------------------------------------------------------- resume
+    def _resume(self) -> None:
+        found = checkpoint.newest_complete(self.ckpt_dir)
+        if found is None:
+            return
+        if self.cfg.checkpoint.resume == "never":
+            raise checkpoint.CheckpointError(
+                f"{self.ckpt_dir} already holds checkpoints and checkpoint.resume=never; pick a new run.name"
+            )
+        tag, marker = found
+        checkpoint.check_world_size(marker, self.ckpt_dir / tag, self.world_size)
+        saved = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self.state = TrainState(**saved["counters"])
+        self.resumed_from = tag
+        logger.info("resumed from checkpoint %s (step %d)", tag, self.state.step)
+
+    def _save(self) -> None:
+        state = {"counters": asdict(self.state), "val_dice": self.state.val_dice, "config": to_dict(self.cfg),
+                 "epoch": self.epoch}
+        c = self.cfg.checkpoint
+        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best)
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the training cases, counted in samples (the sampler draws with replacement)."""
+        return self.state.samples_seen / max(1, self.train_cases)
+
+    # ------------------------------------------------------------------------------------------- one micro-batch
+    def _inject_nan(self) -> bool:
+        """FAULT INJECTION (debug.inject_nan_at_step): rank 0's loss becomes NaN for `inject_nan_times` tries."""
+        d = self.cfg.debug
+        return self.rank == 0 and self.state.step == d.inject_nan_at_step and self._injected < d.inject_nan_times
+
+    def _micro_step(self, batch: dict[str, Any]) -> tuple[float, bool]:
+        """Forward/backward one micro-batch. Returns (mean loss over ranks, whether it was applied)."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        image, label = self.augment(image, label, batch["sample_index"])  # (B, C, *P), (B, *P) on the device
+        targets = labels_to_targets(label, self.cfg.data.target, self.regions)  # (B, K, *P) float32
+        logits = self.engine(image.to(self.dtype))  # DeepSpeed holds the weights in bf16/fp16/fp32
+        loss = self.loss_fn(logits, targets)  # fp32 scalar
+        if self._inject_nan():
+            self._injected += 1
+            loss = loss * float("nan")
+        # Every rank must skip together, or the gradient all-reduce would mix skipped and applied micro-batches
+        # and DeepSpeed's accumulation counters would drift apart: agree on one flag (and sum the loss for logging).
+        finite = torch.isfinite(loss)
+        packed = torch.stack([torch.where(finite, loss.detach(), torch.zeros_like(loss)), (~finite).float()])
+        loss_sum, bad_ranks = dist.all_reduce_sum(packed.float()).tolist()  # host sync: waits for the forward
+        if bad_ranks > 0:
+            # Skip backward AND engine.step(): the micro-step counter does not move, so the accumulation
+            # boundary stays where it was on every rank; the next finite micro-batch takes this one's place.
+            return math.nan, False
+        self.engine.backward(loss)
+        self.engine.step()  # an optimizer step (+ LR schedule step) only at the accumulation boundary
+        return loss_sum / self.world_size, True
+
+    # ------------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Dice per region from tp/fp/fn summed over this rank's shard, then all-reduced (never averaged ratios)."""
+        self.engine.eval()
+        acc = MetricAccumulator(self.channel_names)
+        example = None
+        # Every rank gets the same number of batches (padded with valid=False), since ZeRO-3 forwards are collective.
+        for batch in build_val_iterator(self.cfg.data, self.rank, self.world_size):
+            image = batch["image"].to(self.device)
+            targets = labels_to_targets(batch["label"].to(self.device), self.cfg.data.target, self.regions)
+            logits = self.engine(image.to(self.dtype))
+            logits = (logits[0] if isinstance(logits, list) else logits).float()
+            valid = batch["valid"].to(self.device)
+            acc.update(confusion_counts(logits[valid], targets[valid]))
+            if example is None and bool(batch["valid"][0]):
+                example = (image[0], targets[0], torch.sigmoid(logits[0]))
+        metrics = acc.compute(device=self.device)  # the one all-reduce of the (K, 4) counts
+        self.engine.train()
+        dice = {f"val/{k}": v for k, v in metrics.items() if k.startswith("dice/")}
+        self.state.val_dice = dice["val/dice/mean"]
+        self.monitor.scalars(dice, self.state.step)
+        if example is not None:
+            self.monitor.overlay("val/overlay", *example, self.state.step)
+        logger.info("step %d validation: %s", self.state.step,
+                    ", ".join(f"{k[4:]}={v:.4f}" for k, v in dice.items()))
+        return dice
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def train(self) -> TrainState:
+        cfg, state = self.cfg, self.state
+        self._injected = 0
+        loader = build_train_loader(cfg.data, self.rank, self.world_size, cfg.run.seed, start_step=state.micro_batches)
+        batches = iter(loader)
+        voxels = math.prod(cfg.data.patch_size)
+        window = _Window()
+        bar = tqdm(total=cfg.train.steps, initial=state.step, disable=self.rank != 0, desc="train", unit="step",
+                   dynamic_ncols=True)
+        nonfinite_in_row = 0
+        self.engine.train()
+        while state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)  # blocks while the loader workers are behind: data-wait time
+            t_data = time.perf_counter() - t0
+            state.micro_batches += 1
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            loss, applied = self._micro_step(batch)
+            window.add(time.perf_counter() - t0, t_data, loss)
+            if not applied:
+                state.nonfinite_skipped += 1
+                nonfinite_in_row += 1
+                logger.warning("step %d: non-finite loss on some rank; micro-batch skipped (%d in a row)",
+                               state.step, nonfinite_in_row)
+                if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    latest = checkpoint.newest_complete(self.ckpt_dir)
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_row} consecutive micro-batches had a non-finite loss at step {state.step} "
+                        f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); stopping. Last complete "
+                        f"checkpoint: {self.ckpt_dir / latest[0] if latest else 'none'}. Try a lower optim.lr, "
+                        "deepspeed.precision=fp32 or bf16, or check the data."
+                    )
+                continue
+            nonfinite_in_row = 0
+            state.samples_seen += cfg.data.batch_size * self.world_size
+            if not boundary:
+                continue
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.monitor.log_every == 0 or state.step == cfg.train.steps:
+                self._log(window, voxels, bar)
+            last = state.step == cfg.train.steps
+            if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last):
+                self.validate()
+            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
+                self._save()
+        bar.close()
+        self.monitor.flush()
+        return state
+
+    def _log(self, window: _Window, voxels: int, bar: tqdm) -> None:
+        """Scalars of the steps since the last log (rank 0 writes; other ranks hold a NullMonitor)."""
+        samples = window.count * self.cfg.data.batch_size * self.world_size
+        values = {
+            "train/loss": window.mean_loss(),
+            "train/lr": float(self.engine.get_lr()[0]),
+            "train/epoch": self.epoch,
+            "train/nonfinite_skipped": float(self.state.nonfinite_skipped),
+            "perf/samples_per_s": samples / window.time,
+            "perf/voxels_per_s": samples * voxels / window.time,
+            "perf/data_wait_fraction": window.data_time / window.time,
+            "perf/step_time_s": window.time * self.cfg.train.grad_accum / max(1, window.count),
+            **memory_stats(self.device),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        self.monitor.scalars(values, self.state.step)
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+        window.reset()
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
+class _Window:
+    """Sums over the micro-batches since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.time = 0.0
+        self.data_time = 0.0
+        self.loss_sum = 0.0
+        self.count = 0
+
+    def add(self, seconds: float, data_seconds: float, loss: float) -> None:
+        self.time += seconds
+        self.data_time += data_seconds
+        if math.isfinite(loss):
+            self.loss_sum += loss
+            self.count += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.count if self.count else math.nan

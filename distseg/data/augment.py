@@ -2,7 +2,7 @@
 
 The work is split by cost:
 
-* `apply_flips` (loader worker, numpy): flips are free-ish copies, drawn in the sample plan.
+* `apply_flips` (loader worker, numpy): flips are views, paid for by the collate copy; drawn in the sample plan.
 * `DeviceAugment` (batched torch, normally on the accelerator inside the training step): rotation +
   scaling as ONE `affine_grid` + `grid_sample` over the whole batch (image trilinear/bilinear, label nearest), the
   context margin cropped away in the same resampling, then per-channel intensity scale/shift, gamma and Gaussian
@@ -25,12 +25,13 @@ from distseg.data.sampling import STREAM_DEVICE_AUG, sample_rng
 def apply_flips(
     image: np.ndarray, label: np.ndarray | None, axes: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Flip image (C, *S) and label (*S) along spatial `axes` (0-based over *S). Contiguous copies when flipped."""
+    """Flip image (C, *S) and label (*S) along spatial `axes` (0-based over *S). Returns views (no copy): the
+    caller's collate copy into the batch buffer is the only one."""
     if not axes:
         return image, label
-    image = np.ascontiguousarray(np.flip(image, axis=tuple(a + 1 for a in axes)))
+    image = np.flip(image, axis=tuple(a + 1 for a in axes))
     if label is not None:
-        label = np.ascontiguousarray(np.flip(label, axis=tuple(axes)))
+        label = np.flip(label, axis=tuple(axes))
     return image, label
 
 
@@ -155,7 +156,7 @@ class DeviceAugment:
         view = (b, c) + (1,) * self.nd
         mult = torch.as_tensor(np.stack([p["mult"] for p in params]), dtype=image.dtype, device=dev).view(view)
         shift = torch.as_tensor(np.stack([p["shift"] for p in params]), dtype=image.dtype, device=dev).view(view)
-        image = image * mult + shift
+        image = torch.addcmul(shift, image, mult)  # one pass, and a new tensor: the caller's batch is untouched
         gam = [i for i, p in enumerate(params) if p["gamma"] is not None]
         if gam:
             idx = torch.as_tensor(gam, device=dev)

@@ -76,7 +76,8 @@ class TrainBatches(torch.utils.data.Dataset):
         return 2**62
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str, bool]:
-        """One sample: image float32 (C, *P'), label uint8 (*P'), case id, whether foreground-centred."""
+        """One sample: image float32 (C, *P'), label uint8 (*P') (flipped views, maybe non-contiguous), case id,
+        whether foreground-centred."""
         store = self.store.get()
         plan = self.sampler.plan(store, index)
         image, label = store.read_patch(plan.case_id, plan.start, plan.size)
@@ -84,23 +85,31 @@ class TrainBatches(torch.utils.data.Dataset):
             raise ValueError(f"{store.path}: training case {plan.case_id!r} has no label")
         if self.sampler.spatial_dims == 2:  # (C, 1, Y, X) box from one axial slice -> (C, Y, X)
             image, label = image[:, 0], label[0]
-        image, label = apply_flips(image, label, plan.flips)
+        image, label = apply_flips(image, label, plan.flips)  # views, copied once into the batch buffer
         return image, label, plan.case_id, plan.foreground
 
     def __getitem__(self, step: int) -> dict:
         first = int(step) * self.batch_size
-        samples = [self.sample(first + j) for j in range(self.batch_size)]
+        image = label = None
+        case_ids, fg = [], []
+        for j in range(self.batch_size):
+            img, lab, cid, is_fg = self.sample(first + j)
+            if image is None:  # one preallocated batch buffer: flip + collate cost one copy, not two
+                image = np.empty((self.batch_size, *img.shape), np.float32)
+                label = np.empty((self.batch_size, *lab.shape), np.uint8)
+            image[j], label[j] = img, lab
+            case_ids.append(cid)
+            fg.append(is_fg)
         index = torch.arange(first, first + self.batch_size, dtype=torch.int64)
-        image = torch.from_numpy(np.stack([s[0] for s in samples]))
-        label = torch.from_numpy(np.stack([s[1] for s in samples]))
+        image_t, label_t = torch.from_numpy(image), torch.from_numpy(label)
         if self.worker_augment is not None:
-            image, label = self.worker_augment(image, label, index)
+            image_t, label_t = self.worker_augment(image_t, label_t, index)
         return {
-            "image": image,
-            "label": label,
-            "case_id": [s[2] for s in samples],
+            "image": image_t,
+            "label": label_t,
+            "case_id": case_ids,
             "sample_index": index,
-            "foreground": torch.tensor([s[3] for s in samples], dtype=torch.bool),
+            "foreground": torch.tensor(fg, dtype=torch.bool),
         }
 
 

@@ -13,7 +13,6 @@ would run it. Ratios are against the no-augmentation baseline measured in the sa
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -72,14 +71,18 @@ def device_ms_per_patch(cfg: DataConfig, batches: int, device: torch.device) -> 
     return 1000 * (time.perf_counter() - t0) / n
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, default=None)
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--patch", type=int, default=128)
     p.add_argument("--margin", type=int, default=16)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def measure(args: argparse.Namespace) -> tuple[Path, list[tuple[str, float]], list[tuple[str, float]], str]:
+    """(store, [(row, patches/s per loader process)], [(row, device ms/patch)], device description)."""
     tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
     store = args.store or make_store(Path(tmp.name))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,18 +110,32 @@ def main() -> None:
         ("every transform, p=1", replace(base, augment=always)),
     ]
     dev = [(name, device_ms_per_patch(cfg, args.batches, device)) for name, cfg in dev_rows]
+    tmp.cleanup()
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {cpu_threads} threads"
+    return store, results, dev, where
 
+
+def bench_rows(argv: list[str] | None = None) -> list[tuple[str, str, str, str, str, str]]:
+    """Rows for tests/benchmarks/bench_train.py: (section, case, measured, baseline, ratio, target)."""
+    _, results, dev, where = measure(parse_args(argv))
     baseline = results[0][1]
-    print(f"\nstore {store}, patch 4x{args.patch}^3, batch {args.batch_size}, {args.batches} batches per row, "
-          f"pid {os.getpid()}")
+    rows = [("(c) loader", name, f"{rate:.2f} patches/s", f"{baseline:.2f} no-aug", f"{rate / baseline:.2f}x",
+             f">= {TARGET:.0f}/s: {rate / TARGET:.2f}x") for name, rate in results]
+    rows += [("(c) device aug", f"{name} ({where})", f"{ms:.1f} ms/patch", "-", "-", "-") for name, ms in dev]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    store, results, dev, where = measure(args)
+    baseline = results[0][1]
+    print(f"\nstore {store}, patch 4x{args.patch}^3, batch {args.batch_size}, {args.batches} batches per row")
     print(f"{'loader process (1 thread)':<52} {'patches/s':>10} {'vs no-aug':>10} {'vs 10/s':>8}")
     for name, rate in results:
         print(f"{name:<52} {rate:>10.2f} {rate / baseline:>9.2f}x {rate / TARGET:>7.2f}x")
-    print(f"\n{'device-batched aug in the train step (' + device.type + f', {cpu_threads} threads)':<52} "
-          f"{'ms/patch':>10} {'patches/s':>10}")
+    print(f"\n{'device-batched aug in the train step (' + where + ')':<52} {'ms/patch':>10} {'patches/s':>10}")
     for name, ms in dev:
         print(f"{name:<52} {ms:>10.1f} {1000 / ms:>10.1f}")
-    tmp.cleanup()
 
 
 if __name__ == "__main__":

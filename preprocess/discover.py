@@ -68,7 +68,7 @@ def parse_brats_name(name: str) -> tuple[str, str, str] | None:
 
 def discover_brats(src: Path) -> list[SourceCase]:
     """All BraTS cases under `src`, sorted by case id. Problems (duplicates) are attached, never raised."""
-    cases: dict[str, SourceCase] = {}
+    found: dict[str, list[tuple[str, Path, str]]] = {}
     ignored = 0
     for path in _walk_files(src):
         parsed = parse_brats_name(path.name)
@@ -76,22 +76,23 @@ def discover_brats(src: Path) -> list[SourceCase]:
             ignored += ".nii" in path.name
             continue
         case_id, mod, naming = parsed
-        case = cases.setdefault(case_id, SourceCase(case_id, naming))
-        if case.naming != naming:
-            case.problems.append(f"case id {case_id!r} appears with both {case.naming} and {naming} file names")
-        if mod in case.files:
+        found.setdefault(case_id, []).append((mod, path, naming))
+    cases: dict[str, SourceCase] = {}
+    for case_id, entries in found.items():
+        case = cases[case_id] = SourceCase(case_id, entries[0][2])
+        dirs = sorted({str(p.parent) for _, p, _ in entries})
+        if len(dirs) > 1:
             case.problems.append(
-                f"duplicate case id {case_id!r}: {mod} found twice ({case.files[mod]} and {path}); "
-                "expected each case once under --src"
+                f"duplicate case id {case_id!r}: files in {' and '.join(dirs)}; expected each case once under --src"
             )
-        elif case.files and next(iter(case.files.values())).parent != path.parent:
-            case.problems.append(
-                f"duplicate case id {case_id!r}: files in {next(iter(case.files.values())).parent} and "
-                f"{path.parent}; expected each case's files in one folder"
-            )
-            case.files[mod] = path
-        else:
-            case.files[mod] = path
+        if len({n for _, _, n in entries}) > 1:
+            case.problems.append(f"case id {case_id!r} mixes 2018-2021 and 2023 file names in {dirs[0]}")
+        for mod, path, _ in entries:
+            if mod in case.files and len(dirs) == 1:
+                case.problems.append(
+                    f"{path}: {mod} given twice (also {case.files[mod].name}); expected one file per modality"
+                )
+            case.files.setdefault(mod, path)
     if ignored:
         logger.warning("ignored %d NIfTI files under %s whose names match no BraTS naming", ignored, src)
     return [cases[k] for k in sorted(cases)]

@@ -72,7 +72,9 @@ def load_nifti(path: Path) -> tuple[Volume, str]:
         except Exception:  # nibabel raises assorted errors (HeaderDataError, ValueError, ...) on foreign bytes
             continue
     if img is None:
-        raise SourceError(f"{path}: not a NIfTI-1/2 file (no valid NIfTI header in {len(raw)} bytes)")
+        raise SourceError(
+            f"{path}: not a NIfTI-1/2 file (no valid NIfTI header in {len(raw)} bytes); expected a NIfTI image"
+        )
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:

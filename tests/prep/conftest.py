@@ -129,3 +129,9 @@ def ray_head() -> Iterator[dict[str, str]]:
         proc.wait(timeout=30)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment for `python -m preprocess` subprocesses (venv first on PATH, loopback Ray, no RAY_ADDRESS)."""
+    return subprocess_env()

@@ -4,18 +4,18 @@ deep supervision and activation checkpointing."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from distseg.models import available_models, build_model
-from tests.models.conftest import odd_input
 
 DEEP_SUPERVISED = ["unet3d", "res_inception_unet3d", "res_inception_unet"]
 TWO_D = [n for n in available_models() if build_model(n, "debug").spatial_dims == 2]
 
 
-def test_output_shape_at_odd_sizes(model_name: str) -> None:
+def test_output_shape_at_odd_sizes(model_name: str, odd_input: Callable) -> None:
     model = build_model(model_name, "debug")
     x = odd_input(model)
     for mode in (True, False):
@@ -46,7 +46,7 @@ def test_padding_is_cropped_back_consistently() -> None:
     assert torch.allclose(model(x), model(padded)[..., :13, :6], atol=1e-6)
 
 
-def test_gradients_reach_every_trainable_parameter(model_name: str) -> None:
+def test_gradients_reach_every_trainable_parameter(model_name: str, odd_input: Callable) -> None:
     model = build_model(model_name, "debug")
     out = model(odd_input(model))
     out.square().mean().backward()
@@ -54,7 +54,7 @@ def test_gradients_reach_every_trainable_parameter(model_name: str) -> None:
     assert not missing, f"{model_name}: no gradient for {missing}"
 
 
-def test_bf16_autocast_forward_on_cpu(model_name: str) -> None:
+def test_bf16_autocast_forward_on_cpu(model_name: str, odd_input: Callable) -> None:
     model = build_model(model_name, "debug")
     x = odd_input(model, batch=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -76,7 +76,7 @@ def test_channels_last_gives_same_result(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", DEEP_SUPERVISED)
-def test_deep_supervision_outputs(name: str) -> None:
+def test_deep_supervision_outputs(name: str, odd_input: Callable) -> None:
     model = build_model(name, "debug", deep_supervision=True)
     x = odd_input(model)
     outs = model.train()(x)
@@ -95,7 +95,7 @@ def test_unet3d_deep_supervision_has_one_output_per_decoder_level() -> None:
     assert len(model.train()(torch.randn(1, 4, 16, 16, 16))) == len(model.cfg.features) - 1
 
 
-def test_activation_checkpointing_changes_memory_not_results(model_name: str) -> None:
+def test_activation_checkpointing_changes_memory_not_results(model_name: str, odd_input: Callable) -> None:
     torch.manual_seed(0)
     plain = build_model(model_name, "debug")
     ckpt = copy.deepcopy(plain)

@@ -118,8 +118,9 @@ class DataConfig:
     target: str = "regions"
     """"regions" (one sigmoid target per store region, e.g. BraTS WT/TC/ET) or "binary" (label > 0)."""
     val_patch_size: tuple[int, ...] = ()
-    """Validation crop shape (centred on the case/image); empty = `patch_size`. Validation of a 3D store in
-    patch3d mode yields one centred crop per case; slice2d yields every axial slice; image2d the whole image."""
+    """Validation crop shape, centred on each case. Empty = patch3d: `patch_size` (one centred crop per case);
+    slice2d / image2d: the largest in-plane size of the validation cases rounded up to a multiple of 16, so every
+    whole slice / image is validated (smaller ones zero-padded)."""
     context_margin: int = 0
     """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling
     resamples real data instead of zero padding; `DeviceAugment` crops it away, so the model always sees
@@ -163,7 +164,3 @@ class DataConfig:
         if not isinstance(self.context_margin, int) or self.context_margin < 0:
             raise ValueError(f"{prefix}.context_margin: expected an int >= 0, got {self.context_margin!r}")
         self.augment.validate(f"{prefix}.augment")
-
-    @property
-    def effective_val_patch_size(self) -> tuple[int, ...]:
-        return tuple(self.val_patch_size) if self.val_patch_size else tuple(self.patch_size)

@@ -155,11 +155,23 @@ def build_device_augment(cfg: DataConfig, seed: int, rank: int) -> DeviceAugment
     return DeviceAugment(cfg.augment, cfg.patch_size, 0, seed, rank, enabled=False)
 
 
+def val_patch_size(cfg: DataConfig, store: Store, val_cases: list[str]) -> tuple[int, ...]:
+    """The validation crop: `val_patch_size` if set; else `patch_size` (patch3d) or the largest in-plane size of
+    the validation cases rounded up to a multiple of 16 (slice2d / image2d: whole slices / images). Computed from
+    metadata only, so every rank gets the same shape."""
+    if cfg.val_patch_size:
+        return tuple(cfg.val_patch_size)
+    if cfg.mode == "patch3d":
+        return tuple(cfg.patch_size)
+    shapes = np.array([store.case(c).shape[2:] for c in val_cases])
+    return tuple(int(-(-v // 16) * 16) for v in shapes.max(axis=0))
+
+
 def build_val_iterator(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:
     """Deterministic validation batches of `rank`, cases sharded across ranks without duplication.
 
     Yields ``{"image": float32 (B, C, *V), "label": uint8 (B, *V), "case_id": list[str], "valid": bool (B,),
-    "start": int64 (B, 3)}`` (V = `val_patch_size` or `patch_size`; `start` is the crop's (z, y, x) in the stored
+    "start": int64 (B, 3)}`` (V = `val_patch_size(...)`; `start` is the crop's (z, y, x) in the stored
     case, negative where the crop is padded). Every rank yields the SAME number of batches (ZeRO-3 forwards are
     collective), so ranks with fewer samples pad with zero samples marked ``valid=False`` and case_id ""; the
     trainer must drop those from its tp/fp/fn sums before the all-reduce.
@@ -168,7 +180,7 @@ def build_val_iterator(cfg: DataConfig, rank: int, world_size: int) -> Iterator[
     _, val_cases = _train_val_cases(store, cfg)
     if not val_cases:
         raise ValueError(f"data.val_folds: no labelled case of {cfg.store} is in folds {list(cfg.val_folds)}")
-    size = cfg.effective_val_patch_size
+    size = val_patch_size(cfg, store, val_cases)
     per_rank = [validation_samples(store, val_cases[r::world_size], cfg.mode, size) for r in range(world_size)]
     n_batches = max(math.ceil(len(s) / cfg.batch_size) for s in per_rank)
     return _val_batches(store, per_rank[rank], n_batches, cfg.batch_size, size, cfg.spatial_dims)

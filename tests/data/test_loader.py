@@ -173,7 +173,8 @@ def test_validation_sharding_covers_all_without_duplicates(brats_store: Path, mo
         batches = list(build_val_iterator(cfg, r, world))
         n_batches.append(len(batches))
         for b in batches:
-            assert b["image"].shape == (3, 4, *patch) and b["label"].shape == (3, *patch)
+            v = patch if mode == "patch3d" else (32, 32)  # default: whole slices (28 x <=32), rounded up to 16s
+            assert b["image"].shape == (3, 4, *v) and b["label"].shape == (3, *v)
             for cid, valid, start in zip(b["case_id"], b["valid"].tolist(), b["start"].tolist(), strict=True):
                 if valid:
                     seen[cid] += 1
@@ -194,13 +195,16 @@ def test_slice2d_training_oversamples_tumour_slices(brats_store: Path) -> None:
         assert batch["label"][:, 6, 6].gt(0).all()
 
 
-def test_image2d_pads_small_images_and_validates_whole_images(image_store: Path) -> None:
-    cfg = DataConfig(store=str(image_store), mode="image2d", patch_size=(40, 40), val_patch_size=(42, 30),
+@pytest.mark.parametrize("val_size", [(42, 30), ()])
+def test_image2d_pads_small_images_and_validates_whole_images(image_store: Path, val_size: tuple) -> None:
+    cfg = DataConfig(store=str(image_store), mode="image2d", patch_size=(40, 40), val_patch_size=val_size,
                      val_folds=(1,), num_workers=0, target="binary", batch_size=2)
     batch = _take(build_train_loader(cfg, 0, 1, seed=0), 1)[0]
     assert batch["image"].shape == (2, 1, 40, 40) and batch["label"].dtype == torch.uint8
     store = Store.open(image_store)
     batches = list(build_val_iterator(cfg, 0, 1))
+    # default: the largest validation image (39 x 29) rounded up to multiples of 16
+    assert batches[0]["image"].shape[2:] == (val_size or (48, 32))
     got = {}
     for b in batches:
         for i, cid in enumerate(b["case_id"]):

@@ -80,3 +80,18 @@ def brats_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_store(tmp_path_factory.mktemp("stores") / "tiny2d.zarr")
+
+
+@pytest.fixture(scope="session")
+def real_brats_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 3 real BraTS 2018 samples converted by the real converter (`python -m preprocess brats --serial`)."""
+    import subprocess
+    import sys
+
+    dst = tmp_path_factory.mktemp("real")
+    subprocess.run(
+        [sys.executable, "-m", "preprocess", "brats", "--src", str(shared_data / "brats2018"), "--dst", str(dst),
+         "--serial", "--folds", "3"],
+        check=True, capture_output=True,
+    )
+    return dst / "brats.zarr"

@@ -33,7 +33,7 @@ def derived_values(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    return {
+    out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         # DeepSpeed checks this identity itself; deriving it here keeps it true for any world size.
@@ -45,9 +45,15 @@ def derived_values(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         # SGD with offload runs torch.optim.SGD on the CPU copies; only AdamW has DeepSpeed's CPU kernel.
         "zero_force_ds_cpu_optimizer": cfg.optim.name == "adamw",
+        # ZeRO partitions flat fp32 tensors; torch SGD is elementwise over them, so it is safe, just not whitelisted.
+        "zero_allow_untested_optimizer": cfg.optim.name == "sgd",
         "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed's own step prints out of the way
         "wall_clock_breakdown": False,
     }
+    if engine.precision != "fp32":
+        # Cast buffers (BatchNorm running stats) with the weights: CPU batch_norm wants one dtype for all inputs.
+        out["data_types"] = {"buffer_dtype": engine.precision}
+    return out
 
 
 def _merge(preset: Any, derived: Any, key: str, source: str) -> Any:

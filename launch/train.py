@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", e)
         return 2
 
+    dist.set_cpu_threads()
     dist.init_distributed()
     from distseg.trainer import NonFiniteLossError, Trainer  # imports deepspeed/models: after the cheap checks
 

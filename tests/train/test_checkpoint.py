@@ -1,0 +1,77 @@
+"""Checkpoint bookkeeping on real files: only COMPLETE tags count, truncation is caught, pruning keeps last + best,
+RNG states round-trip through torch.load(weights_only=True). (Saving through DeepSpeed: tests/train/test_launch.py)"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distseg import checkpoint
+
+
+def fake_tag(ckpt_dir: Path, step: int, val_dice: float | None, complete: bool = True) -> Path:
+    """A tag folder laid out like `checkpoint.save` leaves it (payload files + marker listing their sizes)."""
+    tag_dir = ckpt_dir / checkpoint.tag_for(step)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x" * (100 + step))
+    (tag_dir / checkpoint.STATE_FILE).write_text(json.dumps({"counters": {"step": step}}))
+    if complete:
+        files = {p.name: p.stat().st_size for p in tag_dir.iterdir()}
+        marker = {"step": step, "world_size": 2, "val_dice": val_dice, "files": files}
+        (tag_dir / checkpoint.MARKER).write_text(json.dumps(marker))
+    return tag_dir
+
+
+def test_only_complete_checkpoints_count(tmp_path: Path):
+    fake_tag(tmp_path, 4, 0.5)
+    fake_tag(tmp_path, 8, 0.6)
+    fake_tag(tmp_path, 12, None, complete=False)  # a save killed before its marker
+    assert [s for s, _, _ in checkpoint.complete_checkpoints(tmp_path)] == [4, 8]
+    assert checkpoint.newest_complete(tmp_path)[0] == "step_00000008"
+    # a file cut short after the marker was written also disqualifies the tag
+    payload = tmp_path / "step_00000008" / "mp_rank_00_model_states.pt"
+    payload.write_bytes(payload.read_bytes()[:10])
+    assert checkpoint.newest_complete(tmp_path)[0] == "step_00000004"
+    # so does a missing or unreadable marker
+    (tmp_path / "step_00000004" / checkpoint.MARKER).write_text("{trunc")
+    assert checkpoint.newest_complete(tmp_path) is None
+    assert checkpoint.newest_complete(tmp_path / "absent") is None
+
+
+def test_prune_keeps_the_last_and_the_best(tmp_path: Path):
+    for step, dice in [(2, 0.1), (4, 0.9), (6, 0.3), (8, 0.2), (10, None)]:
+        fake_tag(tmp_path, step, dice)
+    fake_tag(tmp_path, 12, 0.95, complete=False)  # debris: never "best", removed
+    checkpoint.prune(tmp_path, keep_last=2, keep_best=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000004", "step_00000008",
+                                                                         "step_00000010"]
+    assert (tmp_path / "best").read_text() == "step_00000004"
+    checkpoint.prune(tmp_path, keep_last=1, keep_best=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000010"]
+
+
+def test_world_size_mismatch_says_how_to_continue(tmp_path: Path):
+    tag_dir = fake_tag(tmp_path, 4, 0.5)
+    marker = checkpoint.read_marker(tag_dir)
+    checkpoint.check_world_size(marker, tag_dir, 2)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.check_world_size(marker, tag_dir, 3)
+    msg = str(err.value)
+    assert "written by 2 ranks but this run has 3" in msg
+    assert "--num_gpus 2" in msg and "zero_to_fp32" in msg and "model.init_weights" in msg
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's legacy state
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])

@@ -147,8 +147,7 @@ class DeviceAugment:
             image, label = self._spatial(image, label, sel, [params[b]["matrix"] for b in sel])
         else:  # no sample needs resampling this step: a crop is exact and free
             image, label = self._crop(image).float(), None if label is None else self._crop(label)
-        image = image.contiguous()
-        return self._intensity(image, params), label
+        return self._intensity(image, params), label  # intensity output is a new contiguous tensor
 
     def _intensity(self, image: torch.Tensor, params: list[dict]) -> torch.Tensor:
         """Per-channel scale/shift on every sample, then gamma and noise on the selected ones. image (B, C, *S)."""

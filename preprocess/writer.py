@@ -34,8 +34,8 @@ class Layout:
     """Spatial chunk (z, y, x) of image and label; the image chunk spans all channels."""
     cname: str = "zstd"
     """Blosc inner compressor."""
-    clevel: int = 3
-    """Blosc compression level."""
+    clevel: int = 1
+    """Blosc compression level (Blosc maps zstd clevel 1 to zstd level 1: ~2.5x faster to write than 3, ~2% larger)."""
     shuffle: str = "shuffle"
     """Blosc shuffle filter: "shuffle" | "bitshuffle" | "noshuffle"."""
 
@@ -111,6 +111,10 @@ def update_case_attrs(store_path: Path, case_id: str, updates: dict[str, Any]) -
     os.replace(tmp, meta)
 
 
+# Flat chunk file names (`c.0.1.0.0`) instead of nested folders: fewer directories to create, list and delete.
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+
+
 def _compressors(layout: Layout) -> list[Any]:
     from zarr.codecs import BloscCodec
 
@@ -147,12 +151,13 @@ def write_case(
         chunks = tuple(min(a, b) for a, b in zip(layout.chunks_zyx, image.shape[1:], strict=True))
         group.create_array(
             "image", data=image, chunks=(c, *chunks), compressors=_compressors(layout), fill_value=0,
-            dimension_names=["c", "z", "y", "x"],
+            dimension_names=["c", "z", "y", "x"], chunk_key_encoding=CHUNK_KEY_ENCODING,
         )
         if label is not None:
             group.create_array(
                 "label", data=np.ascontiguousarray(label, dtype=np.uint8), chunks=chunks,
                 compressors=_compressors(layout), fill_value=0, dimension_names=["z", "y", "x"],
+                chunk_key_encoding=CHUNK_KEY_ENCODING,
             )
         fg = np.concatenate(coords) if coords else np.zeros((0, 3), dtype=np.int16)
         group.create_array(

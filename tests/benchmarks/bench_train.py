@@ -1,0 +1,316 @@
+"""Training benchmark (run by hand; never part of the test suite). Prints one table with ratios vs baselines
+measured in the same run.
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 GLOO_SOCKET_IFNAME=lo .venv/bin/python tests/benchmarks/bench_train.py
+
+(a) step time: DeepSpeed engine (ZeRO 0, fp32, client AdamW, 1 process) vs a plain PyTorch loop on the same model,
+    batch and optimizer; the two are stepped alternately in one process so load from other jobs hits both alike.
+    Target: ratio <= 1.10.
+(b) model-state memory per rank (params + grads + optimizer states) for ZeRO 0/1/2/3 at 2 gloo ranks on the 65M
+    `res_inception_unet`: counted as the bytes of every live tensor storage after one optimizer step (tiny input, so
+    activations are freed and negligible), cross-checked against the analytic bytes/param and DeepSpeed's own
+    estimators (which assume 16-bit mixed precision). Target: ZeRO 3 <= 0.6 x ZeRO 0.
+(c) loader throughput: a hook that pulls rows from the data engineer's `tests/benchmarks/bench_data.py` when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Row = tuple[str, str, str, str, str, str]  # section, case, measured, baseline, ratio, target/verdict
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_dist_env(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+
+
+# ------------------------------------------------------------------------------------------------ (a) step time
+def bench_step_time(args: argparse.Namespace) -> list[Row]:
+    import deepspeed
+
+    from distseg.losses import LossConfig, build_loss
+    from distseg.models import build_model
+
+    torch.manual_seed(0)
+    overrides = json.loads(args.step_overrides)
+    plain_model = build_model(args.step_model, **overrides)
+    ds_model = copy.deepcopy(plain_model)
+    n_params = sum(p.numel() for p in plain_model.parameters())
+    loss_fn = build_loss(LossConfig())
+    with torch.no_grad():
+        out_ch = ds_model.eval()(torch.zeros(1, args.in_channels, args.step_size, args.step_size)).shape[1]
+    ds_model.train()
+    x = torch.randn(args.step_batch, args.in_channels, args.step_size, args.step_size)
+    y = (torch.rand(args.step_batch, out_ch, args.step_size, args.step_size) > 0.7).float()
+
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
+    _set_dist_env(0, 1, _free_port())
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds_config = {"train_micro_batch_size_per_gpu": args.step_batch, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    engine, *_ = deepspeed.initialize(model=ds_model, optimizer=torch.optim.AdamW(ds_model.parameters(), lr=1e-4),
+                                      config=ds_config)
+
+    def plain_step() -> float:
+        t0 = time.perf_counter()
+        plain_opt.zero_grad(set_to_none=True)
+        loss = loss_fn(plain_model(x), y)
+        loss.backward()
+        plain_opt.step()
+        loss.item()  # the loop's one sync, same in both variants
+        return time.perf_counter() - t0
+
+    def ds_step() -> float:
+        t0 = time.perf_counter()
+        loss = loss_fn(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        loss.item()
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        plain_step()
+        ds_step()
+    plain_t, ds_t = [], []
+    for i in range(args.steps):  # alternate the order so neither variant always runs first
+        if i % 2:
+            plain_t.append(plain_step())
+            ds_t.append(ds_step())
+        else:
+            ds_t.append(ds_step())
+            plain_t.append(plain_step())
+    plain_med, ds_med = statistics.median(plain_t), statistics.median(ds_t)
+    ratio = ds_med / plain_med
+    case = (f"{args.step_model} {n_params / 1e6:.1f}M, batch {args.step_batch}x{args.in_channels}x"
+            f"{args.step_size}², fp32 AdamW, median of {args.steps}")
+    verdict = f"<= 1.10 {'ok' if ratio <= 1.10 else 'MISSED'}"
+    rows: list[Row] = [("(a) step time", case, f"{ds_med * 1e3:.0f} ms DeepSpeed ZeRO 0",
+                        f"{plain_med * 1e3:.0f} ms plain loop", f"{ratio:.3f}", verdict)]
+    rows.append(("(a) step spread", "min..max over steps",
+                 f"{min(ds_t) * 1e3:.0f}..{max(ds_t) * 1e3:.0f} ms",
+                 f"{min(plain_t) * 1e3:.0f}..{max(plain_t) * 1e3:.0f} ms",
+                 f"{min(ds_t) / min(plain_t):.3f} (min/min)", ""))
+    torch.distributed.destroy_process_group()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- (b) ZeRO memory
+def _live_tensor_bytes() -> int:
+    """Bytes of every distinct live tensor storage in this process (deduplicated by data pointer)."""
+    gc.collect()
+    seen: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance() on deprecated torch.distributed shims warns
+        warnings.simplefilter("ignore")
+        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in objects:
+        if obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            if storage.nbytes():
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def _memory_worker(rank: int, world_size: int, port: int, stage: int, dtype: str, args_json: str, out: str) -> None:
+    import deepspeed
+
+    from distseg.losses import LossConfig, build_loss
+    from distseg.models import build_model
+    from distseg.monitor import memory_stats
+
+    args = json.loads(args_json)
+    torch.set_num_threads(1)
+    _set_dist_env(rank, world_size, port)
+    deepspeed.init_distributed(dist_backend="gloo")
+    baseline = _live_tensor_bytes()
+    rss0 = memory_stats("cpu")["memory/host_rss_mib"]
+    torch.manual_seed(0)
+    model = build_model(args["mem_model"])
+    n_params = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() for p in model.parameters())
+    bucket = int(args["bucket"])
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+        # Explicit bucket sizes: DeepSpeed's 5e8-element defaults would add a 1.9 GiB (fp32) communication buffer
+        # per rank to ZeRO 3, larger than the 65M model's states themselves.
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              "stage3_prefetch_bucket_size": bucket},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bf16"},
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                      config=config)
+    del model
+    x = torch.randn(1, args["in_channels"], args["mem_size"], args["mem_size"])
+    if dtype == "bf16":
+        x = x.bfloat16()
+    loss_fn = build_loss(LossConfig())
+    # Measured inside the 2nd step, just before the inner AdamW updates: params, gradients in the dtype the
+    # optimizer consumes, master weights and (already created) optimizer states are all resident then; that is
+    # the model-state peak. The input (a few KiB) and freed activations are not counted.
+    base = engine.optimizer
+    while isinstance(getattr(base, "optimizer", None), torch.optim.Optimizer):
+        base = base.optimizer
+    peak = {"live": 0, "armed": False}
+
+    def measure(*_: Any) -> None:
+        if peak["armed"]:
+            peak["live"] = max(peak["live"], _live_tensor_bytes() - baseline - x.untyped_storage().nbytes())
+
+    base.register_step_pre_hook(measure)
+    for it in range(2):
+        peak["armed"] = it == 1
+        logits = engine(x)
+        loss = loss_fn(logits, torch.zeros(logits.shape, dtype=torch.float32))
+        engine.backward(loss)
+        del logits, loss
+        engine.step()
+    live = peak["live"]
+    result = {"rank": rank, "n_params": n_params, "largest": largest,
+              "live_bytes": live,
+              "rss_delta_mib": memory_stats("cpu")["memory/host_rss_mib"] - rss0}
+    Path(out, f"{stage}_{dtype}_{rank}.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _expected_bytes_per_param(stage: int, dtype: str, n: int) -> float:
+    """Analytic model-state bytes/param per rank at the inner optimizer step (client AdamW: 8 B/param of states).
+
+    fp32: ZeRO 0 = param + grad + states (16). ZeRO 1 and 2 (DeepSpeed >= 0.10 reduces stage-1 gradients into
+    partitions during backward too) = full fp32 params + an fp32 master copy, gradient and states of the rank's
+    partition (DeepSpeed clones the master even for an fp32 model): 4 + 16/n. ZeRO 3 partitions the params too and,
+    at step time, holds the gradient partition twice (its reduce buffer and the flattened copy handed to the
+    optimizer): 24/n.
+    bf16: ZeRO 0 = bf16 param + grad + fp32 master + grad + states = 20; ZeRO 1/2 = 2 + 16/n (the bf16 gradient
+    partition is freed once cast; DeepSpeed's estimator counts it: 2 + 18/n); ZeRO 3 = 20/n.
+    """
+    if dtype == "fp32":
+        return {0: 16, 1: 4 + 16 / n, 2: 4 + 16 / n, 3: 24 / n}[stage]
+    return {0: 20, 1: 2 + 16 / n, 2: 2 + 16 / n, 3: 20 / n}[stage]
+
+
+def bench_memory(args: argparse.Namespace) -> list[Row]:
+    import torch.multiprocessing as mp
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    world = 2
+    args_json = json.dumps({"mem_model": args.mem_model, "mem_size": args.mem_size, "in_channels": args.in_channels,
+                            "bucket": args.bucket})
+    rows: list[Row] = []
+    mib = 1024.0**2
+    for dtype in args.dtypes.split(","):
+        results: dict[int, dict[str, Any]] = {}
+        for stage in (int(s) for s in args.stages.split(",")):
+            with tempfile.TemporaryDirectory() as out:
+                mp.spawn(_memory_worker, args=(world, _free_port(), stage, dtype, args_json, out), nprocs=world,
+                         join=True)
+                per_rank = [json.loads(Path(out, f"{stage}_{dtype}_{r}.json").read_text()) for r in range(world)]
+            results[stage] = max(per_rank, key=lambda r: r["live_bytes"])  # the fullest rank bounds the job
+        base = results.get(0)
+        for stage, r in results.items():
+            n = r["n_params"]
+            expected = _expected_bytes_per_param(stage, dtype, world) * n
+            measured = r["live_bytes"]
+            ratio = f"{measured / base['live_bytes']:.3f}" if base else "n/a"
+            target = ""
+            if stage == 3 and base:
+                target = f"<= 0.60 {'ok' if measured / base['live_bytes'] <= 0.60 else 'MISSED'}"
+            rows.append((f"(b) ZeRO {stage} {dtype}",
+                         f"{args.mem_model} {n / 1e6:.1f}M, {world} ranks, max over ranks",
+                         f"{measured / mib:.0f} MiB live ({measured / n:.1f} B/param; RSS +{r['rss_delta_mib']:.0f})",
+                         f"analytic {expected / mib:.0f} MiB" + (f", ZeRO 0 {base['live_bytes'] / mib:.0f}" if base
+                                                                 else ""),
+                         ratio, target))
+        if dtype == "bf16" and results:
+            n, largest = next(iter(results.values()))["n_params"], next(iter(results.values()))["largest"]
+            _, z2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=world, cpu_offload=False)
+            _, z3, _ = estimate_zero3_model_states_mem_needs(n, largest, num_gpus_per_node=world, cpu_offload=False)
+            for stage, est in ((2, z2), (3, z3)):
+                if stage in results:
+                    rows.append((f"(b) ZeRO {stage} bf16 xcheck", "DeepSpeed estimator (16-bit mixed precision)",
+                                 f"{results[stage]['live_bytes'] / mib:.0f} MiB live", f"{est / mib:.0f} MiB estimate",
+                                 f"{results[stage]['live_bytes'] / est:.3f}", ""))
+    return rows
+
+
+# ------------------------------------------------------------------------- (c) loader throughput (lead integrates)
+def bench_loader(args: argparse.Namespace) -> list[Row]:
+    """HOOK: rows from the data engineer's bench_data.py. If it defines `bench_rows(argv) -> list[tuple]` (6
+    columns as here) they are appended; otherwise a placeholder row says what is missing."""
+    path = Path(__file__).with_name("bench_data.py")
+    if not path.exists():
+        return [("(c) loader", "tests/benchmarks/bench_data.py not present", "-", "-", "-", "hook only")]
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "bench_rows"):
+        return [("(c) loader", f"{path.name} has no bench_rows(argv); run it directly", "-", "-", "-", "hook only")]
+    return [tuple(str(c) for c in row) for row in module.bench_rows(args.loader_args.split())]
+
+
+def print_table(rows: list[Row]) -> str:
+    header: Row = ("section", "case", "measured", "baseline", "ratio", "target")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    sys.stdout.write(text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="a,b,c", help="comma list of a (step time), b (memory), c (loader)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--step-model", default="unet")
+    p.add_argument("--step-overrides", default='{"features": [32, 64, 128, 256, 512]}', help="JSON build_model kwargs")
+    p.add_argument("--step-batch", type=int, default=2)
+    p.add_argument("--step-size", type=int, default=96)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--mem-model", default="res_inception_unet")
+    p.add_argument("--mem-size", type=int, default=64)
+    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--bucket", type=float, default=1e7, help="ZeRO reduce/allgather/prefetch bucket size (elements)")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--loader-args", default="", help="argv passed to bench_data.bench_rows")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sections = set(args.sections.split(","))
+    rows: list[Row] = []
+    if "a" in sections:
+        rows += bench_step_time(args)
+    if "b" in sections:
+        rows += bench_memory(args)
+    if "c" in sections:
+        rows += bench_loader(args)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,6 +56,11 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON atomically (temporary file + rename)."""
+    _atomic_write(path, json.dumps(obj, indent=1))
+
+
 # ------------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict[str, Any]:
     """This process's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, ints, tuples)."""

@@ -92,6 +92,7 @@ class Trainer:
         self.monitor = build_monitor(cfg.monitor, self.run_dir, self.rank)
         self.state = TrainState()
         self.resumed_from: str | None = None
+        self.last_dice: dict[str, float] = {}
         self._resume()
 
     # ------------------------------------------------------------------------------------------- resume
@@ -172,6 +173,7 @@ class Trainer:
         self.engine.train()
         dice = {f"val/{k}": v for k, v in metrics.items() if k.startswith("dice/")}
         self.state.val_dice = dice["val/dice/mean"]
+        self.last_dice = {k[len("val/dice/"):]: v for k, v in dice.items() if k != "val/dice/mean"}
         self.monitor.scalars(dice, self.state.step)
         if example is not None:
             self.monitor.overlay("val/overlay", *example, self.state.step)
@@ -191,6 +193,7 @@ class Trainer:
                    dynamic_ncols=True)
         nonfinite_in_row = 0
         self.engine.train()
+        start_step, t_start = state.step, time.perf_counter()
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
             batch = next(batches)  # blocks while the loader workers are behind: data-wait time
@@ -228,7 +231,25 @@ class Trainer:
                 self._save()
         bar.close()
         self.monitor.flush()
+        seconds = time.perf_counter() - t_start
+        self._write_summary(seconds / max(1, state.step - start_step))
         return state
+
+    def _write_summary(self, seconds_per_step: float) -> None:
+        """``<run>/summary.json`` (rank 0): where the run ended, for people and scripts (the demo prints it)."""
+        if self.rank != 0:
+            return
+        summary = {
+            "step": self.state.step,
+            "val_dice": self.last_dice,
+            "val_dice_mean": self.state.val_dice,
+            "samples_seen": self.state.samples_seen,
+            "nonfinite_skipped": self.state.nonfinite_skipped,
+            "seconds_per_step": seconds_per_step,
+            "resumed_from": self.resumed_from,
+            "world_size": self.world_size,
+        }
+        checkpoint.write_json(self.run_dir / "summary.json", summary)
 
     def _log(self, window: _Window, voxels: int, bar: tqdm) -> None:
         """Scalars of the steps since the last log (rank 0 writes; other ranks hold a NullMonitor)."""

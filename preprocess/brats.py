@@ -53,31 +53,35 @@ def _as_int16_or_float(vol: Volume) -> np.ndarray:
     return d.astype(np.float32)
 
 
-def _canonical_labels(vol: Volume, convention: str) -> tuple[np.ndarray, dict[str, int]]:
-    """seg (X, Y, Z) -> canonical uint8 (X, Y, Z) + source label counts. Raises on values outside the release set."""
+def _check_labels(vol: Volume, convention: str) -> tuple[np.ndarray, dict[str, int]]:
+    """seg (X, Y, Z) -> integer array (same layout) + source label counts. Raises on values outside the release set.
+
+    Counting each allowed value (4 byte compares) is ~3x faster than `np.bincount`, which first widens the whole
+    volume to intp; the slow `np.unique` only runs to name unexpected values.
+    """
     d = vol.data
+    allowed = SOURCE_LABELS[convention]
     if d.dtype.kind == "f":
         if not (np.isfinite(d).all() and np.array_equal(d, np.rint(d))):
-            raise CaseError(f"{vol.path}: non-integer label values; expected {sorted(SOURCE_LABELS[convention])}")
+            raise CaseError(f"{vol.path}: non-integer label values; expected {sorted(allowed)}")
         d = d.astype(np.int16)
     elif d.dtype.kind not in "iu":
         raise CaseError(f"{vol.path}: label dtype {d.dtype}; expected integers")
-    allowed = SOURCE_LABELS[convention]
-    lo, hi = int(d.min()), int(d.max())
-    if lo < 0 or hi > 255:
-        raise CaseError(f"{vol.path}: label values span [{lo}, {hi}]; expected only {sorted(allowed)} ({convention})")
-    small = d.astype(np.uint8, copy=False)
-    counts = np.bincount(small.ravel(), minlength=256)
-    bad = [v for v in np.flatnonzero(counts) if int(v) not in allowed]
-    if bad:
+    counts = {str(v): int(np.count_nonzero(d == v)) for v in sorted(allowed)}
+    if sum(counts.values()) != d.size:
+        bad = [int(v) for v in np.unique(d) if int(v) not in allowed]
         raise CaseError(
-            f"{vol.path}: unexpected label values {[int(v) for v in bad]}; expected only {sorted(allowed)} "
-            f"({convention} convention)"
+            f"{vol.path}: unexpected label values {bad}; expected only {sorted(allowed)} ({convention} convention)"
         )
+    return d, counts
+
+
+def _canonical(label: np.ndarray, convention: str) -> np.ndarray:
+    """Source label values -> canonical uint8 (any shape); values already validated."""
     lut = np.zeros(256, dtype=np.uint8)
-    for src, dst in allowed.items():
+    for src, dst in SOURCE_LABELS[convention].items():
         lut[src] = dst
-    return lut[small], {str(v): int(counts[v]) for v in sorted(allowed)}
+    return lut[label.astype(np.uint8, copy=False)]
 
 
 def _load_checked(case: SourceCase) -> tuple[list[Volume], Volume | None, dict[str, str]]:
@@ -155,9 +159,9 @@ def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, sour
     label_zyx = None
     counts_src = None
     if seg is not None:
-        label_xyz, counts_src = _canonical_labels(seg, case.naming)
+        label_xyz, counts_src = _check_labels(seg, case.naming)
         label_zyx = label_xyz.T
-    extent = brain | (label_zyx > 0) if label_zyx is not None else brain
+    extent = brain | (label_zyx != 0) if label_zyx is not None else brain
     if not extent.any():
         raise CaseError(f"{vols[0].path}: every modality is all zeros; expected a brain (nonzero voxels)")
     box = []
@@ -169,13 +173,17 @@ def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, sour
     n_brain = int(brain[sl].sum())
     means, stds = [], []
     for c in image:  # voxels outside the brain are 0 in every channel, so whole-array sums are brain sums
-        flat = c.ravel().astype(np.float64)
-        s, ss = flat.sum(), flat @ flat
+        if c.dtype == np.int16:  # exact integer sums; int16^2 fits int32, the total is accumulated in int64
+            flat = c.ravel().astype(np.int32)
+            s, ss = float(flat.sum(dtype=np.int64)), float(np.square(flat).sum(dtype=np.int64))
+        else:
+            flat = c.ravel().astype(np.float64)
+            s, ss = float(flat.sum()), float(flat @ flat)
         mean = s / max(n_brain, 1)
         var = max(ss / max(n_brain, 1) - mean * mean, 0.0)
         means.append(float(mean))
         stds.append(float(np.sqrt(var)) if var > 0 else 1.0)
-    label = np.ascontiguousarray(label_zyx[sl]) if label_zyx is not None else None
+    label = np.ascontiguousarray(_canonical(label_zyx[sl], case.naming)) if label_zyx is not None else None
     foreground = sample_foreground(label, [1, 2, 3], case.case_id) if label is not None else {}
     sx, sy, sz = vols[0].spacing_xyz
     attrs: dict[str, Any] = {

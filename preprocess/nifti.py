@@ -75,13 +75,34 @@ def load_nifti(path: Path) -> tuple[Volume, str]:
         raise SourceError(
             f"{path}: not a NIfTI-1/2 file (no valid NIfTI header in {len(raw)} bytes); expected a NIfTI image"
         )
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as e:
-        raise SourceError(f"{path}: NIfTI data block unreadable ({e}); expected {img.shape} voxels") from e
+    data = _data_view(img, raw, path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise SourceError(f"{path}: image has shape {data.shape}; expected a 3D volume")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return Volume(Path(path), data, np.asarray(img.affine, dtype=np.float64), zooms), digest  # type: ignore[arg-type]
+
+
+def _data_view(img: Any, raw: bytes, path: Path) -> np.ndarray:
+    """The voxel array as a zero-copy view of the decompressed bytes when unscaled (BraTS is), else via nibabel.
+
+    Saves the extra copy nibabel makes reading through a BytesIO (~20 ms per BraTS volume).
+    """
+    proxy = img.dataobj  # nibabel's ArrayProxy knows the real data offset (after any header extensions)
+    shape = tuple(int(s) for s in proxy.shape)
+    dtype = np.dtype(proxy.dtype)
+    unscaled = float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0
+    count = int(np.prod(shape))
+    offset = int(proxy.offset)
+    if len(raw) < offset + count * dtype.itemsize:
+        raise SourceError(
+            f"{path}: data block truncated ({len(raw) - offset} bytes after the header); expected "
+            f"{count * dtype.itemsize} bytes for {shape} {dtype}"
+        )
+    if unscaled and dtype.kind in "iuf":
+        return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order=proxy.order)
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise SourceError(f"{path}: NIfTI data block unreadable ({e}); expected {shape} voxels") from e

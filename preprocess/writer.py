@@ -149,24 +149,45 @@ def write_case(
         group = zarr.open_group(str(tmp), mode="w", attributes=attrs)
         c = image.shape[0]
         chunks = tuple(min(a, b) for a, b in zip(layout.chunks_zyx, image.shape[1:], strict=True))
-        group.create_array(
-            "image", data=image, chunks=(c, *chunks), compressors=_compressors(layout), fill_value=0,
-            dimension_names=["c", "z", "y", "x"], chunk_key_encoding=CHUNK_KEY_ENCODING,
-        )
+        _write_array(group, "image", image, (c, *chunks), layout, ["c", "z", "y", "x"])
         if label is not None:
-            group.create_array(
-                "label", data=np.ascontiguousarray(label, dtype=np.uint8), chunks=chunks,
-                compressors=_compressors(layout), fill_value=0, dimension_names=["z", "y", "x"],
-                chunk_key_encoding=CHUNK_KEY_ENCODING,
-            )
+            _write_array(group, "label", np.ascontiguousarray(label, dtype=np.uint8), chunks, layout, ["z", "y", "x"])
         fg = np.concatenate(coords) if coords else np.zeros((0, 3), dtype=np.int16)
-        group.create_array(
-            "foreground", data=fg, chunks=(max(len(fg), 1), 3), compressors=_compressors(layout), fill_value=0
-        )
+        _write_array(group, "foreground", fg, (max(len(fg), 1), 3), layout, None)
         _publish(store_path, case_id, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...], layout: Layout,
+                 dims: list[str] | None) -> None:
+    """Create the array's metadata with zarr, then encode and write its chunk files directly.
+
+    Same bytes zarr would write (C-order little-endian chunks, edge chunks padded with the fill value 0, all-fill
+    chunks omitted, Blosc with the same parameters) without zarr's per-chunk async overhead (~1/3 of the write time
+    of a BraTS case). Files are plain `c.<i>.<j>...` under the array folder (flat chunk key encoding).
+    """
+    import numcodecs
+
+    group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=_compressors(layout),
+                       fill_value=0, dimension_names=dims, chunk_key_encoding=CHUNK_KEY_ENCODING)
+    shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+               "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[layout.shuffle]
+    codec = numcodecs.Blosc(cname=layout.cname, clevel=layout.clevel, shuffle=shuffle, blocksize=0)
+    data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    folder = Path(group.store.root) / group.path / name if group.path else Path(group.store.root) / name
+    grid = [-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]
+    for idx in np.ndindex(*grid):
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, chunks, data.shape, strict=True))
+        block = data[box]
+        if not block.any():  # all fill value: never written, like zarr's write_empty_chunks=False
+            continue
+        if block.shape != chunks:
+            padded = np.zeros(chunks, dtype=data.dtype)
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        (folder / ("c." + ".".join(str(i) for i in idx))).write_bytes(codec.encode(np.ascontiguousarray(block)))
 
 
 def _publish(store_path: Path, case_id: str, tmp: Path) -> None:

@@ -93,6 +93,7 @@ class Trainer:
         self.state = TrainState()
         self.resumed_from: str | None = None
         self.last_dice: dict[str, float] = {}
+        self._last_image_step = -(10**9)
         self._resume()
 
     # ------------------------------------------------------------------------------------------- resume
@@ -175,8 +176,11 @@ class Trainer:
         self.state.val_dice = dice["val/dice/mean"]
         self.last_dice = {k[len("val/dice/"):]: v for k, v in dice.items() if k != "val/dice/mean"}
         self.monitor.scalars(dice, self.state.step)
-        if example is not None:
+        # Images are big: one overlay per `monitor.image_every` steps (checked at validations), and at the end.
+        due = self.state.step - self._last_image_step >= self.cfg.monitor.image_every
+        if example is not None and (due or self.state.step == self.cfg.train.steps):
             self.monitor.overlay("val/overlay", *example, self.state.step)
+            self._last_image_step = self.state.step
         logger.info("step %d validation: %s", self.state.step,
                     ", ".join(f"{k[4:]}={v:.4f}" for k, v in dice.items()))
         return dice

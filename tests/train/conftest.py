@@ -59,9 +59,9 @@ def run(cmd: list[str], timeout: int = LAUNCH_TIMEOUT, **env: str) -> subprocess
 
 def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
     """Start in the background (own process group), output to `log`."""
-    fh = open(log, "w")  # noqa: SIM115 - closed by the caller through proc.stdout
-    return subprocess.Popen(cmd, cwd=REPO, env=train_env(**env), stdout=fh, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=REPO, env=train_env(**env), stdout=fh, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:

@@ -111,6 +111,20 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def check_accelerator_support(cfg: ExperimentConfig) -> None:
+    """Fail early (before distributed init) when this accelerator cannot run the configured precision."""
+    from distseg.dist import accelerator
+
+    acc = accelerator()
+    supported = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}
+    if not supported[cfg.deepspeed.precision]:
+        ok = [p for p, yes in supported.items() if yes]
+        raise ConfigError(
+            f"deepspeed.precision: {cfg.deepspeed.precision} is not supported on this accelerator "
+            f"({acc.device_name()}); expected one of {ok}"
+        )
+
+
 def initialize(model: nn.Module, cfg: ExperimentConfig, ds_config: dict[str, Any]):
     """Wrap `model` in a DeepSpeed engine with the configured optimizer and LR schedule.
 

@@ -167,6 +167,7 @@ class Trainer:
             logits = self.engine(image.to(self.dtype))
             logits = (logits[0] if isinstance(logits, list) else logits).float()
             valid = batch["valid"].to(self.device)
+            # Boolean indexing sizes its output on the host: one sync per validation batch (validation only).
             acc.update(confusion_counts(logits[valid], targets[valid]))
             if example is None and bool(batch["valid"][0]):
                 example = (image[0], targets[0], torch.sigmoid(logits[0]))

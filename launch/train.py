@@ -16,7 +16,7 @@ from distseg import checkpoint, dist
 from distseg.config import ConfigError, load_config
 from distseg.data.loader import open_store
 from distseg.data.store import StoreError
-from distseg.engine import build_ds_config
+from distseg.engine import build_ds_config, check_accelerator_support
 
 logger = logging.getLogger("launch.train")
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         open_store(cfg.data)
         build_ds_config(cfg, world_size)
+        check_accelerator_support(cfg)
         found = checkpoint.newest_complete(cfg.run_dir / "checkpoints")
         if found and cfg.checkpoint.resume == "auto":
             checkpoint.check_world_size(found[1], cfg.run_dir / "checkpoints" / found[0], world_size)

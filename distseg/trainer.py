@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from distseg import checkpoint, dist
-from distseg.config import ExperimentConfig, to_dict, write_resolved
+from distseg.config import ConfigError, ExperimentConfig, to_dict, write_resolved
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
+from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets, num_targets, target_names
 from distseg.engine import build_ds_config, initialize
 from distseg.losses import build_loss
@@ -55,13 +56,26 @@ class TrainState:
     """Mean validation Dice of the latest validation."""
 
 
+def model_channels(cfg: ExperimentConfig, store: Store) -> tuple[int, int]:
+    """(in, out) channels the store implies: its modalities in, one sigmoid channel per target out.
+
+    Raises ConfigError when `model.overrides` pins other values.
+    """
+    implied = {"in_channels": len(store.channels), "out_channels": num_targets(cfg.data.target, store.regions)}
+    for key, value in implied.items():
+        if key in cfg.model.overrides and cfg.model.overrides[key] != value:
+            raise ConfigError(
+                f"model.overrides.{key}: {cfg.model.overrides[key]} but the store {cfg.data.store} with "
+                f"data.target={cfg.data.target} implies {value}; drop the override"
+            )
+    return implied["in_channels"], implied["out_channels"]
+
+
 def build_seeded_model(cfg: ExperimentConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
     """The model with identical initial weights on every rank: the init RNG is seeded from run.seed only."""
     torch.manual_seed(cfg.run.seed)
-    model = build_model(
-        cfg.model.name, cfg.model.preset, **{"in_channels": in_channels, "out_channels": out_channels,
-                                             **cfg.model.overrides}
-    )
+    overrides = {**cfg.model.overrides, "in_channels": in_channels, "out_channels": out_channels}
+    model = build_model(cfg.model.name, cfg.model.preset, **overrides)
     if cfg.model.init_weights:
         state = torch.load(cfg.model.init_weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -84,7 +98,7 @@ class Trainer:
         self.train_cases = len(store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True))
         if self.rank == 0:
             write_resolved(cfg, self.run_dir)
-        model = build_seeded_model(cfg, len(store.channels), num_targets(cfg.data.target, store.regions))
+        model = build_seeded_model(cfg, *model_channels(cfg, store))
         self.engine = initialize(model, cfg, build_ds_config(cfg, self.world_size))
         self.dtype = _DTYPES[cfg.deepspeed.precision]
         self.loss_fn = build_loss(cfg.loss)

@@ -17,6 +17,7 @@ from distseg.config import ConfigError, load_config
 from distseg.data.loader import open_store
 from distseg.data.store import StoreError
 from distseg.engine import build_ds_config, check_accelerator_support
+from distseg.trainer import NonFiniteLossError, Trainer, model_channels
 
 logger = logging.getLogger("launch.train")
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # on every rank instead of after a collective has started.
     try:
         cfg = load_config(args.config, args.overrides)
-        open_store(cfg.data)
+        model_channels(cfg, open_store(cfg.data))
         build_ds_config(cfg, world_size)
         check_accelerator_support(cfg)
         found = checkpoint.newest_complete(cfg.run_dir / "checkpoints")
@@ -60,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.set_cpu_threads()
     dist.init_distributed()
-    from distseg.trainer import NonFiniteLossError, Trainer  # imports deepspeed/models: after the cheap checks
-
     trainer = Trainer(cfg)
     try:
         trainer.train()

@@ -217,6 +217,10 @@ def test_bad_input_stops_before_training_with_a_clear_message(runner, brats_stor
     res = runner.run(runner.single_cmd(DEBUG, common(brats_store, tmp_path, "bad", "model.name=unet")))
     assert res.returncode == 2 and "model.name: unet is a 2D model but data.mode=patch3d" in res.stdout
 
+    res = runner.run(runner.single_cmd(DEBUG, common(brats_store, tmp_path, "bad",
+                                                     "model.overrides={out_channels: 1}")))
+    assert res.returncode == 2 and "model.overrides.out_channels: 1 but the store" in res.stdout
+
     from deepspeed.accelerator import get_accelerator
 
     if not get_accelerator().is_fp16_supported():  # DeepSpeed's CPU accelerator has no fp16

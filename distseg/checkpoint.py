@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -132,9 +133,9 @@ def check_world_size(marker: dict[str, Any], tag_dir: Path, world_size: int) -> 
         raise CheckpointError(
             f"checkpoint {tag_dir} was written by {saved} ranks but this run has {world_size}; ZeRO optimizer "
             f"shards are per rank. Either relaunch with {saved} ranks (e.g. deepspeed --num_gpus {saved} ...), or "
-            f"start a NEW run from its weights: python -m deepspeed.utils.zero_to_fp32 {tag_dir.parent} "
-            f"<out_dir> --tag {tag_dir.name}, then set model.init_weights=<out_dir>/pytorch_model.bin and a new "
-            f"run.name (the optimizer state starts fresh)"
+            f"start a NEW run from its weights: python -m distseg.checkpoint export {tag_dir} <weights.pt> "
+            f"(consolidates the ZeRO shards with DeepSpeed's zero_to_fp32), then set model.init_weights=<weights.pt> "
+            f"and a new run.name (the optimizer state starts fresh)"
         )
 
 
@@ -207,3 +208,36 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     rng_path = tag_dir / f"rng_rank{dist.rank():05d}.pt"
     set_rng_state(torch.load(rng_path, weights_only=True))
     return state
+
+
+def export_fp32(tag_dir: Path, out: Path) -> Path:
+    """Consolidate a COMPLETE checkpoint's ZeRO shards into one fp32 state dict file (``torch.save``), loadable
+    with ``weights_only=True`` (e.g. as `model.init_weights`). Works for every ZeRO stage and any rank count."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if read_marker(tag_dir) is None:
+        raise CheckpointError(f"{tag_dir}: not a complete checkpoint (no valid {MARKER}); pick another tag")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in state.items()}, out.with_suffix(".tmp"))
+    out.with_suffix(".tmp").replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distseg.checkpoint export <run>/checkpoints/<tag> OUT.pt``: consolidated fp32 weights."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 3 or argv[0] != "export":
+        sys.stderr.write("usage: python -m distseg.checkpoint export <run>/checkpoints/<tag> OUT.pt\n")
+        return 2
+    try:
+        out = export_fp32(Path(argv[1]), Path(argv[2]))
+    except CheckpointError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,7 +63,7 @@ def test_world_size_mismatch_says_how_to_continue(tmp_path: Path):
         checkpoint.check_world_size(marker, tag_dir, 3)
     msg = str(err.value)
     assert "written by 2 ranks but this run has 3" in msg
-    assert "--num_gpus 2" in msg and "zero_to_fp32" in msg and "model.init_weights" in msg
+    assert "--num_gpus 2" in msg and "python -m distseg.checkpoint export" in msg and "model.init_weights" in msg
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):

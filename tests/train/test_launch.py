@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,17 @@ def test_two_simulated_nodes_train_together_and_a_one_rank_restart_is_refused(ru
     assert res.returncode == 2
     assert "was written by 2 ranks but this run has 1" in res.stdout
     assert "zero_to_fp32" in res.stdout and "--num_gpus 2" in res.stdout
+    # ...and the way out it names works: consolidate the shards, start a 1-rank run from those weights
+    weights = tmp_path / "export" / "weights.pt"
+    tag_dir = tmp_path / "runs" / "nodes" / "checkpoints" / "step_00000008"
+    assert f"python -m distseg.checkpoint export {tag_dir}" in res.stdout
+    runner.ok(runner.run([sys.executable, "-m", "distseg.checkpoint", "export", str(tag_dir), str(weights)]))
+    init = [*overrides, "run.name=from_nodes", f"model.init_weights={weights}", "train.steps=2",
+            "train.val_every=0", "checkpoint.every=0"]
+    out = runner.ok(runner.run(runner.single_cmd(DEBUG, init)))
+    assert "initial weights from" in out
+    warm = read_events(tmp_path / "runs" / "from_nodes" / "tb")["train/loss"][0][1]
+    assert warm < first, f"a run started from trained weights should begin below a fresh run ({warm} vs {first})"
 
 
 def test_2d_modes_and_cpu_offload_train_in_one_process(runner, brats_store, images2d_store, tmp_path):

@@ -123,18 +123,20 @@ class Trainer:
         checkpoint.check_world_size(marker, self.ckpt_dir / tag, self.world_size)
         saved = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.state = TrainState(**saved["counters"])
+        # The latest validation result travels with the checkpoint, so a rerun of a finished run still reports it.
+        self.last_dice = dict(saved.get("val_dice_regions", {}))
         self.resumed_from = tag
         logger.info("resumed from checkpoint %s (step %d)", tag, self.state.step)
 
     def _save(self) -> None:
-        state = {"counters": asdict(self.state), "val_dice": self.state.val_dice, "config": to_dict(self.cfg),
-                 "epoch": self.epoch}
+        state = {"counters": asdict(self.state), "val_dice": self.state.val_dice, "val_dice_regions": self.last_dice,
+                 "config": to_dict(self.cfg), "epoch": self.epoch}
         c = self.cfg.checkpoint
         checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best)
 
     @property
     def epoch(self) -> float:
-        """Passes over the training cases, counted in samples (the sampler draws with replacement)."""
+        """Passes over the training cases, counted in samples (each case is drawn once per epoch across ranks)."""
         return self.state.samples_seen / max(1, self.train_cases)
 
     # ------------------------------------------------------------------------------------------- one micro-batch

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if dice:
         per_region = ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
         lines.append(f"  validation Dice per region (step {summary.get('step')}): {per_region}")
+    if summary.get("resumed_from"):
+        lines.append(f"  resumed from: checkpoint {summary['resumed_from']} (rerun of an earlier demo)")
     lines += [f"  checkpoints:  {run_dir / 'checkpoints'}",
               f"  TensorBoard:  {run_dir / 'tb'}",
               f"  view it with: tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1",

@@ -11,6 +11,8 @@ measured in the same run.
     activations are freed and negligible), cross-checked against the analytic bytes/param and DeepSpeed's own
     estimators (which assume 16-bit mixed precision). Target: ZeRO 3 <= 0.6 x ZeRO 0.
 (c) loader throughput: a hook that pulls rows from the data engineer's `tests/benchmarks/bench_data.py` when present.
+(d) the demo config: loader supply vs model demand, and the data-wait fraction read back from a demo run's
+    TensorBoard events (`make demo` first). Target: data wait < 5 % of step time.
 """
 
 from __future__ import annotations
@@ -296,6 +298,43 @@ def bench_loader(args: argparse.Namespace) -> list[Row]:
     return [tuple(str(c) for c in row) for row in module.bench_rows(args.loader_args.split())]
 
 
+def bench_demo_data_wait(args: argparse.Namespace) -> list[Row]:
+    """(d) the demo config: what one rank's loader supplies vs what its model consumes, and the data-wait fraction.
+
+    Supply: batches/s of the demo config's own train loader (rank 0 of 2, its `num_workers`), pulled with no model.
+    Demand: 1 / median step time, and the median `perf/data_wait_fraction` (time blocked in `next(loader)` / step
+    time), both read back from a finished demo run's TensorBoard events (`--demo-run`, default `demo_out/runs/demo`,
+    written by `make demo`). Target: data wait < 5 % of step time."""
+    from distseg.config import load_config
+    from distseg.data.loader import build_train_loader
+    from distseg.monitor import read_events
+
+    run = Path(args.demo_run)
+    tb = run / "tb"
+    if not tb.is_dir():
+        return [("(d) demo data wait", f"no TensorBoard run at {tb}; run `make demo` first", "-", "-", "-", "skipped")]
+    cfg = load_config(run / "config.yaml", [])
+    events = read_events(tb)
+    step_s = statistics.median(v for _, v in events["perf/step_time_s"])
+    wait = statistics.median(v for _, v in events["perf/data_wait_fraction"])
+    loader = build_train_loader(cfg.data, rank=0, world_size=2, seed=cfg.run.seed)
+    it = iter(loader)
+    for _ in range(3):  # worker start-up and first reads
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(args.demo_batches):
+        next(it)
+    supply = args.demo_batches / (time.perf_counter() - t0)
+    demand = 1.0 / step_s
+    workers = cfg.data.num_workers
+    return [
+        ("(d) demo data wait", f"loader batches/s, rank 0 of 2, {workers} worker(s), no model",
+         f"{supply:.2f}", f"model consumes {demand:.2f}/s", f"{supply / demand:.1f}x", "supply > demand"),
+        ("(d) demo data wait", f"median data-wait fraction of step time ({run.name} run, TB)",
+         f"{wait:.1%}", f"step {step_s:.3f} s", "-", f"< 5% {'met' if wait < 0.05 else 'NOT met'}"),
+    ]
+
+
 def print_table(rows: list[Row]) -> str:
     header: Row = ("section", "case", "measured", "baseline", "ratio", "target")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
@@ -308,7 +347,8 @@ def print_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="a,b,c", help="comma list of a (step time), b (memory), c (loader)")
+    p.add_argument("--sections", default="a,b,c,d",
+                   help="comma list of a (step time), b (memory), c (loader), d (demo data wait)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--step-model", default="unet")
@@ -323,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket", type=float, default=1e7, help="ZeRO reduce/allgather/prefetch bucket size (elements)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--loader-args", default="", help="argv passed to bench_data.bench_rows")
+    p.add_argument("--demo-run", default="demo_out/runs/demo", help="(d): a finished demo run folder")
+    p.add_argument("--demo-batches", type=int, default=30, help="(d): batches pulled from the demo loader")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
@@ -333,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_memory(args)
     if "c" in sections:
         rows += bench_loader(args)
+    if "d" in sections:
+        rows += bench_demo_data_wait(args)
     print_table(rows)
     return 0
 

@@ -36,6 +36,13 @@ class SegmentationModel(nn.Module):
                 f"{', '.join('S' * self.spatial_dims)}), got shape {tuple(x.shape)}"
             )
         padded, size = pad_to_multiple(x, self.total_stride, self.spatial_dims)
+        if getattr(self.cfg, "norm", None) == "instance" and all(s == self.total_stride for s in padded.shape[2:]):
+            # Instance norm over a 1-voxel bottleneck is undefined (torch raises a cryptic error deep inside).
+            raise ValueError(
+                f"{type(self).__name__} with instance norm needs an input larger than its total stride "
+                f"{self.total_stride} along at least one spatial axis (the bottleneck would be 1 voxel); "
+                f"got spatial size {tuple(size)}"
+            )
         out = self.forward_padded(padded)
         if isinstance(out, torch.Tensor):
             return crop_to(out, size)

@@ -38,6 +38,16 @@ def test_wrong_input_shape_is_a_clear_error() -> None:
         model(torch.randn(1, 4, 32, 32))
 
 
+
+@pytest.mark.parametrize("name", ["unet3d", "res_inception_unet3d"])
+def test_instance_norm_bottleneck_of_one_voxel_is_a_clear_error(name: str) -> None:
+    model = build_model(name, "debug").eval()
+    s = model.total_stride
+    with pytest.raises(ValueError, match=rf"larger than its total stride {s}.*got spatial size \({s}, {s}, {s - 3}\)"):
+        model(torch.zeros(1, model.in_channels, s, s, s - 3))
+    # one axis beyond the stride gives the bottleneck 2 voxels: fine
+    assert model(torch.zeros(1, model.in_channels, s + 1, s, s)).shape[2:] == (s + 1, s, s)
+
 def test_padding_is_cropped_back_consistently() -> None:
     """Output at an odd size equals the output of the explicitly zero-padded input, cropped (high-end padding)."""
     model = build_model("unet", "debug").eval()

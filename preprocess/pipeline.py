@@ -17,7 +17,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     """Run `brats` or `images2d` for parsed CLI args; returns the exit status."""
     src = args.src.resolve()
     dst = args.dst.expanduser().resolve()  # workers on other nodes must see the same absolute path
-    layout = Layout() if args.codec == "zstd" else Layout(cname="lz4", clevel=5)
+    layout = Layout() if args.codec == "lz4" else Layout(cname="zstd", clevel=1)
     if args.command == "brats":
         from preprocess.brats import brats_root_attrs, convert_brats_case
         from preprocess.discover import discover_brats

@@ -32,10 +32,11 @@ class Layout:
 
     chunks_zyx: tuple[int, int, int] = (4, 256, 256)
     """Spatial chunk (z, y, x) of image and label; the image chunk spans all channels."""
-    cname: str = "zstd"
-    """Blosc inner compressor."""
-    clevel: int = 1
-    """Blosc compression level (Blosc maps zstd clevel 1 to zstd level 1: ~2.5x faster to write than 3, ~2% larger)."""
+    cname: str = "lz4"
+    """Blosc inner compressor. lz4 (default) decodes ~2x faster than zstd per patch (random 4x128^3 reads 28x vs
+    16-20x a NIfTI load), writes faster, at 0.97x the .nii.gz bytes; zstd (clevel 1) is 15 % smaller."""
+    clevel: int = 5
+    """Blosc compression level (for zstd use 1: Blosc maps it to zstd level 1, ~2.5x faster to write than 3, +2 %)."""
     shuffle: str = "shuffle"
     """Blosc shuffle filter: "shuffle" | "bitshuffle" | "noshuffle"."""
 

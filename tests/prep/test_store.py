@@ -173,3 +173,24 @@ def test_direct_chunk_reader_matches_zarr(store_path):
         < -(-s.case(c).shape[1] // 4)
         for c in s.case_ids()
     )
+
+
+def test_both_codecs_store_the_same_data(store_path, brats_src, tmp_path, run_cli):
+    """Default Blosc-lz4 and `--codec zstd` differ only in the chunk codec: same arrays, readable by plain zarr."""
+    dst = tmp_path / "z"
+    assert run_cli("brats", "--src", str(brats_src), "--dst", str(dst), "--name", "s", "--codec", "zstd") == 0
+    zstd_path = dst / "s.zarr"
+    a, b = Store.open(store_path), Store.open(zstd_path)
+    assert a.case_ids() == b.case_ids()
+    for case_id in a.case_ids():
+        names = {}
+        for path in (store_path, zstd_path):
+            meta = json.loads((path / "cases" / case_id / "image" / "zarr.json").read_text())
+            blosc = [c for c in meta["codecs"] if c["name"] == "blosc"]
+            names[path] = blosc[0]["configuration"]["cname"]
+            raw = zarr.open_array(str(path / "cases" / case_id / "image"), mode="r")[...]
+            assert raw.dtype == np.int16
+        assert names == {store_path: "lz4", zstd_path: "zstd"}
+        (ia, la), (ib, lb) = a.read_case(case_id), b.read_case(case_id)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(la, lb)

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from distseg.data.store import BRATS_CHANNELS, BRATS_LABEL_VALUES, BRATS_REGIONS
-from preprocess.common import CaseError, check_existing, result_row, sample_foreground, source_fingerprints
+from preprocess.common import CaseError, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import MODALITIES, SourceCase
 from preprocess.nifti import SourceError, Volume, load_nifti
-from preprocess.writer import Layout, root_attrs_base, validate_case_id, write_case
+from preprocess.writer import Layout, root_attrs_base, write_case
 
 logger = logging.getLogger(__name__)
 
@@ -126,16 +126,9 @@ def convert_brats_case(case: SourceCase, store_path: Path, fold: int, layout: La
     t0 = time.perf_counter()
     source = str(next(iter(case.files.values())).parent) if case.files else ""
     try:
-        if case.problems:
-            raise CaseError("; ".join(case.problems))
-        try:
-            validate_case_id(case.case_id)
-        except ValueError as e:
-            raise CaseError(f"{source}: {e}") from e
-        if not force:
-            existing = check_existing(store_path, case.case_id, case.files, fold)
-            if existing is not None:
-                return result_row(case.case_id, "skipped", attrs=existing, seconds=time.perf_counter() - t0)
+        existing = precheck(case, source, store_path, fold, force)
+        if existing is not None:
+            return result_row(case.case_id, "skipped", attrs=existing, seconds=time.perf_counter() - t0)
         attrs = _convert(case, store_path, fold, layout, source)
     except CaseError as e:
         return result_row(case.case_id, "failed", str(e), source=source, seconds=time.perf_counter() - t0)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from preprocess.nifti import file_fingerprint, sha256_file
-from preprocess.writer import read_case_attrs, update_case_attrs
+from preprocess.writer import read_case_attrs, update_case_attrs, validate_case_id
 
 FOREGROUND_CAP = 10_000
 """At most this many sampled voxel coordinates per class per case (enough for oversampling, small on disk)."""
@@ -27,6 +27,19 @@ def fold_of(case_id: str, folds: int) -> int:
 
 def source_fingerprints(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return {mod: {"path": str(p), **file_fingerprint(p)} for mod, p in sorted(files.items())}
+
+
+def precheck(case: Any, source: str, store_path: Path, fold: int, force: bool) -> dict[str, Any] | None:
+    """Shared start of every per-case converter: raise CaseError for a case that cannot be converted (discovery
+    problems, an unsafe case id), return the stored attrs of a case already converted from unchanged sources
+    (unless `force`), else None (convert it). `case` is a `preprocess.discover.SourceCase`."""
+    if case.problems:
+        raise CaseError("; ".join(case.problems))
+    try:
+        validate_case_id(case.case_id)
+    except ValueError as e:
+        raise CaseError(f"{source}: {e}") from e
+    return None if force else check_existing(store_path, case.case_id, case.files, fold)
 
 
 def check_existing(store_path: Path, case_id: str, files: dict[str, Path], fold: int) -> dict[str, Any] | None:

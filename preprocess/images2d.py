@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from distseg.data.store import BINARY_LABEL_VALUES, BINARY_REGIONS
-from preprocess.common import CaseError, check_existing, result_row, sample_foreground, source_fingerprints
+from preprocess.common import CaseError, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import SourceCase
 from preprocess.nifti import sha256_file
-from preprocess.writer import Layout, root_attrs_base, validate_case_id, write_case
+from preprocess.writer import Layout, root_attrs_base, write_case
 
 logger = logging.getLogger(__name__)
 
@@ -115,16 +115,9 @@ def convert_2d_case(case: SourceCase, store_path: Path, fold: int, layout: Layou
     image_path = case.files.get("image") or case.files.get("mask")
     source = str(image_path) if image_path else ""
     try:
-        if case.problems:
-            raise CaseError("; ".join(case.problems))
-        try:
-            validate_case_id(case.case_id)
-        except ValueError as e:
-            raise CaseError(f"{source}: {e}") from e
-        if not force:
-            existing = check_existing(store_path, case.case_id, case.files, fold)
-            if existing is not None and existing.get("channels") == channels and existing.get("resize") == size:
-                return result_row(case.case_id, "skipped", attrs=existing, seconds=time.perf_counter() - t0)
+        existing = precheck(case, source, store_path, fold, force)
+        if existing is not None and existing.get("channels") == channels and existing.get("resize") == size:
+            return result_row(case.case_id, "skipped", attrs=existing, seconds=time.perf_counter() - t0)
         attrs = _convert(case, store_path, fold, layout, channels, size)
     except CaseError as e:
         return result_row(case.case_id, "failed", str(e), source=source, seconds=time.perf_counter() - t0)

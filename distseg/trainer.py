@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -212,9 +213,22 @@ class Trainer:
         window = _Window()
         bar = tqdm(total=cfg.train.steps, initial=state.step, disable=self.rank != 0, desc="train", unit="step",
                    dynamic_ncols=True)
-        nonfinite_in_row = 0
         self.engine.train()
         start_step, t_start = state.step, time.perf_counter()
+        try:
+            self._loop(batches, window, voxels, bar)
+        finally:
+            batches.close()  # shuts the loader's (persistent) workers down now, not at interpreter exit
+        bar.close()
+        self.monitor.flush()
+        seconds = time.perf_counter() - t_start
+        self._write_summary(seconds / max(1, state.step - start_step))
+        return state
+
+    def _loop(self, batches: Generator[dict[str, Any], None, None], window: _Window, voxels: int, bar: tqdm) -> None:
+        """Micro-batches until `train.steps` optimizer steps are done: step, log, validate, checkpoint."""
+        cfg, state = self.cfg, self.state
+        nonfinite_in_row = 0
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
             batch = next(batches)  # blocks while the loader workers are behind: data-wait time
@@ -250,11 +264,6 @@ class Trainer:
                 self.validate()
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
                 self._save()
-        bar.close()
-        self.monitor.flush()
-        seconds = time.perf_counter() - t_start
-        self._write_summary(seconds / max(1, state.step - start_step))
-        return state
 
     def _write_summary(self, seconds_per_step: float) -> None:
         """``<run>/summary.json`` (rank 0): where the run ended, for people and scripts (the demo prints it)."""

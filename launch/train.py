@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         trainer.close()
+        dist.shutdown()
     logger.info("done: %d steps, run folder %s", trainer.state.step, cfg.run_dir)
     return 0
 

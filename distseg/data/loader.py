@@ -104,9 +104,12 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self._loader = self._build()
-        for batch in self._loader:
-            self.next_step += 1
-            yield batch
+        try:
+            for batch in self._loader:
+                self.next_step += 1
+                yield batch
+        finally:  # closing the generator drops the DataLoader, whose (persistent) workers then shut down
+            self._loader = None
 
     def state_dict(self) -> dict[str, int]:
         return {"next_step": self.next_step}

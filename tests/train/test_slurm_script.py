@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import REPO, free_port, train_env
+from tests.train.conftest import free_port, ok, run
 
 SCONTROL = """#!/usr/bin/env bash
 [ "$1 $2" = "show hostnames" ] || { echo "scontrol stand-in: unexpected $*" >&2; exit 2; }
@@ -37,7 +35,7 @@ def test_slurm_script_launches_one_deepspeed_per_node_and_passes_overrides_intac
     for name, text in (("scontrol", SCONTROL), ("srun", SRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = train_env(
+    env = dict(
         PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
         SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(tmp_path), GPUS_PER_NODE="1",
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
@@ -45,19 +43,11 @@ def test_slurm_script_launches_one_deepspeed_per_node_and_passes_overrides_intac
     # An override with spaces must reach the trainer as one value (the script must not re-split it).
     args = ["configs/debug.yaml", f"data.store={brats_store}", f"run.output_root={tmp_path}", "run.name=slurm",
             "data.patch_size=[32, 32, 32]", "train.steps=4", "train.val_every=4", "checkpoint.every=4"]
-    proc = subprocess.Popen(["bash", "cluster/slurm_train.sbatch", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the SLURM script timed out:\n{out[-5000:]}")
-    assert proc.returncode == 0, out[-6000:]
+    out = ok(run(["bash", "cluster/slurm_train.sbatch", *args], **env))
     assert "node_rank=0" in out and "node_rank=1" in out
-    run = tmp_path / "runs" / "slurm"
-    marker = json.loads((run / "checkpoints" / "step_00000004" / "COMPLETE.json").read_text())
+    run_dir = tmp_path / "runs" / "slurm"
+    marker = json.loads((run_dir / "checkpoints" / "step_00000004" / "COMPLETE.json").read_text())
     assert marker["world_size"] == 2
-    resolved = (run / "config.yaml").read_text()
+    resolved = (run_dir / "config.yaml").read_text()
     assert "patch_size: [32, 32, 32]" in resolved and "resume: auto" in resolved
     assert list(tmp_path.glob("hostfile.*")), "the script writes its hostfile into SLURM_SUBMIT_DIR"

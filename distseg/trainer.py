@@ -222,7 +222,8 @@ class Trainer:
         bar.close()
         self.monitor.flush()
         seconds = time.perf_counter() - t_start
-        self._write_summary(seconds / max(1, state.step - start_step))
+        steps_run = state.step - start_step  # 0 when a finished run is rerun: no timing to report
+        self._write_summary(seconds / steps_run if steps_run else None)
         return state
 
     def _loop(self, batches: Generator[dict[str, Any], None, None], window: _Window, voxels: int, bar: tqdm) -> None:
@@ -265,7 +266,7 @@ class Trainer:
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
                 self._save()
 
-    def _write_summary(self, seconds_per_step: float) -> None:
+    def _write_summary(self, seconds_per_step: float | None) -> None:
         """``<run>/summary.json`` (rank 0): where the run ended, for people and scripts (the demo prints it)."""
         if self.rank != 0:
             return

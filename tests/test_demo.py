@@ -31,6 +31,7 @@ def test_demo_preprocesses_trains_reports_and_resumes(tmp_path: Path):
     run_dir = out / "runs" / "demo"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 4 and summary["world_size"] == 2 and summary["resumed_from"] is None
+    assert summary["seconds_per_step"] > 0
     assert set(summary["val_dice"]) == {"WT", "TC", "ET"}
     assert "validation Dice per region (step 4): WT " in first
     assert f"checkpoints:  {run_dir / 'checkpoints'}" in first
@@ -47,5 +48,6 @@ def test_demo_preprocesses_trains_reports_and_resumes(tmp_path: Path):
 
     # A rerun of a finished run trains nothing and still reports the checkpoint's validation Dice.
     third = _demo(out, "train.steps=6")
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == "step_00000006"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == "step_00000006" and summary["seconds_per_step"] is None
     assert "validation Dice per region (step 6): WT " in third

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import BRATS_CHANNELS, BRATS_LABEL_VALUES, BRATS_REGIONS
+from distseg.data.store import BRATS_CHANNELS, BRATS_LABEL_VALUES, BRATS_REGIONS, CaseArrays
 from preprocess.common import CaseError, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import MODALITIES, SourceCase
 from preprocess.nifti import SourceError, Volume, load_nifti
@@ -141,7 +141,24 @@ def convert_brats_case(case: SourceCase, store_path: Path, fold: int, layout: La
 
 def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, source: str) -> dict[str, Any]:
     fingerprints = source_fingerprints(case.files)
+    prepared, foreground, digests = prepare_brats_case(case, fold)
+    attrs = prepared.attrs
+    attrs["sources"] = {m: {**fp, "sha256": digests[m]} for m, fp in fingerprints.items()}
+    write_case(store_path, case.case_id, prepared.image, prepared.label, foreground, attrs, layout)
+    return attrs
+
+
+def prepare_brats_case(case: SourceCase, fold: int = -1) -> tuple[CaseArrays, dict[int, np.ndarray], dict[str, str]]:
+    """Load, check, crop and describe one BraTS case in memory (what the store would hold), without writing.
+
+    The one code path shared by conversion and by prediction from raw NIfTI. Returns the case (raw int16/float32
+    image (C, Z, Y, X), canonical uint8 label (Z, Y, X) or None, the store attributes), the sampled foreground
+    coordinates per class and the sha256 of every source file. Raises CaseError naming the file for bad input.
+    """
+    if case.problems:
+        raise CaseError("; ".join(case.problems))
     vols, seg, digests = _load_checked(case)
+    source = str(vols[0].path.parent)
     chans = [_as_int16_or_float(v) for v in vols]
     dtype = np.int16 if all(c.dtype == np.int16 for c in chans) else np.float32
     # (X, Y, Z) Fortran-ordered nibabel arrays -> (Z, Y, X) C-ordered views: the transpose is free.
@@ -185,7 +202,6 @@ def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, sour
         "naming": case.naming,
         "label_convention": case.naming,
         "source_modalities": {m: case.files[m].name for m in (*MODALITIES, "seg") if m in case.files},
-        "sources": {m: {**fp, "sha256": digests[m]} for m, fp in fingerprints.items()},
         "source_shape_xyz": list(vols[0].data.shape),
         "original_shape_zyx": list(vols[0].data.shape[::-1]),
         "affine": vols[0].affine.tolist(),
@@ -197,12 +213,12 @@ def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, sour
         "normalization": {"mean": means, "std": stds, "mask": "nonzero_any", "applied": False},
         "brain_voxels": n_brain,
         "fold": fold,
+        "has_label": label is not None,
+        "shape": list(image.shape),
     }
     if label is not None:
         counts = np.bincount(label.ravel(), minlength=4)[:4]
         counts[0] += int(np.prod(vols[0].data.shape)) - label.size  # background outside the crop box
         attrs["label_counts"] = {str(i): int(counts[i]) for i in range(4)}
         attrs["label_counts_source"] = counts_src
-    write_case(store_path, case.case_id, image, label, foreground, attrs, layout)
-    attrs.update(has_label=label is not None, shape=list(image.shape))
-    return attrs
+    return CaseArrays(case.case_id, image, label, attrs), foreground, digests

@@ -67,6 +67,26 @@ class CaseInfo:
     attrs: dict[str, Any] = field(repr=False)
 
 
+@dataclass
+class CaseArrays:
+    """One case in memory, with exactly the attributes a stored case has (see the module docstring).
+
+    Made by the store (`Store.case_arrays`) or, for raw scans, by the converter's own per-case functions
+    (`preprocess.brats.prepare_brats_case`, `preprocess.images2d.prepare_2d_case`), so the predictor sees the same
+    thing either way. `image` is the stored (un-normalised) (C, Z, Y, X) array; `label` (Z, Y, X) uint8 canonical
+    values or None.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    attrs: dict[str, Any]
+
+    def normalised(self) -> np.ndarray:
+        """float32 (C, Z, Y, X) z-scored exactly as the store reader does for training."""
+        return normalise(self.image, self.attrs["normalization"])
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -261,33 +281,10 @@ class Store:
         return np.asarray(self._array(case_id, "foreground")[rows[0] : rows[1]], dtype=np.int64)
 
     def _normalise(self, case_id: str, raw: np.ndarray) -> np.ndarray:
-        """raw (C, Z, Y, X) stored intensities -> float32 z-scored (C, Z, Y, X), 0 outside the normalisation mask."""
-        norm = self.case_attrs(case_id)["normalization"]
-        if norm.get("applied", False):  # stored already normalised
-            return raw.astype(np.float32)
-        scale = 1.0 / np.asarray(norm["std"], dtype=np.float64)
-        offset = (-np.asarray(norm["mean"], dtype=np.float64) * scale).astype(np.float32)
-        scale = scale.astype(np.float32)
-        if norm["mask"] not in ("nonzero_any", "all"):
-            raise StoreError(f"{self.path}: case {case_id!r} has unknown normalization mask {norm['mask']!r}")
-        out = np.empty(raw.shape, dtype=np.float32)
-        # Work in z-slabs of ~256k voxels so the int16 input, mask and float32 output stay in cache: ~2x faster
-        # than whole-array numpy passes on a 4x128^3 patch.
-        plane = max(1, int(np.prod(raw.shape[2:])))
-        step = max(1, (1 << 18) // plane)
-        for z0 in range(0, raw.shape[1], step):
-            r, o = raw[:, z0 : z0 + step], out[:, z0 : z0 + step]
-            mask = None
-            if norm["mask"] == "nonzero_any":  # brain = nonzero in any modality; background stays exactly 0
-                mask = r[0] != 0
-                for c in range(1, r.shape[0]):
-                    mask |= r[c] != 0
-            for c in range(r.shape[0]):
-                np.multiply(r[c], scale[c], out=o[c], casting="unsafe")
-                o[c] += offset[c]
-                if mask is not None:
-                    o[c] *= mask
-        return out
+        try:
+            return normalise(raw, self.case_attrs(case_id)["normalization"])
+        except ValueError as e:
+            raise StoreError(f"{self.path}: case {case_id!r}: {e}") from e
 
     def read_patch(
         self, case_id: str, start: tuple[int, int, int], size: tuple[int, int, int]
@@ -324,12 +321,53 @@ class Store:
             label[tuple(dst)] = self._array(case_id, "label")[tuple(src)]
         return image, label
 
+    def case_arrays(self, case_id: str) -> CaseArrays:
+        """The whole case as stored (raw image, label or None) with its attributes."""
+        info = self.case(case_id)
+        image = np.asarray(self._array(case_id, "image")[...])
+        label = np.asarray(self._array(case_id, "label")[...]) if info.has_label else None
+        return CaseArrays(case_id, image, label, dict(info.attrs))
+
     def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray | None]:
         """The whole case: image float32 (C, Z, Y, X) normalised, label uint8 (Z, Y, X) or None."""
         info = self.case(case_id)
         image = self._normalise(case_id, self._array(case_id, "image")[...])
         label = np.asarray(self._array(case_id, "label")[...]) if info.has_label else None
         return image, label
+
+
+def normalise(raw: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
+    """raw (C, Z, Y, X) stored intensities -> float32 z-scored (C, Z, Y, X), 0 outside the normalisation mask.
+
+    `norm` is a case's ``normalization`` attribute (per-channel ``mean``/``std`` and the ``mask`` rule). The one
+    implementation shared by the store reader and the predictor's in-memory cases, so training and inference see
+    identical inputs.
+    """
+    if norm.get("applied", False):  # stored already normalised
+        return raw.astype(np.float32)
+    if norm["mask"] not in ("nonzero_any", "all"):
+        raise ValueError(f"unknown normalization mask {norm['mask']!r}; expected 'nonzero_any' or 'all'")
+    scale = 1.0 / np.asarray(norm["std"], dtype=np.float64)
+    offset = (-np.asarray(norm["mean"], dtype=np.float64) * scale).astype(np.float32)
+    scale = scale.astype(np.float32)
+    out = np.empty(raw.shape, dtype=np.float32)
+    # Work in z-slabs of ~256k voxels so the int16 input, mask and float32 output stay in cache: ~2x faster
+    # than whole-array numpy passes on a 4x128^3 patch.
+    plane = max(1, int(np.prod(raw.shape[2:])))
+    step = max(1, (1 << 18) // plane)
+    for z0 in range(0, raw.shape[1], step):
+        r, o = raw[:, z0 : z0 + step], out[:, z0 : z0 + step]
+        mask = None
+        if norm["mask"] == "nonzero_any":  # brain = nonzero in any modality; background stays exactly 0
+            mask = r[0] != 0
+            for c in range(1, r.shape[0]):
+                mask |= r[c] != 0
+        for c in range(r.shape[0]):
+            np.multiply(r[c], scale[c], out=o[c], casting="unsafe")
+            o[c] += offset[c]
+            if mask is not None:
+                o[c] *= mask
+    return out
 
 
 def to_source_convention(label: np.ndarray, convention: str) -> np.ndarray:
@@ -348,21 +386,33 @@ def restore_to_source_geometry(label: np.ndarray, attrs: dict[str, Any], source_
     Returns the volume in the source array order (NIfTI: (X, Y, Z), to be saved with `attrs["affine"]`; 2D: (H, W)
     at the original size) in the source label convention when `source_convention` is true.
     """
-    label = np.asarray(label)
+    out = paste_to_source(np.asarray(label), attrs)
+    if source_convention:
+        out = to_source_convention(out, attrs["label_convention"])
+    return out
+
+
+def paste_to_source(volume: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
+    """A stored-frame array (Z, Y, X) of any dtype -> the source grid: pasted into the uncropped volume (0 outside
+    the crop box), transposed to the source axis order, and for resized 2D cases resized back to the source size
+    (nearest for integer/bool labels, bilinear for floating-point maps such as probabilities)."""
     expected = tuple(attrs["shape"][1:])
-    if label.shape != expected:
-        raise StoreError(f"case {attrs.get('case_id')!r}: label shape {label.shape} != stored shape {expected}")
-    if attrs.get("resized_from") is not None:  # 2D case resized on conversion: nearest back to the source size
+    if volume.shape != expected:
+        raise StoreError(f"case {attrs.get('case_id')!r}: array shape {volume.shape} != stored shape {expected}")
+    if attrs.get("resized_from") is not None:  # 2D case resized on conversion: back to the source size
         from PIL import Image
 
         h, w = attrs["resized_from"]
-        label = np.asarray(Image.fromarray(label[0].astype(np.uint8)).resize((w, h), Image.NEAREST))[None]
-    full = np.zeros(tuple(attrs["original_shape_zyx"]), dtype=label.dtype)
+        if volume.dtype.kind == "f":
+            im = Image.fromarray(volume[0].astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
+            volume = np.asarray(im).astype(volume.dtype)[None]
+        else:
+            im = Image.fromarray(volume[0].astype(np.uint8)).resize((w, h), Image.NEAREST)
+            volume = np.asarray(im).astype(volume.dtype)[None]
+    full = np.zeros(tuple(attrs["original_shape_zyx"]), dtype=volume.dtype)
     box = tuple(slice(lo, hi) for lo, hi in attrs["crop_box_zyx"])
-    full[box] = label
+    full[box] = volume
     out = full.transpose(attrs["store_to_source_axes"])
     if attrs.get("source_ndim") == 2:  # 2D sources are stored with Z = 1
         out = out[0]
-    if source_convention:
-        out = to_source_convention(out, attrs["label_convention"])
     return out

@@ -20,6 +20,15 @@ README_COUNTS = {
     "Brats18_2013_3_1": {"0": 8827114, "1": 10430, "2": 67269, "4": 23187},
     "Brats18_CBICA_ABM_1": {"0": 8888228, "1": 3398, "2": 30215, "4": 6159},
     "Brats18_TCIA01_201_1": {"0": 8773492, "1": 25394, "2": 84003, "4": 45111},
+    "Brats18_CBICA_AMH_1": {"0": 8802713, "1": 8675, "2": 107610, "4": 9002},
+    "Brats18_CBICA_AOP_1": {"0": 8886876, "1": 6589, "2": 23598, "4": 10937},
+    "Brats18_CBICA_AOZ_1": {"0": 8832373, "1": 5200, "2": 67155, "4": 23272},
+    "Brats18_CBICA_APR_1": {"0": 8854563, "1": 19476, "2": 36528, "4": 17433},
+    "Brats18_CBICA_APY_1": {"0": 8747382, "1": 11237, "2": 145705, "4": 23676},
+    "Brats18_CBICA_APZ_1": {"0": 8861352, "1": 8653, "2": 41235, "4": 16760},
+    "Brats18_CBICA_AQO_1": {"0": 8805344, "1": 8346, "2": 98301, "4": 16009},
+    "Brats18_CBICA_AQP_1": {"0": 8836427, "1": 20555, "2": 46588, "4": 24430},
+    "BraTS2021_00006": {"0": 8790089, "1": 25506, "2": 85957, "4": 26448},
 }
 
 
@@ -30,7 +39,7 @@ def real_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
     store_path = tmp_path_factory.mktemp("real") / "real.zarr"
     init_store(store_path, brats_root_attrs())
-    cases = discover_brats(shared_data / "brats2018") + discover_brats(shared_data / "brats2023-naming")
+    cases = [c for d in ("brats2018", "brats2021", "brats2023-naming") for c in discover_brats(shared_data / d)]
     rows = {c.case_id: convert_brats_case(c, store_path, 0, Layout()) for c in cases}
     return store_path, rows
 
@@ -63,7 +72,8 @@ def test_undo_reconstructs_original_label_exactly(real_store, shared_data, case_
     info = store.case(case_id)
     _, label = store.read_case(case_id)
     restored = restore_to_source_geometry(label, info.attrs)
-    seg = nib.load(shared_data / "brats2018" / case_id / f"{case_id}_seg.nii.gz")
+    release = "brats2021" if case_id.startswith("BraTS2021") else "brats2018"
+    seg = nib.load(shared_data / release / case_id / f"{case_id}_seg.nii.gz")
     original = np.asanyarray(seg.dataobj)
     assert restored.shape == original.shape
     np.testing.assert_array_equal(restored, original)

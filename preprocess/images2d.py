@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import BINARY_LABEL_VALUES, BINARY_REGIONS
+from distseg.data.store import BINARY_LABEL_VALUES, BINARY_REGIONS, CaseArrays
 from preprocess.common import CaseError, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import SourceCase
 from preprocess.nifti import sha256_file
@@ -130,28 +130,50 @@ def convert_2d_case(case: SourceCase, store_path: Path, fold: int, layout: Layou
 
 def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, channels: list[str],
              size: int | None) -> dict[str, Any]:
-    ipath, mpath = case.files["image"], case.files["mask"]
     fingerprints = source_fingerprints(case.files)
+    prepared, foreground = prepare_2d_case(case, channels, size, fold)
+    attrs = prepared.attrs
+    attrs["sources"] = {k: {**fp, "sha256": sha256_file(case.files[k])} for k, fp in fingerprints.items()}
+    write_case(store_path, case.case_id, prepared.image, prepared.label, foreground, attrs, layout)
+    return attrs
+
+
+def prepare_2d_case(case: SourceCase, channels: list[str], size: int | None, fold: int = -1
+                    ) -> tuple[CaseArrays, dict[int, np.ndarray]]:
+    """Load, check and describe one 2D image (+ mask when the case has one) in memory, without writing.
+
+    The one code path shared by conversion and by prediction from raw images: image (C, 1, H', W') in its source
+    dtype, label (1, H', W') uint8 {0, 1} or None, and the store attributes (H', W' = `size` when resizing).
+    Raises CaseError naming the file for bad input.
+    """
+    if case.problems and "mask" in case.files:
+        raise CaseError("; ".join(case.problems))
+    if "image" not in case.files:
+        raise CaseError("; ".join(case.problems) or f"{case.case_id}: no image file")
+    ipath = case.files["image"]
+    mpath = case.files.get("mask")
     img = _to_channels(load_image(ipath), channels, ipath)
-    m = load_image(mpath).max(axis=2)  # white-on-black masks in any colour mode
-    if img.shape[:2] != m.shape:
-        raise CaseError(f"{mpath}: mask size {m.shape} differs from image {ipath.name} {img.shape[:2]}; "
-                        "expected one pixel grid")
-    values = np.unique(m)
-    if set(values.tolist()) <= {0, 1}:
-        convention, mask = "binary01", m.astype(np.uint8)
-    else:
-        half = 127 if m.dtype == np.uint8 else float(m.max()) / 2
-        convention, mask = "binary255", (m > half).astype(np.uint8)
-    h, w = m.shape
-    counts_src = {str(int(v)): int((m == v).sum()) for v in values[:16]}
+    h, w = img.shape[:2]
+    convention, mask, counts_src = "binary255", None, None
+    if mpath is not None:
+        m = load_image(mpath).max(axis=2)  # white-on-black masks in any colour mode
+        if img.shape[:2] != m.shape:
+            raise CaseError(f"{mpath}: mask size {m.shape} differs from image {ipath.name} {img.shape[:2]}; "
+                            "expected one pixel grid")
+        values = np.unique(m)
+        if set(values.tolist()) <= {0, 1}:
+            convention, mask = "binary01", m.astype(np.uint8)
+        else:
+            half = 127 if m.dtype == np.uint8 else float(m.max()) / 2
+            convention, mask = "binary255", (m > half).astype(np.uint8)
+        counts_src = {str(int(v)): int((m == v).sum()) for v in values[:16]}
     if size is not None and (h, w) != (size, size):
         img = np.stack([_resize(img[..., c], size, nearest=False) for c in range(img.shape[2])], axis=2)
-        mask = _resize(mask, size, nearest=True)
+        mask = _resize(mask, size, nearest=True) if mask is not None else None
     image = np.ascontiguousarray(np.moveaxis(img, 2, 0)[:, None])  # (C, 1, H, W)
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise CaseError(f"{ipath}: non-finite pixel values; expected finite intensities")
-    label = mask[None]  # (1, H, W)
+    label = mask[None] if mask is not None else None  # (1, H, W)
     flat = image.reshape(image.shape[0], -1).astype(np.float64)
     means = flat.mean(axis=1)
     stds = flat.std(axis=1)
@@ -163,7 +185,7 @@ def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, chan
         "channels": channels,
         "resize": size,
         "resized_from": [h, w] if size is not None and (h, w) != (size, size) else None,
-        "sources": {k: {**fp, "sha256": sha256_file(case.files[k])} for k, fp in fingerprints.items()},
+        "source_image": ipath.name,
         "original_shape_zyx": [1, h, w],
         "affine": None,
         "spacing": [1.0, 1.0, 1.0],
@@ -174,9 +196,12 @@ def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, chan
         "normalization": {"mean": means.tolist(), "std": [float(s) if s > 0 else 1.0 for s in stds],
                           "mask": "all", "applied": False},
         "fold": fold,
-        "label_counts": {str(i): int((label == i).sum()) for i in (0, 1)},
-        "label_counts_source": counts_src,
+        "has_label": label is not None,
+        "shape": list(image.shape),
     }
-    write_case(store_path, case.case_id, image, label, sample_foreground(label, [1], case.case_id), attrs, layout)
-    attrs.update(has_label=True, shape=list(image.shape))
-    return attrs
+    foreground: dict[int, np.ndarray] = {}
+    if label is not None:
+        attrs["label_counts"] = {str(i): int((label == i).sum()) for i in (0, 1)}
+        attrs["label_counts_source"] = counts_src
+        foreground = sample_foreground(label, [1], case.case_id)
+    return CaseArrays(case.case_id, image, label, attrs), foreground

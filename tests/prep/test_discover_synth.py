@@ -36,7 +36,11 @@ def test_parse_brats_names(name, expected):
 
 def test_discover_groups_real_cases(shared_data):
     cases = {c.case_id: c for c in discover_brats(shared_data)}
-    assert sorted(cases) == ["BraTS-GLI-00001-000", "Brats18_2013_3_1", "Brats18_CBICA_ABM_1", "Brats18_TCIA01_201_1"]
+    # README of ../shared/data: 11 BraTS 2018 cases, 1 BraTS 2021 case, 1 BraTS 2023-named case.
+    expected = sorted(d.name for d in (shared_data / "brats2018").iterdir() if d.is_dir())
+    assert len(expected) == 11
+    assert sorted(cases) == sorted(["BraTS-GLI-00001-000", "BraTS2021_00006", *expected])
+    assert cases["BraTS2021_00006"].naming == "brats2018"  # 2018-2021 share the {0,1,2,4} naming
     assert set(cases["Brats18_2013_3_1"].files) == {"t1", "t1ce", "t2", "flair", "seg"}
     assert set(cases["BraTS-GLI-00001-000"].files) == {"t1", "t1ce", "t2", "flair"}
     assert all(not c.problems for c in cases.values())

@@ -88,10 +88,11 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def _paint(grey: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """grey (H, W) in [0, 1], masks bool (K, H, W) -> float RGB (H, W, 3): translucent fill + solid outline per
-    channel, drawn in channel order so nested BraTS regions (WT ⊃ TC ⊃ ET) stay visible."""
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
+def paint_masks(grey: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """grey (H, W) (or an RGB background (H, W, 3)) in [0, 1], masks bool (K, H, W) -> float RGB (H, W, 3):
+    translucent fill + solid outline per channel, drawn in channel order so nested BraTS regions (WT ⊃ TC ⊃ ET)
+    stay visible."""
+    rgb = np.repeat(grey[..., None], 3, axis=-1) if grey.ndim == 2 else np.array(grey, dtype=np.float32)
     for k, mask in enumerate(masks):
         colour = np.asarray(PALETTE[k % len(PALETTE)], dtype=np.float32) / 255.0
         rgb[mask] = (1.0 - FILL_ALPHA) * rgb[mask] + FILL_ALPHA * colour
@@ -128,7 +129,7 @@ def render_overlay(image: Any, label: Any, pred: Any, channel: int = 0) -> np.nd
     grey = image[channel].astype(np.float32)
     low, high = float(grey.min()), float(grey.max())
     grey = (grey - low) / (high - low) if high > low else np.zeros_like(grey)
-    left, right = _paint(grey, label > 0.5), _paint(grey, pred > 0.5)
+    left, right = paint_masks(grey, label > 0.5), paint_masks(grey, pred > 0.5)
     gap = np.ones((grey.shape[0], SEPARATOR_PX, 3), dtype=np.float32)
     rgb = np.concatenate([left, gap, right], axis=1)
     return np.ascontiguousarray((rgb * 255.0 + 0.5).astype(np.uint8).transpose(2, 0, 1))

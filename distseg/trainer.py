@@ -31,6 +31,7 @@ from distseg.losses import build_loss
 from distseg.metrics import MetricAccumulator, confusion_counts
 from distseg.models import build_model
 from distseg.monitor import build_monitor, memory_stats
+from distseg.predictor import ModelIO
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         store = open_store(cfg.data)
         self.regions = store.regions
+        # What a predictor needs besides the weights; saved in every checkpoint (see distseg.predictor).
+        self.io = ModelIO.from_store(cfg, store)
         self.channel_names = target_names(cfg.data.target, store.regions)
         self.train_cases = len(store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True))
         if self.rank == 0:
@@ -131,7 +134,7 @@ class Trainer:
 
     def _save(self) -> None:
         state = {"counters": asdict(self.state), "val_dice": self.state.val_dice, "val_dice_regions": self.last_dice,
-                 "config": to_dict(self.cfg), "epoch": self.epoch}
+                 "config": to_dict(self.cfg), "epoch": self.epoch, "io": self.io.to_dict()}
         c = self.cfg.checkpoint
         checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best)
 

@@ -1,0 +1,299 @@
+"""Whole-case inference on arrays: Gaussian-weighted sliding window, mirror TTA, regions -> labels, postprocessing.
+
+    logits = sliding_window(predict, image, SlidingWindow(window=(128, 128, 128), overlap=0.5, mirror_axes=(0, 1, 2)))
+    masks = logits > 0                                # sigmoid(logit) > 0.5, one channel per region
+    label = regions_to_labels(masks, {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]})   # canonical (Z, Y, X) uint8
+
+`predict` is any callable from a window batch (B, C, *window) to logits (B, K, *window) on the same device: a
+model, a DeepSpeed engine, an ONNX session wrapper. Nothing here knows about models, stores or `preprocess/`
+(MONAI's design); `distseg.predictor` joins them. The same function scores whole cases in training validation
+and in `launch/predict.py` / `launch/evaluate.py`, so "best checkpoint" and the reported numbers agree.
+
+Window placement and weighting follow nnU-Net: per axis ``n = ceil((S - W) / (W * (1 - overlap))) + 1`` windows,
+evenly spaced from 0 to S - W; each window's logits are weighted by a Gaussian importance map (sigma = 1/8 of the
+window, normalised to max 1, computed once per window shape) and the weighted sum is divided by the summed
+weights. Cases smaller than the window are zero-padded symmetrically (z-scored background is 0) and cropped back.
+Mirror TTA averages the logits of every combination of flips of `mirror_axes` (2^n forwards per window batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+"""(B, C, *window) float -> (B, K, *window) logits (a list, as deep supervision returns in training mode, is
+reduced to its first, full-resolution element)."""
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """How a whole case is tiled and combined."""
+
+    window: tuple[int, ...]
+    """Window size per spatial axis (the training patch; 1 along Z for 2D models run over axial slices)."""
+    overlap: float = 0.5
+    """Fraction of a window shared with its neighbour along each axis (nnU-Net and MONAI default 0.5)."""
+    window_batch: int = 4
+    """Windows per forward call."""
+    importance: str = "gaussian"
+    """"gaussian" (nnU-Net, MONAI mode="gaussian") or "constant" (plain average)."""
+    sigma_scale: float = 0.125
+    """Gaussian sigma as a fraction of the window size per axis."""
+    mirror_axes: tuple[int, ...] = ()
+    """Spatial axes (0-based over the window dims) flipped for test-time augmentation; () = no TTA."""
+
+    def __post_init__(self) -> None:
+        if not self.window or any(int(w) < 1 for w in self.window):
+            raise ValueError(f"sliding window: window must be positive sizes, got {self.window}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"sliding window: overlap must be in [0, 1), got {self.overlap}")
+        if self.window_batch < 1:
+            raise ValueError(f"sliding window: window_batch must be >= 1, got {self.window_batch}")
+        if self.importance not in ("gaussian", "constant"):
+            raise ValueError(f"sliding window: importance must be 'gaussian' or 'constant', got {self.importance!r}")
+        if any(not 0 <= a < len(self.window) for a in self.mirror_axes):
+            raise ValueError(f"sliding window: mirror_axes {self.mirror_axes} out of range for a "
+                             f"{len(self.window)}-D window")
+
+    @property
+    def mirror_sets(self) -> list[tuple[int, ...]]:
+        """Every subset of `mirror_axes` (the empty one first): one forward per subset."""
+        axes = tuple(sorted(set(self.mirror_axes)))
+        return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+# --------------------------------------------------------------------------------------------- placement
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Starts of the windows along one axis of length `size` (>= window): evenly spaced from 0 to size - window."""
+    if size <= window:
+        return [0]
+    target_step = window * (1.0 - overlap)
+    n = math.ceil((size - window) / target_step) + 1
+    step = (size - window) / (n - 1)
+    return [int(round(i * step)) for i in range(n)]
+
+
+def window_grid(shape: Sequence[int], sw: SlidingWindow) -> list[tuple[int, ...]]:
+    """Every window start (one per spatial axis) over a case of spatial `shape` (after padding to the window)."""
+    axes = [window_starts(max(int(s), int(w)), int(w), sw.overlap) for s, w in zip(shape, sw.window, strict=True)]
+    return list(itertools.product(*axes))
+
+
+def forward_calls(shape: Sequence[int], sw: SlidingWindow) -> int:
+    """Forward calls `sliding_window` makes for a case of spatial `shape` (window batches x mirror subsets).
+
+    Known from metadata alone, so ranks can agree on a symmetric number of forwards (ZeRO-3) without talking.
+    """
+    return math.ceil(len(window_grid(shape, sw)) / sw.window_batch) * len(sw.mirror_sets)
+
+
+@functools.lru_cache(maxsize=16)
+def _importance_cpu(window: tuple[int, ...], mode: str, sigma_scale: float) -> torch.Tensor:
+    if mode == "constant":
+        return torch.ones(window, dtype=torch.float32)
+    g = torch.ones((), dtype=torch.float64)
+    for n in window:  # separable: the product of 1D Gaussians centred on the window
+        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2.0
+        sigma = max(n * sigma_scale, 1e-6)
+        g = g.unsqueeze(-1) * torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.max()
+    # Far corners underflow towards 0: keep every weight positive so no voxel is left with a zero weight sum.
+    g = g.clamp_min(float(g[g > 0].min()))
+    return g.to(torch.float32)
+
+
+def importance_map(sw: SlidingWindow, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 (*window) weights, max 1 (computed once per window shape and mode, then cached)."""
+    return _importance_cpu(tuple(int(w) for w in sw.window), sw.importance, float(sw.sigma_scale)).to(device)
+
+
+# --------------------------------------------------------------------------------------------- the window loop
+def _first(out: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _centred_pad(image: torch.Tensor, window: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad each spatial axis smaller than the window symmetrically; return the padded image and the slices
+    that recover the original region."""
+    spatial = image.shape[1:]
+    lo = [max(int(w) - int(s), 0) // 2 for s, w in zip(spatial, window, strict=True)]
+    hi = [max(int(w) - int(s), 0) - a for s, w, a in zip(spatial, window, lo, strict=True)]
+    if not any(lo) and not any(hi):
+        return image, tuple(slice(None) for _ in spatial)
+    pads: list[int] = []
+    for a, b in zip(reversed(lo), reversed(hi), strict=True):
+        pads += [a, b]
+    region = tuple(slice(a, a + int(s)) for a, s in zip(lo, spatial, strict=True))
+    return F.pad(image, pads), region
+
+
+@torch.inference_mode()
+def sliding_window(
+    predict: Predict,
+    image: torch.Tensor | np.ndarray,
+    sw: SlidingWindow,
+    device: torch.device | str | None = None,
+    accumulate_device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Logits for a whole case: image (C, *S) -> float32 (K, *S) on `accumulate_device`.
+
+    Windows are cut from `image` wherever it lives and moved to `device` (default: the image's device) one batch at
+    a time; the weighted sums accumulate on `accumulate_device` (default: `device`; pass "cpu" when a large case's
+    (K, *S) accumulator does not fit next to the model). `autocast_dtype` (e.g. torch.bfloat16) runs each forward
+    under autocast on `device`; accumulation is always float32.
+    """
+    image = torch.as_tensor(image)
+    if image.dim() != len(sw.window) + 1:
+        raise ValueError(f"sliding window: image {tuple(image.shape)} must be (C, *S) with {len(sw.window)} spatial "
+                         f"axes to match window {sw.window}")
+    device = torch.device(device) if device is not None else image.device
+    acc_device = torch.device(accumulate_device) if accumulate_device is not None else device
+    padded, region = _centred_pad(image, sw.window)
+    spatial = tuple(padded.shape[1:])
+    starts = window_grid(spatial, sw)
+    weight = importance_map(sw, acc_device)
+    window = tuple(int(w) for w in sw.window)
+    out: torch.Tensor | None = None
+    norm = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
+    flip_sets = sw.mirror_sets
+    for b0 in range(0, len(starts), sw.window_batch):
+        batch_starts = starts[b0 : b0 + sw.window_batch]
+        boxes = [tuple(slice(s, s + w) for s, w in zip(st, window, strict=True)) for st in batch_starts]
+        x = torch.stack([padded[(slice(None), *box)] for box in boxes]).to(device, non_blocking=True)
+        logits = None
+        for flips in flip_sets:
+            dims = [2 + a for a in flips]
+            xi = torch.flip(x, dims) if dims else x
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                y = _first(predict(xi))
+            y = y.float()
+            y = torch.flip(y, dims) if dims else y
+            logits = y if logits is None else logits + y
+        assert logits is not None
+        logits = (logits / len(flip_sets)).to(acc_device)
+        if out is None:
+            out = torch.zeros((logits.shape[1], *spatial), dtype=torch.float32, device=acc_device)
+        for k, box in enumerate(boxes):
+            out[(slice(None), *box)] += logits[k] * weight
+            norm[box] += weight
+    assert out is not None
+    out /= norm
+    return out[(slice(None), *region)]
+
+
+# --------------------------------------------------------------------------------------------- regions -> labels
+def region_paint_values(regions: Mapping[str, Sequence[int]]) -> list[int]:
+    """The canonical label each region channel paints when channels are painted in order (later ones on top).
+
+    Region k paints the one label that is in region k but in no later region: BraTS WT {1,2,3}, TC {1,3}, ET {3}
+    -> [2, 1, 3] (edema, then necrosis, then enhancing on top), as nnU-Net's `regions_class_order`. Raises
+    ValueError when the regions are not decodable that way.
+    """
+    values = [set(int(v) for v in vals) for vals in regions.values()]
+    out = []
+    for k, own in enumerate(values):
+        later = set().union(*values[k + 1 :]) if k + 1 < len(values) else set()
+        rest = own - later
+        if len(rest) != 1:
+            raise ValueError(f"regions {dict(regions)}: region {list(regions)[k]!r} must have exactly one label not in "
+                             f"the regions after it (has {sorted(rest)}); order regions from largest to smallest")
+        out.append(rest.pop())
+    return out
+
+
+def regions_to_labels(masks: np.ndarray | torch.Tensor, regions: Mapping[str, Sequence[int]]) -> np.ndarray:
+    """Region masks bool (K, *S) -> canonical labels uint8 (*S): region k paints `region_paint_values(...)[k]`."""
+    masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if masks.shape[0] != len(regions):
+        raise ValueError(f"regions_to_labels: {masks.shape[0]} mask channels for regions {list(regions)}")
+    label = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for value, mask in zip(region_paint_values(regions), masks, strict=True):
+        label[mask.astype(bool)] = value
+    return label
+
+
+def nesting(regions: Mapping[str, Sequence[int]]) -> dict[int, list[int]]:
+    """For each region index, the indices of the regions that contain it (BraTS: TC in WT, ET in TC and WT)."""
+    sets = [set(int(v) for v in vals) for vals in regions.values()]
+    return {k: [j for j, outer in enumerate(sets) if j != k and sets[k] < outer] for k in range(len(sets))}
+
+
+# --------------------------------------------------------------------------------------------- postprocessing
+@dataclass
+class RegionRule:
+    """Connected-component cleanup of one region's mask."""
+
+    keep_largest: bool = False
+    """Keep only the largest connected component."""
+    min_volume: float = 0.0
+    """Remove components smaller than this volume (mm^3 for NIfTI spacing; pixels for 2D); 0 = keep all."""
+
+    def is_identity(self) -> bool:
+        return not self.keep_largest and self.min_volume <= 0
+
+    def describe(self) -> str:
+        if self.keep_largest:
+            return "keep largest component"
+        return f"remove components < {self.min_volume:g}" if self.min_volume > 0 else "none"
+
+
+@dataclass
+class Postprocessing:
+    """Per-region rules, applied in region order; a region nested in another is then clipped to it."""
+
+    rules: dict[str, RegionRule] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, dict[str, float | bool]]:
+        return {name: {"keep_largest": r.keep_largest, "min_volume": r.min_volume} for name, r in self.rules.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Mapping[str, float | bool]]) -> Postprocessing:
+        return cls({name: RegionRule(bool(r.get("keep_largest", False)), float(r.get("min_volume", 0.0)))
+                    for name, r in d.items()})
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components (full connectivity: diagonal neighbours join) -> (labels, sizes per label 1..n)."""
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    labels, n = ndimage.label(mask, structure=structure)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, dtype=np.int64)
+    return labels, sizes
+
+
+def apply_rule(mask: np.ndarray, rule: RegionRule, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """One region's bool mask (*S) cleaned by `rule` (voxel volume from `spacing`, default 1)."""
+    mask = np.asarray(mask, dtype=bool)
+    if rule.is_identity() or not mask.any():
+        return mask
+    labels, sizes = _components(mask)
+    if rule.keep_largest:
+        return labels == (int(np.argmax(sizes)) + 1)
+    voxel = float(np.prod(spacing)) if spacing is not None else 1.0
+    keep = np.concatenate([[False], sizes * voxel >= rule.min_volume])
+    return keep[labels]
+
+
+def postprocess(masks: np.ndarray, regions: Mapping[str, Sequence[int]], pp: Postprocessing,
+                spacing: Sequence[float] | None = None) -> np.ndarray:
+    """bool (K, *S) region masks -> cleaned masks: each region's rule, then nested regions clipped to their
+    containers (so a removed whole-tumour island takes its core and enhancing voxels with it)."""
+    masks = np.asarray(masks, dtype=bool).copy()
+    names = list(regions)
+    for k, name in enumerate(names):
+        rule = pp.rules.get(name)
+        if rule is not None:
+            masks[k] = apply_rule(masks[k], rule, spacing)
+    for k, outers in nesting(regions).items():
+        for j in outers:
+            masks[k] &= masks[j]
+    return masks

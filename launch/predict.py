@@ -1,0 +1,216 @@
+"""Segment whole cases with a trained model (thin entry point; the work is in distseg.predictor / distseg.outputs).
+
+    python launch/predict.py --model RUN_DIR|CHECKPOINT_TAG|model.pt|model.onnx --input PATH... --output DIR
+        [--fold K] [--cases ID,ID] [--overlap 0.5] [--tta mirror] [--window-batch 4] [--precision auto]
+        [--postprocess] [--save-probabilities] [--device auto|cpu|cuda]
+    deepspeed --num_gpus N launch/predict.py ...      (or torchrun): inputs are split across the ranks
+
+Inputs: BraTS case folders in every naming the converter accepts (or folders of them), Zarr stores written by
+`python -m preprocess` (all cases, `--fold`, `--cases`), 2D image files or folders (PNG/JPEG/TIFF). Raw inputs go
+through the converter's own per-case functions (checks, crop, normalisation statistics), so a prediction from raw
+NIfTI equals one from the store. Outputs (see distseg.outputs): `<case>.nii.gz` in the input's geometry and label
+convention + `<case>_overlay.png` for 3D; `<case>_mask.png` + `<case>_overlay.png` for 2D.
+
+Exit status: 0 every case predicted; 2 bad input (the model, the output folder, no inputs; or some cases failed,
+each named with the reason on stderr, the others predicted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+logger = logging.getLogger("launch.predict")
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+@dataclass
+class InputCase:
+    """One case to predict: its id, where it comes from, and how to load it (deferred: only this rank loads)."""
+
+    case_id: str
+    source: str
+    load: Callable[[], object]  # -> distseg.data.store.CaseArrays; raises on bad input
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launch/predict.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path,
+                   help="run folder (best checkpoint, else newest complete), checkpoint tag folder, exported "
+                        "model.pt (model.yaml beside it) or model.onnx")
+    p.add_argument("--input", required=True, nargs="+", type=Path, help="case folders, stores, images or folders")
+    p.add_argument("--output", required=True, type=Path, help="output folder (never an input folder)")
+    p.add_argument("--fold", type=int, action="append", default=None, help="store inputs: only cases of this fold")
+    p.add_argument("--cases", default="", help="only these case ids (comma-separated)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap fraction (default 0.5)")
+    p.add_argument("--tta", choices=["none", "mirror"], default="none",
+                   help="mirror: average over every combination of flips (8x the work in 3D, 4x in 2D)")
+    p.add_argument("--window-batch", type=int, default=4, help="windows per forward call")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: the training precision on an accelerator, fp32 on CPU")
+    p.add_argument("--postprocess", action="store_true",
+                   help="apply the connected-component rule chosen by launch/evaluate.py (postprocessing.json)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write float16 probability maps (.npz)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def discover_inputs(paths: list[Path], kind: str, channels: list[str], resize: int | None,
+                    folds: list[int] | None, only: set[str]) -> tuple[list[InputCase], list[str]]:
+    """Every case under `paths` for a model of store `kind`; returns (cases sorted by id, problems)."""
+    from distseg.data.store import Store, StoreError
+    from preprocess.discover import IMAGE_EXTS, SourceCase, discover_brats, discover_images2d
+
+    cases: dict[str, InputCase] = {}
+    problems: list[str] = []
+
+    def add(case: InputCase) -> None:
+        if case.case_id in cases:
+            problems.append(f"{case.source}: case id {case.case_id!r} also comes from {cases[case.case_id].source}; "
+                            "expected each case once")
+            return
+        cases[case.case_id] = case
+
+    def raw_brats(sc: SourceCase) -> Callable[[], object]:
+        from preprocess.brats import prepare_brats_case
+
+        return lambda: prepare_brats_case(sc)[0]
+
+    def raw_2d(sc: SourceCase) -> Callable[[], object]:
+        from preprocess.images2d import prepare_2d_case
+
+        return lambda: prepare_2d_case(sc, channels, resize)[0]
+
+    for path in paths:
+        if not path.exists():
+            problems.append(f"{path}: no such file or folder; expected a case folder, a store or an image")
+        elif (path / "zarr.json").is_file():
+            try:
+                store = Store.open(path)
+            except StoreError as e:
+                problems.append(str(e))
+                continue
+            if store.kind != kind:
+                problems.append(f"{path}: a {store.kind} store, but the model was trained on {kind} data")
+                continue
+            for cid in store.case_ids(folds=folds):
+                add(InputCase(cid, f"{path}:{cid}", lambda s=store, c=cid: s.case_arrays(c)))
+        elif kind == "brats3d":
+            found = discover_brats(path if path.is_dir() else path.parent)
+            if not found:
+                problems.append(f"{path}: no BraTS case found; expected <case>_{{t1,t1ce,t2,flair}}.nii.gz files "
+                                "(2018-2021) or BraTS-XXX-00000-000-{t1n,t1c,t2w,t2f}.nii.gz (2023+)")
+            for sc in found:
+                add(InputCase(sc.case_id, str(next(iter(sc.files.values())).parent), raw_brats(sc)))
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTS:
+                problems.append(f"{path}: not an image; expected PNG, JPEG or TIFF")
+                continue
+            sc = SourceCase(path.stem, "images2d", {"image": path})
+            add(InputCase(sc.case_id, str(path), raw_2d(sc)))
+        else:
+            found = [sc for sc in discover_images2d(path) if "image" in sc.files]
+            if not found:
+                problems.append(f"{path}: no image found; expected PNG, JPEG or TIFF files (masks are not inputs)")
+            for sc in found:
+                sc.problems = []  # an image without a mask is fine for prediction
+                add(InputCase(sc.case_id, str(sc.files["image"]), raw_2d(sc)))
+    selected = [cases[k] for k in sorted(cases) if not only or k in only]
+    missing = sorted(only - set(cases))
+    if missing:
+        problems.append(f"--cases: {', '.join(missing)} not found in the inputs")
+    return selected, problems
+
+
+# ------------------------------------------------------------------------------------------------ running
+def rank_and_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from a launcher's environment (deepspeed, torchrun); (0, 1, 0) without one."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(arg: str, local_rank: int) -> str:
+    import torch
+
+    if arg == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if arg == "cuda":
+        return f"cuda:{local_rank}"
+    return arg
+
+
+def predict_cases(predictor, cases: list[InputCase], out_dir: Path, save_probabilities: bool,
+                  rank: int = 0) -> Iterator[tuple[InputCase, object, object, str]]:
+    """Predict and write each case; yields (input, CaseArrays or None, Prediction or None, error text)."""
+    from distseg.outputs import write_prediction
+
+    bar = tqdm(cases, desc=f"predict[rank {rank}]", unit="case", dynamic_ncols=True, disable=not cases)
+    for item in bar:
+        try:
+            case = item.load()
+            pred = predictor.predict(case, keep_probabilities=True)
+            write_prediction(out_dir, case, pred, predictor.io.kind, predictor.io.channels, save_probabilities)
+        except Exception as e:  # one bad case never stops the others; the reason names the case or file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if item.case_id not in reason and item.source not in reason:
+                reason = f"{item.source}: {reason}"
+            yield item, None, None, reason
+            continue
+        yield item, case, pred, ""
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world, local_rank = rank_and_world()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from distseg.outputs import OutputError, check_output_dir
+    from distseg.predictor import ModelLoadError, Predictor, load_model
+
+    device = pick_device(args.device, local_rank)
+    try:
+        check_output_dir(args.output, args.input)
+        model = load_model(args.model, device)
+        predictor = Predictor(model, overlap=args.overlap, tta=args.tta == "mirror", window_batch=args.window_batch,
+                              device=device, precision=args.precision, use_postprocessing=args.postprocess)
+    except (OutputError, ModelLoadError, ValueError) as e:
+        logger.error("%s", e)
+        return EXIT_BAD_INPUT
+    io = model.io
+    only = {c for c in args.cases.split(",") if c}
+    cases, problems = discover_inputs(args.input, io.kind, io.channels, io.resize, args.fold, only)
+    for problem in problems:
+        logger.error("%s", problem)
+    if not cases:
+        logger.error("no case to predict in %s", " ".join(str(p) for p in args.input))
+        return EXIT_BAD_INPUT
+    mine = cases[rank::world]
+    logger.info("model %s (%s, %s, window %s); %d cases, %d on this rank; device %s", model.source,
+                model.config.model.name, io.mode, predictor.sw.window, len(cases), len(mine), device)
+    t0 = time.perf_counter()
+    failed = 0
+    for item, _, _, error in predict_cases(predictor, mine, args.output, args.save_probabilities, rank):
+        if error:
+            failed += 1
+            logger.error("FAILED %s: %s", item.case_id, error)
+    seconds = time.perf_counter() - t0
+    logger.info("rank %d: %d cases predicted, %d failed in %.1f s -> %s", rank, len(mine) - failed, failed, seconds,
+                args.output)
+    return EXIT_BAD_INPUT if failed or problems else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from distseg.data.store import BRATS_CHANNELS, BRATS_LABEL_VALUES, BRATS_REGIONS
-from preprocess.common import CaseError, precheck, result_row, sample_foreground, source_fingerprints
+from preprocess.common import CaseError, placement, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import MODALITIES, SourceCase
 from preprocess.nifti import SourceError, Volume, load_nifti
 from preprocess.writer import Layout, root_attrs_base, write_case
@@ -196,7 +196,7 @@ def _convert(case: SourceCase, store_path: Path, fold: int, layout: Layout, sour
         "image_dtype": np.dtype(dtype).name,
         "normalization": {"mean": means, "std": stds, "mask": "nonzero_any", "applied": False},
         "brain_voxels": n_brain,
-        "fold": fold,
+        **placement(case, fold),
     }
     if label is not None:
         counts = np.bincount(label.ravel(), minlength=4)[:4]

@@ -4,6 +4,8 @@ Channels are decided once per dataset (`decide_channels`) so every case has the 
 - gray: 1 channel. Grayscale as-is; colour images whose channels are all equal (e.g. the figshare RGBA PNGs) use
   channel 0; a colour image with distinct channels fails with a reason pointing at `--channels rgb`.
 - rgb: 3 channels. Alpha is dropped, grayscale is replicated x3, palettes are expanded.
+`--channel-names` renames them (e.g. pre,flair,post for the LGG TIFFs); the count must match.
+TIFFs are decoded by tifffile (exact, and strict about truncated or corrupt files), other formats by Pillow.
 Masks become {0, 1}: {0,1} masks as-is ("binary01"), anything else is thresholded at half range ("binary255").
 Images keep their source dtype (uint8 usually) and get per-channel mean/std over the whole image in attrs; the
 reader z-scores on read. `--size S` resizes to SxS (image bilinear, mask nearest); attrs record the source size.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,12 @@ def _common(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--dst", required=True, type=Path, help="output folder on shared storage (made absolute)")
     p.add_argument("--name", default=default_name,
                    help=f"dataset name: writes DST/NAME.zarr + DST/NAME.manifest.parquet (default {default_name})")
-    p.add_argument("--folds", type=int, default=5, help="K for the K-fold assignment sha256(case_id) mod K")
+    p.add_argument("--folds", type=int, default=5,
+                   help="K for the K-fold assignment sha256(subject) mod K (sha256(case_id) for cases without one)")
+    p.add_argument("--subject-regex", type=_subject_regex, default=None, metavar="REGEX",
+                   help="subject (patient) of each case = group 1 of REGEX searched in the case id, e.g. "
+                        "'^(TCGA_[A-Z0-9]+_[A-Z0-9]+)_'; default: 2D: the patient folder holding the slice, BraTS "
+                        "2023+: the id without its -NNN timepoint, BraTS 2018-2021: the case id")
     p.add_argument("--address", default=None, help="Ray cluster address; default: RAY_ADDRESS if set, else local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default: all)")
     p.add_argument("--serial", action="store_true", help="convert in this process without Ray (debugging)")
@@ -27,6 +33,26 @@ def _common(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--codec", choices=["lz4", "zstd"], default="lz4",
                    help="Blosc inner codec: lz4 (default; fastest patch reads, ~0.97x the .nii.gz size) or zstd "
                         "(~0.82x the .nii.gz size, ~1.6x slower patch reads); numbers in the README")
+
+
+def _subject_regex(text: str) -> re.Pattern[str]:
+    try:
+        pattern = re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({e})") from None
+    if pattern.groups != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has {pattern.groups} groups; expected exactly one (the subject)")
+    return pattern
+
+
+def _channel_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected distinct comma-separated names of letters, digits, '_', '.' or '-' "
+            "(e.g. pre,flair,post)"
+        )
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--channels", choices=["auto", "gray", "rgb"], default="auto",
                    help="gray: 1 channel; rgb: 3 channels (alpha dropped, gray replicated); auto: rgb if any of the "
                         "first images has distinct colour channels, else gray (decided once for the whole dataset)")
+    i.add_argument("--channel-names", type=_channel_names, default=None, metavar="A,B,C",
+                   help="names stored for the channels instead of gray / r,g,b, e.g. pre,flair,post for the LGG "
+                        "TIFFs (pre-contrast, FLAIR, post-contrast); the count must match the channels")
     s = sub.add_parser("synth", help="write a small synthetic dataset (BraTS 2021 NIfTI layout or 2D PNG folders)")
     s.add_argument("--kind", choices=["brats", "images2d"], required=True)
     s.add_argument("--n", type=int, required=True, help="number of cases")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from distseg.data.store import BRATS_CHANNELS, BRATS_LABEL_VALUES, BRATS_REGIONS, CaseArrays
-from preprocess.common import CaseError, precheck, result_row, sample_foreground, source_fingerprints
+from preprocess.common import CaseError, placement, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import MODALITIES, SourceCase
 from preprocess.nifti import SourceError, Volume, load_nifti
 from preprocess.writer import Layout, root_attrs_base, write_case
@@ -212,7 +212,7 @@ def prepare_brats_case(case: SourceCase, fold: int = -1) -> tuple[CaseArrays, di
         "image_dtype": np.dtype(dtype).name,
         "normalization": {"mean": means, "std": stds, "mask": "nonzero_any", "applied": False},
         "brain_voxels": n_brain,
-        "fold": fold,
+        **placement(case, fold),
         "has_label": label is not None,
         "shape": list(image.shape),
     }

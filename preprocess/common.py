@@ -20,9 +20,24 @@ class CaseError(Exception):
     """A case cannot be converted; the one-line message names the file and what was expected."""
 
 
-def fold_of(case_id: str, folds: int) -> int:
-    """Deterministic fold: sha256(case_id) mod K. Independent of other cases, so adding cases never moves one."""
-    return int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16) % folds
+FOLD_ASSIGNMENT = "int(sha256(subject or case_id)[:8], 16) % folds"
+"""The fold rule, recorded in the store's root attrs."""
+
+
+def fold_of(key: str, folds: int) -> int:
+    """Deterministic fold: sha256(key) mod K. Independent of other cases, so adding cases never moves one."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % folds
+
+
+def case_fold(case: Any, folds: int) -> int:
+    """Fold of a `SourceCase`: per subject (every slice/timepoint of one patient lands in one fold), by case id
+    for a case without a subject."""
+    return fold_of(case.subject or case.case_id, folds)
+
+
+def placement(case: Any, fold: int) -> dict[str, Any]:
+    """The attrs that place a case in the dataset (not derived from its pixels): rewritten in place on a rerun."""
+    return {"fold": fold, "subject": case.subject, "slice_index": case.slice_index}
 
 
 def source_fingerprints(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
@@ -39,13 +54,15 @@ def precheck(case: Any, source: str, store_path: Path, fold: int, force: bool) -
         validate_case_id(case.case_id)
     except ValueError as e:
         raise CaseError(f"{source}: {e}") from e
-    return None if force else check_existing(store_path, case.case_id, case.files, fold)
+    return None if force else check_existing(store_path, case.case_id, case.files, placement(case, fold))
 
 
-def check_existing(store_path: Path, case_id: str, files: dict[str, Path], fold: int) -> dict[str, Any] | None:
+def check_existing(store_path: Path, case_id: str, files: dict[str, Path],
+                   placed: dict[str, Any]) -> dict[str, Any] | None:
     """Attrs of an already-converted case whose sources are unchanged (size+mtime, else sha256), else None.
 
-    A matching case keeps its data; only `fold` (and refreshed fingerprints) are rewritten in place.
+    A matching case keeps its data; only its `placed` attrs (fold, subject, slice index: see `placement`) and
+    refreshed fingerprints are rewritten in place.
     """
     attrs = read_case_attrs(store_path, case_id)
     if attrs is None or "sources" not in attrs:
@@ -64,8 +81,7 @@ def check_existing(store_path: Path, case_id: str, files: dict[str, Path], fold:
         if any(old[m].get("sha256") != sha256_file(files[m]) for m in files):
             return None
         updates["sources"] = {m: {**now[m], "sha256": old[m]["sha256"]} for m in files}  # touched, not changed
-    if attrs.get("fold") != fold:
-        updates["fold"] = fold
+    updates.update({k: v for k, v in placed.items() if k not in attrs or attrs[k] != v})
     if updates:
         update_case_attrs(store_path, case_id, updates)
         attrs = {**attrs, **updates}
@@ -106,5 +122,7 @@ def result_row(case_id: str, status: str, error: str = "", attrs: dict[str, Any]
         "label_counts_source": json.dumps(a["label_counts_source"]) if "label_counts_source" in a else None,
         "source_sha256": json.dumps({m: s.get("sha256") for m, s in a["sources"].items()}) if "sources" in a else None,
         "fold": a.get("fold"),
+        "subject": a.get("subject"),
+        "slice_index": a.get("slice_index"),
         "seconds": seconds,
     }

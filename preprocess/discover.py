@@ -6,6 +6,13 @@ BraTS namings (`.nii` or `.nii.gz`, any folder depth, grouped by the case id in 
 - 2023+: `BraTS-<COHORT>-<5 digits>-<3 digits>-{t1n,t1c,t2w,t2f,seg}` for GLI/MEN/MET/PED/SSA/...;
   labels {0,1,2,3} ("brats2023").
 Modalities are mapped onto one channel order: t1 (=t1n), t1ce (=t1c), t2 (=t2w), flair (=t2f).
+
+Every case also gets a **subject** (the patient; folds are assigned per subject so no patient is in both training and
+validation) and, for 2D slices, a **slice index**:
+- BraTS 2023+: the id without its timepoint, `BraTS-GLI-00001-001` -> `BraTS-GLI-00001`; 2018-2021: the case id.
+- 2D: the folder holding the slice (an `images/`/`masks/` pair counts as its parent folder), None when that is the
+  --src root; slice index = the trailing `_<n>` of the file stem (`TCGA_CS_4941_19960909_12` -> 12), else None.
+- `--subject-regex` (one group, searched in the case id) overrides both (`apply_subject_regex`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ _NEW_RE = re.compile(
 )
 _NEW_TO_CANON = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", "seg": "seg"}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_TIMEPOINT_RE = re.compile(r"^(?P<subject>.+)-\d+$")
+_SLICE_RE = re.compile(r"_(?P<index>\d+)$")
 
 
 @dataclass
@@ -38,6 +47,10 @@ class SourceCase:
     files: dict[str, Path] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     """Discovery-time errors (duplicates, unpaired files); a case with problems is reported failed, not converted."""
+    subject: str | None = None
+    """The patient this case belongs to (see the module doc); None: the case is its own subject."""
+    slice_index: int | None = None
+    """2D: position of the slice in its subject's volume (the file stem's trailing `_<n>`); None when unknown."""
 
     def expected_name(self, modality: str) -> str:
         """The file name this case's `modality` would have in its naming (for 'missing modality' messages)."""
@@ -66,6 +79,32 @@ def parse_brats_name(name: str) -> tuple[str, str, str] | None:
     return None
 
 
+def brats_subject(case_id: str, naming: str) -> str:
+    """BraTS 2023+ ids end in a timepoint (`-000`, `-001`) of one subject: drop it. Older ids are one subject each."""
+    m = _TIMEPOINT_RE.match(case_id) if naming == "brats2023" else None
+    return m["subject"] if m else case_id
+
+
+def slice_index_of(stem: str) -> int | None:
+    """Trailing `_<n>` of a 2D file stem as an int (`..._12` -> 12), else None."""
+    m = _SLICE_RE.search(stem)
+    return int(m["index"]) if m else None
+
+
+def apply_subject_regex(cases: list[SourceCase], pattern: re.Pattern[str]) -> None:
+    """Set every case's subject to group 1 of `pattern` searched in its case id. A case id that does not match gets
+    a problem (it is reported failed, never silently given a fold of its own that could leak its patient)."""
+    for case in cases:
+        m = pattern.search(case.case_id)
+        if m and m.group(1):
+            case.subject = m.group(1)
+        else:
+            case.problems.append(
+                f"case id {case.case_id!r} does not match --subject-regex {pattern.pattern!r}; expected every case "
+                "id to match, with a non-empty group 1 naming the subject"
+            )
+
+
 def discover_brats(src: Path) -> list[SourceCase]:
     """All BraTS cases under `src`, sorted by case id. Problems (duplicates) are attached, never raised."""
     found: dict[str, list[tuple[str, Path, str]]] = {}
@@ -79,7 +118,8 @@ def discover_brats(src: Path) -> list[SourceCase]:
         found.setdefault(case_id, []).append((mod, path, naming))
     cases: dict[str, SourceCase] = {}
     for case_id, entries in found.items():
-        case = cases[case_id] = SourceCase(case_id, entries[0][2])
+        naming = entries[0][2]
+        case = cases[case_id] = SourceCase(case_id, naming, subject=brats_subject(case_id, naming))
         dirs = sorted({str(p.parent) for _, p, _ in entries})
         if len(dirs) > 1:
             case.problems.append(
@@ -108,7 +148,8 @@ def _stem_and_mask(path: Path) -> tuple[str, bool]:
 def discover_images2d(src: Path) -> list[SourceCase]:
     """Pair 2D images with masks. Layouts: `images/X.ext` + `masks/X.ext`; `images/X.ext` + `masks/X_mask.ext`;
     `X.ext` + `X_mask.ext` side by side (any folder). Case id = X (made unique with the folder when needed).
-    Unpaired files become cases with a problem naming the file and the mask/image that was expected."""
+    Unpaired files become cases with a problem naming the file and the mask/image that was expected.
+    Subject = the folder holding the pair (images/ + masks/ count as their parent), None at the `src` root."""
     images: dict[tuple[Path, str], Path] = {}
     masks: dict[tuple[Path, str], Path] = {}
     for path in _walk_files(src):
@@ -127,7 +168,8 @@ def discover_images2d(src: Path) -> list[SourceCase]:
         cid = stem
         if cid in cases:  # same stem in two dataset folders: qualify with the folder, never overwrite
             cid = f"{key_dir.name}-{stem}"
-        case = SourceCase(cid, "images2d")
+        subject = key_dir.name if key_dir != src else None
+        case = SourceCase(cid, "images2d", subject=subject, slice_index=slice_index_of(stem))
         if key in images:
             case.files["image"] = images[key]
         else:

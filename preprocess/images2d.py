@@ -4,6 +4,8 @@ Channels are decided once per dataset (`decide_channels`) so every case has the 
 - gray: 1 channel. Grayscale as-is; colour images whose channels are all equal (e.g. the figshare RGBA PNGs) use
   channel 0; a colour image with distinct channels fails with a reason pointing at `--channels rgb`.
 - rgb: 3 channels. Alpha is dropped, grayscale is replicated x3, palettes are expanded.
+`--channel-names` renames them (e.g. pre,flair,post for the LGG TIFFs); the count must match.
+TIFFs are decoded by tifffile (exact, and strict about truncated or corrupt files), other formats by Pillow.
 Masks become {0, 1}: {0,1} masks as-is ("binary01"), anything else is thresholded at half range ("binary255").
 Images keep their source dtype (uint8 usually) and get per-channel mean/std over the whole image in attrs; the
 reader z-scores on read. `--size S` resizes to SxS (image bilinear, mask nearest); attrs record the source size.
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from distseg.data.store import BINARY_LABEL_VALUES, BINARY_REGIONS, CaseArrays
-from preprocess.common import CaseError, precheck, result_row, sample_foreground, source_fingerprints
+from preprocess.common import CaseError, placement, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import SourceCase
 from preprocess.nifti import sha256_file
 from preprocess.writer import Layout, root_attrs_base, write_case
@@ -38,27 +40,12 @@ def images2d_root_attrs(channels: list[str], size: int | None) -> dict[str, Any]
 
 def load_image(path: Path) -> np.ndarray:
     """(H, W, K) array, K in {1, 3}: alpha dropped, palettes expanded. Raises CaseError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-            a = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        if path.suffix.lower() in (".tif", ".tiff"):  # PIL misses some TIFF variants that tifffile reads
-            try:
-                import tifffile
-
-                a = tifffile.imread(path)
-            except Exception as e2:
-                raise CaseError(f"{path}: unreadable TIFF ({e2}); expected a 2D grayscale/RGB(A) image") from e2
-        else:
-            raise CaseError(f"{path}: unreadable image ({e}); expected PNG, JPEG or TIFF") from e
+    a = _read_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    if a is None:
+        a = _read_pil(path)
     if a.ndim == 2:
         a = a[..., None]
-    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4) or 0 in a.shape:
         raise CaseError(f"{path}: image array shape {a.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
     if a.shape[2] == 2:  # gray + alpha
         a = a[..., :1]
@@ -67,6 +54,71 @@ def load_image(path: Path) -> np.ndarray:
     if a.dtype == bool:
         a = a.astype(np.uint8)
     return a
+
+
+def _one_line(e: BaseException) -> str:
+    name = type(e).__name__
+    if name == "error":  # zlib.error, struct.error: say which
+        name = f"{type(e).__module__}.{name}"
+    return " ".join(f"{name}: {e}".split())
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise CaseError(f"{path}: unreadable image ({_one_line(e)}); expected a complete PNG, JPEG or TIFF") from e
+
+
+class _CollectWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+def _read_tiff(path: Path) -> np.ndarray | None:
+    """First page of a grayscale/RGB(A) TIFF, decoded by tifffile; None for other photometrics (PIL converts them).
+
+    tifffile rather than PIL because it is strict: PIL (libtiff) returns a corrupt deflate strip as wrong pixels
+    without an error, tifffile raises on the zlib check. A file cut before its directory (written last by many
+    writers) makes tifffile log a warning and find no pages; that warning becomes the reason of the CaseError.
+    """
+    import tifffile
+
+    tiff_logger = logging.getLogger("tifffile")
+    collected = _CollectWarnings()
+    tiff_logger.addHandler(collected)
+    propagate, tiff_logger.propagate = tiff_logger.propagate, False  # reported in the reason, not as stray logs
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.pages:
+                why = collected.messages[0] if collected.messages else "no image directory"
+                raise CaseError(f"{path}: unreadable TIFF, no image found ({why}); expected a complete TIFF file "
+                                "(truncated or corrupt?)")
+            page = tif.pages.first
+            if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+                return None
+            a = page.asarray()
+            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and a.ndim == 3:
+                a = np.moveaxis(a, 0, -1)  # (S, H, W) -> (H, W, S)
+            return a
+    except CaseError:
+        raise
+    except Exception as e:  # tifffile raises many types (TiffFileError, zlib.error, ValueError, ...)
+        raise CaseError(f"{path}: unreadable TIFF ({_one_line(e)}); expected a complete, uncorrupted TIFF "
+                        "image") from e
+    finally:
+        tiff_logger.removeHandler(collected)
+        tiff_logger.propagate = propagate
 
 
 def is_colour(a: np.ndarray) -> bool:
@@ -195,7 +247,7 @@ def prepare_2d_case(case: SourceCase, channels: list[str], size: int | None, fol
         "image_dtype": image.dtype.name,
         "normalization": {"mean": means.tolist(), "std": [float(s) if s > 0 else 1.0 for s in stds],
                           "mask": "all", "applied": False},
-        "fold": fold,
+        **placement(case, fold),
         "has_label": label is not None,
         "shape": list(image.shape),
     }

@@ -6,7 +6,9 @@ import argparse
 import logging
 from typing import Any
 
-from preprocess.common import fold_of
+from distseg.data.store import StoreError
+from preprocess.common import FOLD_ASSIGNMENT, case_fold
+from preprocess.discover import apply_subject_regex
 from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest
 from preprocess.writer import Layout, clean_temp, init_store
 
@@ -30,6 +32,7 @@ def run_dataset(args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
         root_attrs = brats_root_attrs()
+        subject_rule = "BraTS 2023+: case id without its -NNN timepoint; 2018-2021: the case id"
         fn: Any = convert_brats_case
         extra: tuple[Any, ...] = ()
     else:
@@ -42,21 +45,40 @@ def run_dataset(args: argparse.Namespace) -> int:
                          "(PNG, JPEG or TIFF)", src)
             return EXIT_USAGE
         channels = decide_channels(cases, args.channels)
+        if args.channel_names is not None:
+            if len(args.channel_names) != len(channels):
+                logger.error("--channel-names %s: %d names but the images are converted with %d channel(s) (%s); "
+                             "expected %d names", ",".join(args.channel_names), len(args.channel_names),
+                             len(channels), ",".join(channels), len(channels))
+                return EXIT_USAGE
+            channels = list(args.channel_names)
         root_attrs = images2d_root_attrs(channels, args.size)
+        subject_rule = "the folder holding the slice (images/ + masks/: their parent); none at the --src root"
         fn = convert_2d_case
         extra = (channels, args.size)
-    root_attrs.update(folds=args.folds, fold_assignment="int(sha256(case_id)[:8], 16) % folds", source_root=str(src))
+    if args.subject_regex is not None:
+        apply_subject_regex(cases, args.subject_regex)
+        subject_rule = f"group 1 of --subject-regex {args.subject_regex.pattern!r} searched in the case id"
+    root_attrs.update(folds=args.folds, fold_assignment=FOLD_ASSIGNMENT, subject_rule=subject_rule,
+                      source_root=str(src))
     store_path = dst / f"{args.name}.zarr"
     manifest = dst / f"{args.name}.manifest.parquet"
-    init_store(store_path, root_attrs)
+    try:
+        init_store(store_path, root_attrs)
+    except StoreError as e:
+        logger.error("%s", e)
+        return EXIT_USAGE
     clean_temp(store_path)
-    jobs = [
-        (c.case_id, (c, store_path, fold_of(c.case_id, args.folds), layout, *extra, args.force)) for c in cases
-    ]
+    jobs = [(c.case_id, (c, store_path, case_fold(c, args.folds), layout, *extra, args.force)) for c in cases]
     logger.info("%d %s cases under %s -> %s", len(cases), args.command, src, store_path)
     if not args.serial:
         init_ray(args.address, args.num_cpus)
     rows = run_cases(fn, jobs, use_ray=not args.serial, desc=args.command)
+    by_id = {c.case_id: c for c in cases}
+    for row in rows:  # failed rows carry no attrs: take subject and slice index from discovery
+        case = by_id.get(row["case_id"])
+        if case is not None:
+            row.update(subject=case.subject, slice_index=case.slice_index)
     write_manifest(manifest, rows)
     return summarize(rows, store_path, manifest)
 

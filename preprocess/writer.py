@@ -39,6 +39,10 @@ class Layout:
     """Blosc compression level (for zstd use 1: Blosc maps it to zstd level 1, ~2.5x faster to write than 3, +2 %)."""
     shuffle: str = "shuffle"
     """Blosc shuffle filter: "shuffle" | "bitshuffle" | "noshuffle"."""
+    image_shuffle_1byte: str = "bitshuffle"
+    """Shuffle filter for 1-byte images (2D uint8 sources), where byte shuffle does nothing. Bit shuffle stores the
+    LGG TIFF pixels in 1.14x the deflate-TIFF bytes instead of 1.40x at the same decode speed (0.19 ms per 3x256^2
+    slice). Labels keep `shuffle`: on BraTS label volumes bit shuffle is 16 % smaller but decodes 2.6x slower."""
 
 
 def validate_case_id(case_id: str) -> None:
@@ -116,10 +120,10 @@ def update_case_attrs(store_path: Path, case_id: str, updates: dict[str, Any]) -
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
-def _compressors(layout: Layout) -> list[Any]:
+def _compressors(layout: Layout, shuffle: str) -> list[Any]:
     from zarr.codecs import BloscCodec
 
-    return [BloscCodec(cname=layout.cname, clevel=layout.clevel, shuffle=layout.shuffle)]
+    return [BloscCodec(cname=layout.cname, clevel=layout.clevel, shuffle=shuffle)]
 
 
 def write_case(
@@ -150,18 +154,20 @@ def write_case(
         group = zarr.open_group(str(tmp), mode="w", attributes=attrs)
         c = image.shape[0]
         chunks = tuple(min(a, b) for a, b in zip(layout.chunks_zyx, image.shape[1:], strict=True))
-        _write_array(group, "image", image, (c, *chunks), layout, ["c", "z", "y", "x"])
+        image_shuffle = layout.image_shuffle_1byte if image.dtype.itemsize == 1 else layout.shuffle
+        _write_array(group, "image", image, (c, *chunks), layout, image_shuffle, ["c", "z", "y", "x"])
         if label is not None:
-            _write_array(group, "label", np.ascontiguousarray(label, dtype=np.uint8), chunks, layout, ["z", "y", "x"])
+            _write_array(group, "label", np.ascontiguousarray(label, dtype=np.uint8), chunks, layout, layout.shuffle,
+                         ["z", "y", "x"])
         fg = np.concatenate(coords) if coords else np.zeros((0, 3), dtype=np.int16)
-        _write_array(group, "foreground", fg, (max(len(fg), 1), 3), layout, None)
+        _write_array(group, "foreground", fg, (max(len(fg), 1), 3), layout, layout.shuffle, None)
         _publish(store_path, case_id, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...], layout: Layout,
+def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...], layout: Layout, shuffle: str,
                  dims: list[str] | None) -> None:
     """Create the array's metadata with zarr, then encode and write its chunk files directly.
 
@@ -171,11 +177,12 @@ def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...
     """
     import numcodecs
 
-    group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=_compressors(layout),
-                       fill_value=0, dimension_names=dims, chunk_key_encoding=CHUNK_KEY_ENCODING)
-    shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-               "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[layout.shuffle]
-    codec = numcodecs.Blosc(cname=layout.cname, clevel=layout.clevel, shuffle=shuffle, blocksize=0)
+    group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                       compressors=_compressors(layout, shuffle), fill_value=0, dimension_names=dims,
+                       chunk_key_encoding=CHUNK_KEY_ENCODING)
+    shuffle_id = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                  "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[shuffle]
+    codec = numcodecs.Blosc(cname=layout.cname, clevel=layout.clevel, shuffle=shuffle_id, blocksize=0)
     data = data.astype(data.dtype.newbyteorder("<"), copy=False)
     folder = Path(group.store.root) / group.path / name if group.path else Path(group.store.root) / name
     grid = [-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]

@@ -4,7 +4,8 @@ Layout written by `preprocess` (see `.notes/preprocess.md` for the measured choi
 
     <dst>/<name>.zarr/
         zarr.json                      root attrs: format_version, kind, channels, label_values, regions, ...
-        cases/<case_id>/zarr.json      case attrs: geometry + undo info, normalisation stats, fold, checksums
+        cases/<case_id>/zarr.json      case attrs: geometry + undo info, normalisation stats, fold, checksums,
+                                       subject (patient; folds are per subject), slice_index (2D)
         cases/<case_id>/image          (C, Z, Y, X) raw source intensities (int16 / uint8 / float32), chunked
         cases/<case_id>/label          (Z, Y, X) uint8, canonical label values (absent for unlabelled cases)
         cases/<case_id>/foreground     (N, 3) int16 (z, y, x) sampled voxel coords; rows per class in attrs
@@ -65,6 +66,10 @@ class CaseInfo:
     fold: int
     has_label: bool
     attrs: dict[str, Any] = field(repr=False)
+    subject: str | None = None
+    """The patient (folds are per subject); None: the case is its own subject (stores written before subjects)."""
+    slice_index: int | None = None
+    """2D slices: position in the subject's volume (the source name's trailing `_<n>`); None when unknown."""
 
 
 @dataclass
@@ -237,6 +242,54 @@ class Store:
             out.append(cid)
         return out
 
+    def subjects(
+        self,
+        folds: Iterable[int] | None = None,
+        exclude_folds: Iterable[int] | None = None,
+        labelled_only: bool = False,
+    ) -> dict[str, list[str]]:
+        """{subject: its case ids ordered by slice index (then id)} over `case_ids(...)` with the same filters.
+
+        A case without a subject is its own subject (key = its case id), matching the fold rule. Reads every
+        selected case's attrs once (cached), so it costs one small JSON read per case; `open` stays cheap.
+        """
+        groups: dict[str, list[tuple[int, int, str]]] = {}
+        for cid in self.case_ids(folds, exclude_folds, labelled_only):
+            a = self.case_attrs(cid)
+            index = a.get("slice_index")
+            # Slices without an index sort after indexed ones, by id.
+            key = (0, int(index), cid) if index is not None else (1, 0, cid)
+            groups.setdefault(a.get("subject") or cid, []).append(key)
+        return {s: [cid for *_, cid in sorted(keys)] for s, keys in sorted(groups.items())}
+
+    def read_subject(self, subject: str, case_ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """A subject's 2D slices stacked in slice order: image float32 (C, S, H, W), label uint8 (S, H, W) or None.
+
+        `case_ids` (default `subjects()[subject]`) gives the slices and their order. Each slice is z-scored with its
+        own statistics, exactly as training reads it. Raises StoreError for an unknown subject, slices of different
+        sizes or a mix of labelled and unlabelled slices.
+        """
+        if case_ids is None:
+            case_ids = self.subjects().get(subject, [])
+        if not case_ids:
+            raise StoreError(f"{self.path}: no cases for subject {subject!r}")
+        images, labels = [], []
+        for cid in case_ids:
+            image, label = self.read_case(cid)
+            c, z, h, w = image.shape
+            if z != 1 or (images and (c, h, w) != (images[0].shape[0], *images[0].shape[2:])):
+                want = f"like {case_ids[0]!r} {images[0].shape}" if images else "(C, 1, H, W)"
+                raise StoreError(f"{self.path}: subject {subject!r}: case {cid!r} has shape {image.shape}; expected "
+                                 f"2D slices of one size, {want}")
+            if labels and (label is None) != (labels[0] is None):
+                raise StoreError(f"{self.path}: subject {subject!r}: case {cid!r} labelled={label is not None} "
+                                 f"unlike {case_ids[0]!r}; expected all slices labelled or none")
+            images.append(image)
+            labels.append(label)
+        image = np.concatenate(images, axis=1)
+        label = None if labels[0] is None else np.concatenate(labels, axis=0)
+        return image, label
+
     def case(self, case_id: str) -> CaseInfo:
         a = self.case_attrs(case_id)
         try:
@@ -247,6 +300,8 @@ class Store:
                 fold=int(a.get("fold", -1)),
                 has_label=bool(a["has_label"]),
                 attrs=a,
+                subject=a.get("subject"),
+                slice_index=a.get("slice_index"),
             )
         except KeyError as e:
             raise StoreError(f"{self.path}: case {case_id!r} attrs lack key {e.args[0]!r}") from e

@@ -15,7 +15,7 @@ from preprocess.brats import convert_brats_case
 from preprocess.discover import discover_brats
 from preprocess.writer import Layout, init_store
 
-# From ../shared/data/README.md (source convention: 4 = enhancing, stored as 3).
+# From ../shared/data/README.md (source convention: 4 = enhancing, stored as 3): every case in brats2018/.
 README_COUNTS = {
     "Brats18_2013_3_1": {"0": 8827114, "1": 10430, "2": 67269, "4": 23187},
     "Brats18_CBICA_ABM_1": {"0": 8888228, "1": 3398, "2": 30215, "4": 6159},

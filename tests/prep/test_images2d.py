@@ -116,3 +116,17 @@ def test_image_modes_load(tmp_path, mode):
     im.save(p)
     a = load_image(p)
     assert a.ndim == 3 and a.shape[:2] == (8, 8) and a.shape[2] in (1, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "1", "I;16", "F", "CMYK"])
+def test_tiff_modes_load_like_pillow(tmp_path, mode):
+    """TIFFs go through tifffile (grayscale/RGB) or Pillow (palette, CMYK, ...): same pixels either way."""
+    from preprocess.images2d import load_image
+
+    arr = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    im = Image.fromarray(arr.astype(np.uint16) * 100) if mode == "I;16" else Image.fromarray(arr).convert(mode)
+    p = tmp_path / "x.tif"
+    im.save(p)
+    expected = np.asarray(im.convert("RGB") if mode in ("P", "CMYK") else im)
+    expected = expected[..., None] if expected.ndim == 2 else expected[..., :1] if mode == "LA" else expected[..., :3]
+    np.testing.assert_array_equal(load_image(p), expected)

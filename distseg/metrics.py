@@ -184,10 +184,11 @@ def foreground_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | Non
 
 
 def _crop_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks cropped to the box of a | b grown by one voxel. Exact for surfaces and surface distances: the
-    extra voxel is background wherever the box does not touch the array border, so erosion sees the same
-    neighbourhood; where it touches the border, the border stays the border (surface, as uncropped); and every
-    surface voxel of either mask lies inside, so nearest-surface distances are unchanged."""
+    """Both masks cropped to the box of a | b grown by one voxel (clipped to the array). Exact for surfaces and
+    surface distances: outside the box both masks are background, so a foreground voxel has the same face
+    neighbours in the crop (the grown voxel is background, as in the full array; where the box meets the array
+    border, the border stays the border and its voxels stay surface), and every surface voxel of either mask lies
+    inside, so nearest-surface distances are unchanged. Tested equal to the uncropped result."""
     box = foreground_box(a | b, margin=1)
     return (a, b) if box is None else (a[box], b[box])
 

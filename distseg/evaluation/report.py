@@ -17,7 +17,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -236,7 +236,12 @@ def summary_markdown(meta: EvaluationMeta, summary: Sequence[Mapping[str, Any]],
     lines += [f"- {key}: `{value}`" for key, value in meta.sources.items()]
     if meta.label_conventions:
         lines.append(f"- label conventions: {', '.join(meta.label_conventions)}")
-    lines += [f"- cases: {meta.n_cases - meta.n_failed} scored, {meta.n_failed} failed", "",
+    lines.append(f"- cases: {meta.n_cases - meta.n_failed} scored, {meta.n_failed} failed")
+    for key, what in (("no_prediction", "ground-truth cases without a prediction"),
+                      ("no_ground_truth", "predictions without ground truth")):
+        if meta.notes.get(key):
+            lines.append(f"- not scored: {len(meta.notes[key])} {what} (listed in evaluation.json)")
+    lines += ["",
               "## Per case", "", *_stats_table(summary, meta.hd95_unit), ""]
     if subject_summary:
         lines += [f"## Per subject ({n_subjects} subjects, cases stacked)", "",
@@ -352,8 +357,12 @@ class EvaluationResult:
 
 
 def write_evaluation(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: EvaluationMeta) -> EvaluationResult:
-    """Write every output file for scored rows (see the module doc) and return what was written."""
+    """Write every output file for scored rows (see the module doc) and return what was written.
+
+    `meta` is copied, not changed: the result's meta has n_cases, n_failed (and the label conventions met, when
+    `meta` named none) filled in from the rows."""
     meta.validate()
+    meta = replace(meta)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in rows]

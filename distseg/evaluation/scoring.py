@@ -70,7 +70,8 @@ def region_masks(label: np.ndarray, convention: str, regions: Mapping[str, Seque
     label: integer (*S) (2D or 3D) with values of `convention` (`distseg.data.store.LABEL_CONVENTIONS`: brats2018
     {0,1,2,4}, brats2023 {0,1,2,3}, binary255 {0,255}, binary01 {0,1}); regions: name -> CANONICAL values
     (default: WT {1,2,3}, TC {1,3}, ET {3} for BraTS, "tumour" {1} for binary). `what` names the array (a file)
-    in errors. Values outside the convention -> ValueError naming them.
+    in errors. Values outside the convention -> ValueError naming them. Labels read from a store are canonical:
+    pass "brats2023" (3D, {0,1,2,3}) or "binary01" (2D) for them.
     """
     if convention not in LABEL_CONVENTIONS:
         raise ValueError(f"{what}: unknown label convention {convention!r}; expected one of "

@@ -124,10 +124,16 @@ def test_plain_label_files_infer_the_convention(shared_data: Path, tmp_path: Pat
     _save(as2023, abm, pred / "caseA.nii.gz")
     moved = np.roll(label, 3, axis=0)  # the whole label map shifted by 3 voxels along x
     _save(moved, abm, pred / "caseB.nii.gz")
+    _save(label, abm, gt / "caseC.nii.gz")
+    (pred / "caseC.nii.gz").write_bytes(b"not a NIfTI file")  # unreadable prediction
+    _save(label, abm, gt / "caseD.nii.gz")
+    _save(np.where(label == 2, 5, label), abm, pred / "caseD.nii.gz")  # a value no convention has
     out = tmp_path / "eval"
     proc = run_evaluate("--pred", pred, "--gt", gt, "--output", out)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     rows = _rows(out)
+    assert "caseC.nii.gz: not gzip-compressed" in rows[("caseC", None)]["error"]
+    assert "caseD.nii.gz: label values [5] outside the brats2018 convention" in rows[("caseD", None)]["error"]
     assert {r["label_convention"] for k, r in rows.items() if k[0] == "caseA"} == {"brats2023"}
     assert rows[("caseA", "ET")]["dice"] == 1.0 and rows[("caseA", "ET")]["gt_voxels"] == 6159
     assert rows[("caseB", "ET")]["label_convention"] == "brats2018"

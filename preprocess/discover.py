@@ -105,8 +105,11 @@ def apply_subject_regex(cases: list[SourceCase], pattern: re.Pattern[str]) -> No
             )
 
 
-def discover_brats(src: Path) -> list[SourceCase]:
-    """All BraTS cases under `src`, sorted by case id. Problems (duplicates) are attached, never raised."""
+def discover_brats(src: Path, warn_unmatched: bool = True) -> list[SourceCase]:
+    """All BraTS cases under `src`, sorted by case id. Problems (duplicates) are attached, never raised.
+
+    `warn_unmatched`: log how many NIfTI files match no BraTS naming (off where such files are expected, e.g.
+    plain `<case_id>.nii.gz` label files for evaluation)."""
     found: dict[str, list[tuple[str, Path, str]]] = {}
     ignored = 0
     for path in _walk_files(src):
@@ -133,7 +136,7 @@ def discover_brats(src: Path) -> list[SourceCase]:
                     f"{path}: {mod} given twice (also {case.files[mod].name}); expected one file per modality"
                 )
             case.files.setdefault(mod, path)
-    if ignored:
+    if ignored and warn_unmatched:
         logger.warning("ignored %d NIfTI files under %s whose names match no BraTS naming", ignored, src)
     return [cases[k] for k in sorted(cases)]
 

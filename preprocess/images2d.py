@@ -120,6 +120,17 @@ def _read_tiff(path: Path) -> np.ndarray | None:
         tiff_logger.removeHandler(collected)
         tiff_logger.propagate = propagate
 
+def binarize_mask(m: np.ndarray) -> tuple[np.ndarray, str]:
+    """A 2D mask (H, W) of any integer/float dtype -> ({0, 1} uint8 (H, W), source convention).
+
+    {0, 1} masks are kept as they are ("binary01"); anything else is foreground above half range: > 127 for uint8,
+    > max / 2 otherwise ("binary255"). The evaluator reads ground-truth and predicted masks with this same rule.
+    """
+    if set(np.unique(m).tolist()) <= {0, 1}:
+        return m.astype(np.uint8), "binary01"
+    half = 127 if m.dtype == np.uint8 else float(m.max()) / 2
+    return (m > half).astype(np.uint8), "binary255"
+
 
 def is_colour(a: np.ndarray) -> bool:
     return a.shape[2] == 3 and not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]))
@@ -213,11 +224,7 @@ def prepare_2d_case(case: SourceCase, channels: list[str], size: int | None, fol
             raise CaseError(f"{mpath}: mask size {m.shape} differs from image {ipath.name} {img.shape[:2]}; "
                             "expected one pixel grid")
         values = np.unique(m)
-        if set(values.tolist()) <= {0, 1}:
-            convention, mask = "binary01", m.astype(np.uint8)
-        else:
-            half = 127 if m.dtype == np.uint8 else float(m.max()) / 2
-            convention, mask = "binary255", (m > half).astype(np.uint8)
+        mask, convention = binarize_mask(m)
         counts_src = {str(int(v)): int((m == v).sum()) for v in values[:16]}
     if size is not None and (h, w) != (size, size):
         img = np.stack([_resize(img[..., c], size, nearest=False) for c in range(img.shape[2])], axis=2)

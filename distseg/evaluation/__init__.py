@@ -1,0 +1,45 @@
+"""Evaluation: predictions vs ground truth per case and region, the BraTS/seed metric set, tables, plots, compare.
+
+Arrays in, files out; never imports `preprocess` or `ray` (`launch/evaluate.py` finds and reads the files):
+
+    masks = region_masks(label, "brats2018")                       # bool (K, *S): WT, TC, ET
+    rows = evaluate_case(pred_masks, gt_masks, spacing_mm, ["WT", "TC", "ET"], case_id="c1")
+    result = evaluate_arrays(cases, out_dir, EvaluationMeta(kind="brats3d", regions=["WT", "TC", "ET"]))
+    print(compare([eval_dir_a, eval_dir_b]))
+
+Modules: `scoring` (region masks, per-case rows, per-subject stacking), `report` (tables, summary, box plots,
+evaluation.json, TensorBoard), `run` (`evaluate_arrays`), `compare` (side-by-side Markdown tables).
+"""
+
+from distseg.evaluation.compare import compare
+from distseg.evaluation.report import (
+    EvaluationMeta,
+    EvaluationResult,
+    ModelInfo,
+    conventions_text,
+    log_evaluation,
+    read_evaluation_meta,
+    read_table,
+    summarise,
+    write_evaluation,
+    write_evaluation_meta,
+)
+from distseg.evaluation.run import evaluate_arrays
+from distseg.evaluation.scoring import (
+    BRATS_HD95_ONE_EMPTY,
+    METRICS,
+    CaseArrays,
+    CaseFailure,
+    default_regions,
+    evaluate_case,
+    infer_brats_convention,
+    region_masks,
+    subject_metrics,
+)
+
+__all__ = [
+    "BRATS_HD95_ONE_EMPTY", "METRICS", "CaseArrays", "CaseFailure", "EvaluationMeta", "EvaluationResult",
+    "ModelInfo", "compare", "conventions_text", "default_regions", "evaluate_arrays", "evaluate_case",
+    "infer_brats_convention", "log_evaluation", "read_evaluation_meta", "read_table", "region_masks", "summarise",
+    "subject_metrics", "write_evaluation", "write_evaluation_meta",
+]

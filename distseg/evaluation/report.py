@@ -1,0 +1,391 @@
+"""Evaluation outputs: per-case/per-subject tables (Parquet + CSV), summary statistics (summary.md / .json),
+box plots, evaluation.json and a TensorBoard entry. Every file is written under a temporary name and renamed.
+
+Files in the output folder:
+    metrics.parquet, metrics.csv     one row per (case, region); failed cases: one row, status "failed" + error
+    subjects.parquet, subjects.csv   one row per (subject, region) when cases carry a subject (2D slices)
+    summary.md, summary.json         mean, std, median, 25 %, 75 %, n per region and metric + the conventions
+    boxplot_<metric>.png             the regions side by side
+    evaluation.json                  what was evaluated (`EvaluationMeta`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distseg.evaluation.scoring import BRATS_HD95_ONE_EMPTY, METRICS, SUBJECT_METRICS, subject_metrics
+
+log = logging.getLogger(__name__)
+
+KINDS = ("brats3d", "images2d")
+METRIC_TITLES = {"dice": "Dice", "iou": "IoU", "accuracy": "Pixel accuracy", "precision": "Precision",
+                 "recall": "Recall (sensitivity)", "specificity": "Specificity", "hd95": "HD95"}
+
+
+@dataclass
+class ModelInfo:
+    """The model whose predictions were evaluated (every field optional: unknown for plain prediction folders)."""
+
+    name: str | None = None
+    """Registry name, e.g. "unet3d"."""
+    parameters: int | None = None
+    """Trainable parameter count."""
+    run: str | None = None
+    """Run folder the checkpoint came from."""
+    tag: str | None = None
+    """Checkpoint tag, e.g. "step_00001000"."""
+    training_minutes: float | None = None
+    """Wall-clock training time of the run."""
+
+
+@dataclass
+class EvaluationMeta:
+    """What was evaluated and how; written as evaluation.json and read back by `compare`."""
+
+    kind: str
+    """"brats3d" (WT/TC/ET of BraTS volumes) or "images2d" (binary 2D masks)."""
+    regions: list[str]
+    """Region names in mask-channel order."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where predictions and ground truth came from, e.g. {"pred": DIR, "gt": DIR} or {"store": ..., "fold": ...}."""
+    model: ModelInfo | None = None
+    """The model, when known."""
+    label_conventions: list[str] = field(default_factory=list)
+    """Source label conventions met (brats2018, brats2023, binary01, binary255)."""
+    hd95_unit: str = "mm"
+    """"mm" (from voxel spacing) or "px" (2D images without a physical pixel size)."""
+    hd95_one_empty: float = BRATS_HD95_ONE_EMPTY
+    """HD95 when exactly one of prediction and ground truth is empty."""
+    empty_value: float = 1.0
+    """Value of a ratio whose denominator is 0 (Dice of two empty masks)."""
+    n_cases: int = 0
+    """Cases scored or failed (filled when the outputs are written)."""
+    n_failed: int = 0
+    """Cases that could not be scored."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping, e.g. cases without a prediction."""
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"evaluation meta: kind {self.kind!r}; expected one of {KINDS}")
+        if not self.regions:
+            raise ValueError("evaluation meta: regions is empty; expected the region names in channel order")
+        if self.hd95_unit not in ("mm", "px"):
+            raise ValueError(f"evaluation meta: hd95_unit {self.hd95_unit!r}; expected 'mm' or 'px'")
+
+
+def conventions_text(meta: EvaluationMeta) -> str:
+    """The metric conventions, as Markdown bullets (in summary.md, summary.json and evaluation.json)."""
+    unit = "mm from the voxel spacing" if meta.hd95_unit == "mm" else "pixels (no physical pixel size)"
+    return "\n".join([
+        "- Dice, IoU, precision, recall (= sensitivity), specificity and pixel accuracy come from tp/fp/fn/tn "
+        "counted over every voxel of the grid (background included).",
+        f"- A ratio whose denominator is 0 is {meta.empty_value:g} (BraTS: prediction and ground truth both empty "
+        "-> Dice 1); prediction empty but ground truth not -> Dice 0.",
+        f"- HD95: 95th percentile of the pooled symmetric distances between the face-connected surfaces "
+        f"(MedPy / BraTS), in {unit}; both empty -> 0, exactly one empty -> {meta.hd95_one_empty:g}.",
+        "- Volumes: pred_ml / gt_ml = voxels x voxel volume / 1000 (null without a spacing).",
+        "- Summary: std is the population std (ddof 0); 25 % / 75 % are linear-interpolated quantiles; failed "
+        "cases are left out of the statistics and listed.",
+        "- Per subject: the counts of a subject's cases (slices) are summed, i.e. the metrics of the stacked "
+        "volume; HD95 is not defined there.",
+    ])
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` for a temporary name beside `path`, then rename it into place (never half a file)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: non-finite floats become strings ("inf", "nan") instead of invalid tokens."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def case_schema():
+    """pyarrow schema of metrics.parquet / metrics.csv (column order of the tables)."""
+    import pyarrow as pa
+
+    f64, i64, s = pa.float64(), pa.int64(), pa.string()
+    return pa.schema([
+        ("case_id", s), ("subject", s), ("region", s), ("status", s), ("error", s),
+        *[(m, f64) for m in METRICS],
+        ("pred_voxels", i64), ("gt_voxels", i64), ("pred_ml", f64), ("gt_ml", f64),
+        ("tp", i64), ("fp", i64), ("fn", i64), ("tn", i64), ("label_convention", s), ("pred_source", s),
+        ("gt_source", s),
+    ])
+
+
+def subject_schema():
+    """pyarrow schema of subjects.parquet / subjects.csv."""
+    import pyarrow as pa
+
+    i64 = pa.int64()
+    return pa.schema([
+        ("subject", pa.string()), ("region", pa.string()), ("n_cases", i64),
+        *[(m, pa.float64()) for m in SUBJECT_METRICS],
+        ("pred_voxels", i64), ("gt_voxels", i64), ("tp", i64), ("fp", i64), ("fn", i64), ("tn", i64),
+    ])
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], schema: Any, out_dir: Path, stem: str) -> list[Path]:
+    """rows -> `<stem>.parquet` and `<stem>.csv` (same columns and values) in `out_dir`; returns both paths."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
+    parquet, csv = out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"
+    atomic_write(parquet, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(csv, lambda tmp: pa_csv.write_csv(table, tmp))
+    return [parquet, csv]
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """A metrics/subjects Parquet file back as rows."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+# --------------------------------------------------------------------------------------------------- summaries
+def _stats(values: Sequence[float]) -> dict[str, float | int]:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "q25": math.nan, "q75": math.nan, "n": 0}
+    with np.errstate(invalid="ignore"):  # inf HD95 (one_empty=inf) makes mean/std inf/nan, as it should
+        return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
+                "q25": float(np.percentile(v, 25)), "q75": float(np.percentile(v, 75)), "n": int(v.size)}
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], regions: Sequence[str],
+              metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+    """Per region and metric over the ok rows: {region, metric, mean, std, median, q25, q75, n}."""
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    return [{"region": region, "metric": metric,
+             **_stats([r[metric] for r in ok if r["region"] == region])}
+            for region in regions for metric in metrics]
+
+
+def _fmt(value: float, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2f}" if metric == "hd95" else f"{value:.4f}"
+
+
+def _stats_table(summary: Sequence[Mapping[str, Any]], hd95_unit: str) -> list[str]:
+    lines = ["| region | metric | mean | std | median | 25 % | 75 % | n |", "|" + " --- |" * 8]
+    for s in summary:
+        name = METRIC_TITLES[s["metric"]] + (f" ({hd95_unit})" if s["metric"] == "hd95" else "")
+        cells = [_fmt(s[k], s["metric"]) for k in ("mean", "std", "median", "q25", "q75")]
+        lines.append(f"| {s['region']} | {name} | {' | '.join(cells)} | {s['n']} |")
+    return lines
+
+
+def _model_line(meta: EvaluationMeta) -> str | None:
+    m = meta.model
+    if m is None:
+        return None
+    parts = [f"{k} {v}" for k, v in (("model", m.name), ("run", m.run), ("checkpoint", m.tag)) if v]
+    if m.parameters is not None:
+        parts.append(f"{m.parameters / 1e6:.2f}M parameters")
+    if m.training_minutes is not None:
+        parts.append(f"trained {m.training_minutes:.1f} min")
+    return ", ".join(parts) if parts else None
+
+
+def summary_markdown(meta: EvaluationMeta, summary: Sequence[Mapping[str, Any]],
+                     subject_summary: Sequence[Mapping[str, Any]], failed: Sequence[Mapping[str, Any]],
+                     n_subjects: int = 0) -> str:
+    """summary.md: what was evaluated, the per-case (and per-subject) statistics, failed cases, conventions."""
+    lines = [f"# Evaluation ({meta.kind}: {', '.join(meta.regions)})", ""]
+    model = _model_line(meta)
+    if model:
+        lines.append(f"- {model}")
+    lines += [f"- {key}: `{value}`" for key, value in meta.sources.items()]
+    if meta.label_conventions:
+        lines.append(f"- label conventions: {', '.join(meta.label_conventions)}")
+    lines.append(f"- cases: {meta.n_cases - meta.n_failed} scored, {meta.n_failed} failed")
+    for key, what in (("no_prediction", "ground-truth cases without a prediction"),
+                      ("no_ground_truth", "predictions without ground truth")):
+        if meta.notes.get(key):
+            lines.append(f"- not scored: {len(meta.notes[key])} {what} (listed in evaluation.json)")
+    lines += ["",
+              "## Per case", "", *_stats_table(summary, meta.hd95_unit), ""]
+    if subject_summary:
+        lines += [f"## Per subject ({n_subjects} subjects, cases stacked)", "",
+                  *_stats_table(subject_summary, meta.hd95_unit), ""]
+    if failed:
+        lines += ["## Failed cases", "", *[f"- `{r['case_id']}`: {r['error']}" for r in failed], ""]
+    lines += ["## Conventions", "", conventions_text(meta), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- box plots
+def plot_boxplots(rows: Sequence[Mapping[str, Any]], regions: Sequence[str], out_dir: Path,
+                  metrics: Sequence[str] = METRICS, hd95_unit: str = "mm") -> list[Path]:
+    """One PNG per metric, `boxplot_<metric>.png`, with one box per region (cases as dots over the box)."""
+    # Figure + Agg canvas directly: no pyplot, so no global backend state and nothing opens a window.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    paths = []
+    rng = np.random.default_rng(0)  # fixed jitter: the same rows give the same picture
+    for metric in metrics:
+        data, left_out = [], 0
+        for region in regions:
+            v = np.asarray([r[metric] for r in ok if r["region"] == region and r[metric] is not None], dtype=float)
+            left_out += int((~np.isfinite(v)).sum())
+            data.append(v[np.isfinite(v)])
+        fig = Figure(figsize=(1.6 + 1.3 * len(regions), 3.6), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.boxplot(data, tick_labels=list(regions), showfliers=False, widths=0.5)
+        for i, v in enumerate(data, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, v.size), v, s=10, alpha=0.6, color="tab:blue", zorder=3)
+        unit = f" ({hd95_unit})" if metric == "hd95" else ""
+        title = f"{METRIC_TITLES[metric]}{unit}, n = {max((len(v) for v in data), default=0)}"
+        ax.set_title(title + (f" ({left_out} non-finite left out)" if left_out else ""), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"boxplot_{metric}.png"
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------- meta, TB
+def write_evaluation_meta(out_dir: Path, meta: EvaluationMeta) -> Path:
+    """evaluation.json: the meta fields + the conventions text + the time it was written (UTC)."""
+    meta.validate()
+    path = Path(out_dir) / "evaluation.json"
+    _write_json(path, {**asdict(meta), "conventions": conventions_text(meta),
+                       "created": datetime.now(UTC).isoformat(timespec="seconds")})
+    return path
+
+
+def read_evaluation_meta(eval_dir: Path) -> EvaluationMeta:
+    """evaluation.json of an evaluation folder back as `EvaluationMeta`; ValueError naming the file otherwise."""
+    path = Path(eval_dir) / "evaluation.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e}); expected the evaluation.json an evaluation writes") from e
+    known = {f for f in EvaluationMeta.__dataclass_fields__}
+    fields = {k: v for k, v in raw.items() if k in known}
+    if fields.get("model") is not None:
+        fields["model"] = ModelInfo(**fields["model"])
+    try:
+        meta = EvaluationMeta(**fields)
+        meta.validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    return meta
+
+
+def log_evaluation(tb_dir: str | Path, summary_rows: Sequence[Mapping[str, Any]], step: int,
+                   tag_prefix: str = "eval", text: str | None = None) -> None:
+    """Scalars ``<prefix>/<metric>/<region>`` (the means of `summary_rows`, e.g. `EvaluationResult.summary`) and,
+    when given, `text` (e.g. summary.md) as ``<prefix>/summary`` into the TensorBoard folder `tb_dir` (a run's tb/),
+    at `step` (e.g. the checkpoint's optimizer step)."""
+    from distseg.monitor import TensorBoardMonitor
+
+    monitor = TensorBoardMonitor(tb_dir)
+    try:
+        monitor.scalars({f"{tag_prefix}/{s['metric']}/{s['region']}": s["mean"] for s in summary_rows
+                         if s["n"] > 0}, step)
+        if text is not None:
+            monitor.text(f"{tag_prefix}/summary", text, step)
+    finally:
+        monitor.close()
+
+
+# --------------------------------------------------------------------------------------------------- all of it
+@dataclass
+class EvaluationResult:
+    """What `write_evaluation` wrote and computed."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    """Per (case, region) rows (metrics.parquet)."""
+    subject_rows: list[dict[str, Any]]
+    """Per (subject, region) rows (subjects.parquet); [] without subjects."""
+    summary: list[dict[str, Any]]
+    """Per (region, metric) statistics over cases."""
+    subject_summary: list[dict[str, Any]]
+    """Per (region, metric) statistics over subjects."""
+    markdown: str
+    """summary.md."""
+    meta: EvaluationMeta
+    files: list[Path]
+
+    @property
+    def n_failed(self) -> int:
+        return self.meta.n_failed
+
+
+def write_evaluation(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: EvaluationMeta) -> EvaluationResult:
+    """Write every output file for scored rows (see the module doc) and return what was written.
+
+    `meta` is copied, not changed: the result's meta has n_cases, n_failed (and the label conventions met, when
+    `meta` named none) filled in from the rows."""
+    meta.validate()
+    meta = replace(meta)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dict(r) for r in rows]
+    failed = [r for r in rows if r["status"] != "ok"]
+    meta.n_cases = len({r["case_id"] for r in rows})
+    meta.n_failed = len({r["case_id"] for r in failed})
+    if not meta.label_conventions:
+        meta.label_conventions = sorted({r["label_convention"] for r in rows if r.get("label_convention")})
+    subjects = subject_metrics(rows, meta.empty_value)
+    summary = summarise(rows, meta.regions)
+    subject_summary = summarise(subjects, meta.regions, SUBJECT_METRICS) if subjects else []
+    n_subjects = len({r["subject"] for r in subjects})
+    markdown = summary_markdown(meta, summary, subject_summary, failed, n_subjects)
+    files = write_table(rows, case_schema(), out_dir, "metrics")
+    if subjects:
+        files += write_table(subjects, subject_schema(), out_dir, "subjects")
+    files += plot_boxplots(rows, meta.regions, out_dir, hd95_unit=meta.hd95_unit)
+    _write_text(out_dir / "summary.md", markdown)
+    _write_json(out_dir / "summary.json", {
+        "kind": meta.kind, "regions": meta.regions, "n_cases": meta.n_cases, "n_failed": meta.n_failed,
+        "n_subjects": n_subjects, "cases": summary, "subjects": subject_summary,
+        "failed": [{"case_id": r["case_id"], "error": r["error"]} for r in failed],
+        "conventions": conventions_text(meta)})
+    files += [out_dir / "summary.md", out_dir / "summary.json", write_evaluation_meta(out_dir, meta)]
+    log.info("evaluation of %d cases (%d failed) written to %s", meta.n_cases, meta.n_failed, out_dir)
+    return EvaluationResult(out_dir, rows, subjects, summary, subject_summary, markdown, meta, files)

@@ -1,0 +1,108 @@
+"""Evaluate segmentations: predictions vs ground truth per case and region, or compare evaluations side by side.
+
+    python launch/evaluate.py --pred DIR --gt DIR --output DIR [--hd95-one-empty 373.13] [--workers N]
+    python launch/evaluate.py compare EVAL_DIR... [--output FILE.md]
+
+--pred: files written by the predictor (3D `<case_id>.nii.gz`, 2D `<case_id>_mask.png`); --gt: BraTS case folders
+(any release naming), `<case_id>[_seg].nii.gz` label files, or 2D masks (see `preprocess/label_files.py`). Writes
+metrics.parquet/.csv, summary.md/.json, boxplot_<metric>.png and evaluation.json to --output (never into --pred or
+--gt) and prints summary.md. Exit status: 0 all cases scored, 3 some cases failed (each a row with its reason; the
+others are scored), 2 bad usage (missing folder, nothing paired, output inside an input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from distseg.evaluation import BRATS_HD95_ONE_EMPTY, EvaluationMeta, compare, evaluate_arrays
+from distseg.evaluation.report import atomic_write
+from preprocess.label_files import KIND_REGIONS, PairingError, PairLoader, pair_label_files
+
+logger = logging.getLogger("launch.evaluate")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", type=Path, required=True, help="folder of prediction files")
+    parser.add_argument("--gt", type=Path, required=True, help="folder of ground truth (BraTS cases, labels, masks)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the evaluation outputs")
+    parser.add_argument("--hd95-one-empty", type=float, default=BRATS_HD95_ONE_EMPTY,
+                        help="HD95 when exactly one of prediction and ground truth is empty (default: BraTS 373.13)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that read and score cases (default 1)")
+    return parser.parse_args(argv)
+
+
+def parse_compare_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="evaluate.py compare",
+                                     description="Print several evaluations side by side as a Markdown table.")
+    parser.add_argument("eval_dirs", type=Path, nargs="+", help="output folders of earlier evaluations")
+    parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
+    return parser.parse_args(argv)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def run_compare(argv: list[str]) -> int:
+    args = parse_compare_args(argv)
+    try:
+        table = compare(args.eval_dirs)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(args.output, lambda tmp: tmp.write_text(table, encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    sys.stdout.write(table)
+    return 0
+
+
+def run_files(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.workers < 1:
+        logger.error("--workers %d: expected an integer >= 1", args.workers)
+        return 2
+    for flag, folder in (("--pred", args.pred), ("--gt", args.gt)):
+        if folder.exists() and _inside(args.output, folder):
+            logger.error("--output %s is inside %s %s; expected a folder outside the inputs (outputs never go "
+                         "into them)", args.output, flag, folder)
+            return 2
+    try:
+        pairing = pair_label_files(args.pred, args.gt)
+        args.output.mkdir(parents=True, exist_ok=True)
+    except (PairingError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    meta = EvaluationMeta(
+        kind=pairing.kind, regions=KIND_REGIONS[pairing.kind],
+        sources={"pred": str(args.pred.resolve()), "gt": str(args.gt.resolve())},
+        hd95_unit="mm" if pairing.kind == "brats3d" else "px", hd95_one_empty=args.hd95_one_empty,
+        notes={"no_prediction": pairing.no_prediction, "no_ground_truth": pairing.no_ground_truth},
+    )
+    items = [*pairing.failures, *(PairLoader(pairing.kind, case_id, pred, gt) for case_id, pred, gt in pairing.pairs)]
+    items.sort(key=lambda item: item.case_id)
+    try:
+        result = evaluate_arrays(items, args.output, meta, workers=args.workers, total=len(items))
+    except OSError as e:
+        logger.error("writing the evaluation to %s failed: %s", args.output, e)
+        return 2
+    sys.stdout.write(result.markdown)
+    return 3 if result.n_failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if argv[:1] == ["compare"]:
+        return run_compare(argv[1:])
+    return run_files(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from distseg.data.store import CaseArrays, paste_to_source
+from distseg.fileio import atomic_write
 from distseg.monitor import paint_masks
 from distseg.predictor import Prediction
 
@@ -57,20 +57,6 @@ def check_output_dir(out_dir: Path, inputs: Sequence[Path] = ()) -> None:
         if resolved == folder or folder in resolved.parents:
             raise OutputError(f"{out_dir}: is inside the input folder {folder}; predictions never go into (or "
                               "overwrite) inputs, choose another --output")
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path` (same suffixes), then rename it into place."""
-    path = Path(path)
-    suffix = "".join(path.suffixes) or ".tmp"
-    tmp = path.with_name(f".{path.name.split('.')[0]}.{uuid.uuid4().hex[:8]}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -1,7 +1,15 @@
 """Evaluate segmentations: predictions vs ground truth per case and region, or compare evaluations side by side.
 
     python launch/evaluate.py --pred DIR --gt DIR --output DIR [--hd95-one-empty 373.13] [--workers N]
+    python launch/evaluate.py --model RUN|TAG|model.pt --store STORE [--fold K ...] --output DIR
+        [--overlap 0.5] [--tta mirror] [--window-batch 4] [--device auto] [--no-postprocessing-search]
     python launch/evaluate.py compare EVAL_DIR... [--output FILE.md]
+
+--model: predicts the store's labelled cases of the given folds (default: the run's validation folds) with the
+sliding window, writes each prediction (NIfTI / mask PNG + overlay) under DIR/predictions, scores them in the
+source grid, chooses the connected-component postprocessing on these cases (stored beside the model as
+postprocessing.json, used by `launch/predict.py --postprocess`; its effect is scored under DIR/postprocessed) and
+logs the summary to the run's TensorBoard.
 
 --pred: files written by the predictor (3D `<case_id>.nii.gz`, 2D `<case_id>_mask.png`); --gt: BraTS case folders
 (any release naming), `<case_id>[_seg].nii.gz` label files, or 2D masks (see `preprocess/label_files.py`). Writes
@@ -18,7 +26,7 @@ import sys
 from pathlib import Path
 
 from distseg.evaluation import BRATS_HD95_ONE_EMPTY, EvaluationMeta, compare, evaluate_arrays
-from distseg.evaluation.report import atomic_write
+from distseg.fileio import atomic_write
 from preprocess.label_files import KIND_REGIONS, PairingError, PairLoader, pair_label_files
 
 logger = logging.getLogger("launch.evaluate")
@@ -26,8 +34,18 @@ logger = logging.getLogger("launch.evaluate")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pred", type=Path, required=True, help="folder of prediction files")
-    parser.add_argument("--gt", type=Path, required=True, help="folder of ground truth (BraTS cases, labels, masks)")
+    parser.add_argument("--pred", type=Path, help="folder of prediction files")
+    parser.add_argument("--gt", type=Path, help="folder of ground truth (BraTS cases, labels, masks)")
+    parser.add_argument("--model", type=Path, help="run folder, checkpoint tag, model.pt or model.onnx")
+    parser.add_argument("--store", type=Path, help="with --model: the Zarr store holding the cases")
+    parser.add_argument("--fold", type=int, action="append", default=None,
+                        help="with --model: fold(s) to evaluate (default: the run's data.val_folds)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="with --model: sliding-window overlap")
+    parser.add_argument("--tta", choices=["none", "mirror"], default="none", help="with --model: mirror TTA")
+    parser.add_argument("--window-batch", type=int, default=4, help="with --model: windows per forward")
+    parser.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
+    parser.add_argument("--no-postprocessing-search", action="store_true",
+                        help="with --model: do not choose (and store) a connected-component postprocessing rule")
     parser.add_argument("--output", type=Path, required=True, help="folder for the evaluation outputs")
     parser.add_argument("--hd95-one-empty", type=float, default=BRATS_HD95_ONE_EMPTY,
                         help="HD95 when exactly one of prediction and ground truth is empty (default: BraTS 373.13)")
@@ -62,8 +80,57 @@ def run_compare(argv: list[str]) -> int:
     return 0
 
 
+def run_model(args: argparse.Namespace) -> int:
+    """--model RUN --store STORE [--fold K]: predict the fold's cases, score them, choose the postprocessing."""
+    import torch
+
+    from distseg.data.store import Store, StoreError
+    from distseg.evaluation.model import PredictSettings, evaluate_model
+    from distseg.outputs import OutputError, check_output_dir
+    from distseg.predictor import ModelLoadError, load_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        check_output_dir(args.output, [args.store])
+        model = load_model(args.model, device)
+        store = Store.open(args.store)
+    except (OutputError, ModelLoadError, StoreError) as e:
+        logger.error("%s", e)
+        return 2
+    folds = args.fold if args.fold else list(model.config.data.val_folds)
+    cases = store.case_ids(folds=folds, labelled_only=True)
+    if not cases:
+        logger.error("%s: no labelled case in folds %s; expected the folds the model was validated on", args.store,
+                     folds)
+        return 2
+    settings = PredictSettings(overlap=args.overlap, tta=args.tta == "mirror", window_batch=args.window_batch,
+                               device=device)
+    try:
+        evaluation = evaluate_model(model, store, cases, args.output, settings, folds,
+                                    choose_pp=not args.no_postprocessing_search)
+    except (ValueError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    sys.stdout.write(evaluation.result.markdown)
+    if evaluation.postprocessed is not None:
+        rules = ", ".join(f"{k}: {r.describe()}" for k, r in evaluation.postprocessing.rules.items())
+        sys.stdout.write(f"\n## With the chosen postprocessing ({rules})\n\n{evaluation.postprocessed.markdown}")
+    return 3 if evaluation.result.n_failed else 0
+
+
 def run_files(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.model is not None:
+        if args.pred is not None or args.gt is not None or args.store is None:
+            logger.error("--model needs --store (and no --pred/--gt): evaluate.py --model RUN --store STORE "
+                         "[--fold K] --output DIR")
+            return 2
+        return run_model(args)
+    if args.pred is None or args.gt is None:
+        logger.error("expected either --pred DIR --gt DIR or --model RUN --store STORE")
+        return 2
     if args.workers < 1:
         logger.error("--workers %d: expected an integer >= 1", args.workers)
         return 2

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from distseg.data.store import BINARY_REGIONS, BRATS_REGIONS
-from distseg.evaluation import CaseArrays, CaseFailure, infer_brats_convention, region_masks
+from distseg.evaluation import CaseFailure, ScoredCase, infer_brats_convention, region_masks
 from preprocess.common import CaseError
 from preprocess.discover import IMAGE_EXTS, discover_brats, discover_images2d, parse_brats_name
 from preprocess.images2d import binarize_mask, load_image
@@ -186,18 +186,18 @@ class PairLoader:
     pred: Path
     gt: GroundTruth
 
-    def __call__(self) -> CaseArrays | CaseFailure:
+    def __call__(self) -> ScoredCase | CaseFailure:
         try:
             return self._load_3d() if self.kind == "brats3d" else self._load_2d()
         except (SourceError, CaseError, ValueError) as e:
             return CaseFailure(self.case_id, str(e), pred_source=str(self.pred), gt_source=str(self.gt.path))
 
     def _arrays(self, pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None,
-                convention: str) -> CaseArrays:
-        return CaseArrays(self.case_id, pred, gt, spacing, pred_source=str(self.pred),
+                convention: str) -> ScoredCase:
+        return ScoredCase(self.case_id, pred, gt, spacing, pred_source=str(self.pred),
                           gt_source=str(self.gt.path), label_convention=convention)
 
-    def _load_3d(self) -> CaseArrays:
+    def _load_3d(self) -> ScoredCase:
         pred, _ = load_nifti(self.pred)
         gt, _ = load_nifti(self.gt.path)
         if pred.data.shape != gt.data.shape:
@@ -215,7 +215,7 @@ class PairLoader:
         pred_masks = region_masks(pred_zyx, convention, BRATS_REGIONS, what=str(self.pred))
         return self._arrays(pred_masks, gt_masks, gt.spacing_xyz[::-1], convention)
 
-    def _load_2d(self) -> CaseArrays:
+    def _load_2d(self) -> ScoredCase:
         pred = load_image(self.pred).max(axis=2)  # white-on-black masks in any colour mode, as the converter
         gt = load_image(self.gt.path).max(axis=2)
         if pred.shape != gt.shape:

@@ -28,8 +28,8 @@ from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import (
     BRATS_HD95_ONE_EMPTY,
     METRICS,
-    CaseArrays,
     CaseFailure,
+    ScoredCase,
     default_regions,
     evaluate_case,
     infer_brats_convention,
@@ -38,7 +38,7 @@ from distseg.evaluation.scoring import (
 )
 
 __all__ = [
-    "BRATS_HD95_ONE_EMPTY", "METRICS", "CaseArrays", "CaseFailure", "EvaluationMeta", "EvaluationResult",
+    "BRATS_HD95_ONE_EMPTY", "METRICS", "ScoredCase", "CaseFailure", "EvaluationMeta", "EvaluationResult",
     "ModelInfo", "compare", "conventions_text", "default_regions", "evaluate_arrays", "evaluate_case",
     "infer_brats_convention", "log_evaluation", "read_evaluation_meta", "read_table", "region_masks", "summarise",
     "subject_metrics", "write_evaluation", "write_evaluation_meta",

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from distseg.evaluation.scoring import BRATS_HD95_ONE_EMPTY, METRICS, SUBJECT_METRICS, subject_metrics
+from distseg.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +103,6 @@ def conventions_text(meta: EvaluationMeta) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- writing
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` for a temporary name beside `path`, then rename it into place (never half a file)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

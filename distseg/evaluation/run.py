@@ -23,7 +23,7 @@ def evaluate_arrays(cases: Iterable[CaseItem], out_dir: str | Path, meta: Evalua
                     total: int | None = None) -> EvaluationResult:
     """Score every case and write the outputs to `out_dir` (see `distseg.evaluation.report`).
 
-    cases: `CaseArrays` (bool (K, *S) pred/gt masks + spacing + subject), `CaseFailure`s, or zero-argument
+    cases: `ScoredCase` (bool (K, *S) pred/gt masks + spacing + subject), `CaseFailure`s, or zero-argument
     loaders returning either (with `workers` > 1 they run in the worker processes, so loading is parallel too;
     they must then be picklable, e.g. module-level classes). Consumed lazily: at most 2 x `workers` cases are in
     flight, so a generator of large volumes stays bounded in memory. Region names, empty-set conventions and the

@@ -94,7 +94,7 @@ def region_masks(label: np.ndarray, convention: str, regions: Mapping[str, Seque
 
 
 @dataclass
-class CaseArrays:
+class ScoredCase:
     """One case to score: region masks of prediction and ground truth on one grid."""
 
     case_id: str
@@ -126,7 +126,7 @@ class CaseFailure:
     gt_source: str | None = None
 
 
-CaseItem = CaseArrays | CaseFailure | Callable[[], CaseArrays | CaseFailure]
+CaseItem = ScoredCase | CaseFailure | Callable[[], ScoredCase | CaseFailure]
 """What `evaluate_arrays` scores: a case, a failure, or a zero-argument loader returning one (run in the worker)."""
 
 

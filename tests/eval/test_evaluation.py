@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from distseg.evaluation import (
-    CaseArrays,
     CaseFailure,
     EvaluationMeta,
     ModelInfo,
+    ScoredCase,
     compare,
     evaluate_arrays,
     evaluate_case,
@@ -125,7 +125,7 @@ def _brats_cases(rng: np.random.Generator, n: int = 4):
         gt[2, 4:6, 5:7, 4:5] = i != 2  # case 2: no ET in the ground truth
         pred = gt.copy()
         pred[0] |= rng.random(gt.shape[1:]) < 0.02 * i
-        yield CaseArrays(f"case{i}", pred, gt, (1.0, 1.0, 2.0), pred_source=f"p/{i}.nii.gz",
+        yield ScoredCase(f"case{i}", pred, gt, (1.0, 1.0, 2.0), pred_source=f"p/{i}.nii.gz",
                          gt_source=f"g/{i}.nii.gz", label_convention="brats2018")
 
 
@@ -179,7 +179,7 @@ def test_workers_give_the_same_rows(tmp_path: Path, rng: np.random.Generator) ->
 
 
 def test_subject_table_written_when_cases_have_subjects(tmp_path: Path, rng: np.random.Generator) -> None:
-    cases = [CaseArrays(f"s{i}", rng.random((1, 6, 6)) < 0.4, rng.random((1, 6, 6)) < 0.4, None,
+    cases = [ScoredCase(f"s{i}", rng.random((1, 6, 6)) < 0.4, rng.random((1, 6, 6)) < 0.4, None,
                         subject=f"patient{i % 2}") for i in range(6)]
     result = evaluate_arrays(cases, tmp_path, EvaluationMeta(kind="images2d", regions=["tumour"], hd95_unit="px"))
     subjects = pq.read_table(tmp_path / "subjects.parquet").to_pylist()
@@ -206,7 +206,7 @@ def _two_d_eval(path: Path, name: str, dice_pred_fraction: float, rng: np.random
         gt = np.zeros((1, 10, 10), bool)
         gt[0, 2:8, 2:8] = True
         pred = gt & (rng.random(gt.shape) < dice_pred_fraction)
-        cases.append(CaseArrays(f"img{i}", pred, gt, None, subject=f"p{i % 2}"))
+        cases.append(ScoredCase(f"img{i}", pred, gt, None, subject=f"p{i % 2}"))
     evaluate_arrays(cases, path, EvaluationMeta("images2d", ["tumour"], hd95_unit="px",
                                                 model=ModelInfo(name=name, parameters=params)))
 

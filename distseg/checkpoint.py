@@ -210,16 +210,47 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     return state
 
 
-def export_fp32(tag_dir: Path, out: Path) -> Path:
-    """Consolidate a COMPLETE checkpoint's ZeRO shards into one fp32 state dict file (``torch.save``), loadable
-    with ``weights_only=True`` (e.g. as `model.init_weights`). Works for every ZeRO stage and any rank count."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def consolidated_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights (and buffers) of a COMPLETE checkpoint of any ZeRO stage and rank count, in memory.
+
+    ZeRO 1-3: DeepSpeed's zero_to_fp32 gathers the fp32 master partitions of every rank. ZeRO 0 (plain data
+    parallel) keeps no partitions: with bf16/fp16 the fp32 master weights are the optimizer's `fp32_groups`, in the
+    order of `distseg.optim.param_groups` (matrices, then vectors); in fp32 the module weights are the master copy.
+    """
+    import contextlib
+    import io
 
     if read_marker(tag_dir) is None:
         raise CheckpointError(f"{tag_dir}: not a complete checkpoint (no valid {MARKER}); pick another tag")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    module: dict[str, torch.Tensor] = saved["module"]
+    out = {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in module.items()}
+    groups = (saved.get("optimizer") or {}).get("fp32_groups")
+    if groups:
+        buffers = set(saved.get("buffer_names") or [])
+        params = [k for k in module if k not in buffers]
+        ordered = [k for k in params if module[k].dim() > 1] + [k for k in params if module[k].dim() <= 1]
+        masters = [t for group in groups for t in group]
+        if len(masters) == len(ordered) and all(masters[i].shape == module[k].shape for i, k in enumerate(ordered)):
+            out.update({k: masters[i].float().contiguous() for i, k in enumerate(ordered)})
+        else:
+            logger.warning("%s: fp32 master weights do not line up with the module's parameters; exporting the "
+                           "module's %s weights widened to fp32", tag_dir, next(iter(module.values())).dtype)
+    return out
+
+
+def export_fp32(tag_dir: Path, out: Path) -> Path:
+    """Consolidate a COMPLETE checkpoint's weights into one fp32 state dict file (``torch.save``), loadable
+    with ``weights_only=True`` (e.g. as `model.init_weights`). Works for every ZeRO stage and any rank count."""
+    state = consolidated_fp32_state(tag_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in state.items()}, out.with_suffix(".tmp"))
+    torch.save(state, out.with_suffix(".tmp"))
     out.with_suffix(".tmp").replace(out)
     return out
 

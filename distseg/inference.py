@@ -76,7 +76,7 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Starts of the windows along one axis of length `size` (>= window): evenly spaced from 0 to size - window."""
     if size <= window:
         return [0]
-    target_step = window * (1.0 - overlap)
+    target_step = max(window * (1.0 - overlap), 1.0)  # never below one voxel (a 1-slice window steps by 1)
     n = math.ceil((size - window) / target_step) + 1
     step = (size - window) / (n - 1)
     return [int(round(i * step)) for i in range(n)]

@@ -12,11 +12,9 @@ mode and window, the store kind and 2D resize. Checkpoints written by the traine
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -154,16 +152,12 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a COMPLETE DeepSpeed checkpoint tag of any ZeRO stage and rank count (in memory)."""
     from distseg import checkpoint
 
-    if checkpoint.read_marker(tag_dir) is None:
-        raise ModelLoadError(f"{tag_dir}: not a complete checkpoint (no valid {checkpoint.MARKER}); pick another tag")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     try:
-        with contextlib.redirect_stdout(StringIO()):  # zero_to_fp32 prints its progress
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except Exception as e:  # DeepSpeed raises assorted errors for damaged shards
+        return checkpoint.consolidated_fp32_state(tag_dir)
+    except checkpoint.CheckpointError as e:
+        raise ModelLoadError(str(e)) from e
+    except Exception as e:  # DeepSpeed and torch raise assorted errors for damaged shards
         raise ModelLoadError(f"{tag_dir}: cannot consolidate the checkpoint's weights ({type(e).__name__}: {e})") from e
-    return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
 
 
 def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, model_name: str) -> None:

@@ -175,7 +175,7 @@ def predict_cases(predictor, cases: list[InputCase], out_dir: Path, save_probabi
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, local_rank = rank_and_world()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from distseg.outputs import OutputError, check_output_dir
     from distseg.predictor import ModelLoadError, Predictor, load_model

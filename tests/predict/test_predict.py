@@ -1,0 +1,229 @@
+"""`launch/predict.py`, `python -m distseg.export` and `launch/evaluate.py --model` end to end, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from distseg.monitor import read_events
+
+pytestmark = pytest.mark.slow
+
+REAL_CASES = [("brats2018", "Brats18_CBICA_ABM_1", {0, 1, 2, 4}), ("brats2021", "BraTS2021_00006", {0, 1, 2, 4}),
+              ("brats2023-naming", "BraTS-GLI-00001-000", {0, 1, 2, 3})]
+
+
+def _labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_raw_nifti_and_store_give_the_same_voxels(brats_run, brats_data, predict_cli, tmp_path):
+    raw, store = brats_data
+    from_raw, from_store = tmp_path / "raw", tmp_path / "store"
+    assert "8 cases" in predict_cli("--model", brats_run, "--input", raw, "--output", from_raw,
+                                    "--tta", "mirror").stdout
+    res = predict_cli("--model", brats_run, "--input", store, "--output", from_store, "--tta", "mirror")
+    assert res.returncode == 0, res.stdout[-3000:]
+    files = sorted(p.name for p in from_raw.glob("*.nii.gz"))
+    assert len(files) == 8 and files == sorted(p.name for p in from_store.glob("*.nii.gz"))
+    for name in files:
+        np.testing.assert_array_equal(_labels(from_raw / name), _labels(from_store / name))
+        case_id = name[: -len(".nii.gz")]
+        src = nib.load(str(raw / case_id / f"{case_id}_flair.nii.gz"))
+        out = nib.load(str(from_raw / name))
+        assert out.shape == src.shape and np.allclose(out.affine, src.affine) and out.get_data_dtype() == np.uint8
+        assert set(np.unique(_labels(from_raw / name)).tolist()) <= {0, 1, 2, 4}
+        assert Image.open(from_raw / f"{case_id}_overlay.png").mode == "RGB"
+
+
+@pytest.mark.parametrize("release,case_id,convention", REAL_CASES)
+def test_real_cases_geometry_header_convention_and_brain_box(brats_run, shared_data, predict_cli, tmp_path, release,
+                                                             case_id, convention):
+    """Real scans: output grid, affine and header equal the input's; labels in the input's convention; nothing
+    outside the brain box; the store path gives the same voxels (raw NIfTI == store)."""
+    from preprocess.brats import brats_root_attrs, convert_brats_case
+    from preprocess.discover import discover_brats
+    from preprocess.writer import Layout, init_store
+
+    case_dir = tmp_path / "in" / case_id
+    shutil.copytree(shared_data / release / case_id, case_dir)
+    out = tmp_path / "out"
+    res = predict_cli("--model", brats_run, "--input", case_dir, "--output", out, "--window-batch", "8")
+    assert res.returncode == 0, res.stdout[-3000:]
+    pred = nib.load(str(out / f"{case_id}.nii.gz"))
+    flair = next(case_dir.glob("*flair.nii.gz")) if release != "brats2023-naming" else next(case_dir.glob("*t2f*"))
+    src = nib.load(str(flair))
+    assert pred.shape == src.shape == (240, 240, 155)
+    np.testing.assert_allclose(pred.affine, src.affine)
+    for key in ("qform_code", "sform_code", "pixdim", "xyzt_units"):
+        np.testing.assert_array_equal(pred.header[key], src.header[key])
+    assert pred.get_data_dtype() == np.uint8
+    labels = _labels(out / f"{case_id}.nii.gz")
+    assert set(np.unique(labels).tolist()) <= convention
+    brain = np.zeros(src.shape, dtype=bool)
+    for f in case_dir.glob("*.nii.gz"):
+        if "seg" not in f.name:
+            brain |= np.asarray(nib.load(str(f)).dataobj) != 0
+    box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(brain))
+    outside = np.ones(src.shape, dtype=bool)
+    outside[box] = False
+    assert not labels[outside].any()
+    # The same case converted into a store predicts the same voxels.
+    store = tmp_path / "s.zarr"
+    init_store(store, brats_root_attrs())
+    row = convert_brats_case(discover_brats(case_dir.parent)[0], store, 0, Layout())
+    assert row["status"] == "ok", row["error"]
+    res = predict_cli("--model", brats_run, "--input", store, "--output", tmp_path / "from_store",
+                      "--window-batch", "8")
+    assert res.returncode == 0, res.stdout[-3000:]
+    np.testing.assert_array_equal(_labels(tmp_path / "from_store" / f"{case_id}.nii.gz"), labels)
+
+
+def test_export_round_trip_zero3_checkpoint_and_onnx(brats_run_zero3, brats_data, predict_cli, export_cli, tmp_path):
+    """A 2-rank ZeRO-3 checkpoint -> export -> predict equals predicting from the checkpoint; ONNX ~ torch."""
+    _, store = brats_data
+    tag = sorted((brats_run_zero3 / "checkpoints").glob("step_*"))[-1]
+    ok_ckpt = predict_cli("--model", tag, "--input", store, "--output", tmp_path / "ckpt", "--fold", "0")
+    assert ok_ckpt.returncode == 0, ok_ckpt.stdout[-3000:]
+    res = export_cli(brats_run_zero3, "--out", tmp_path / "exp", "--onnx")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert {p.name for p in (tmp_path / "exp").iterdir()} >= {"model.pt", "model.yaml", "model.onnx"}
+    import torch
+
+    state = torch.load(tmp_path / "exp" / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    for name, model in (("pt", "model.pt"), ("onnx", "model.onnx")):
+        r = predict_cli("--model", tmp_path / "exp" / model, "--input", store, "--output", tmp_path / name,
+                        "--fold", "0")
+        assert r.returncode == 0, r.stdout[-3000:]
+    names = sorted(p.name for p in (tmp_path / "ckpt").glob("*.nii.gz"))
+    assert names
+    for n in names:
+        np.testing.assert_array_equal(_labels(tmp_path / "pt" / n), _labels(tmp_path / "ckpt" / n))
+        agree = np.mean(_labels(tmp_path / "onnx" / n) == _labels(tmp_path / "ckpt" / n))
+        assert agree > 0.999, f"{n}: ONNX and torch labels agree on only {agree:.5f} of the voxels"
+
+
+def test_bad_inputs_are_named_and_the_good_cases_still_predicted(brats_run, brats_data, predict_cli, export_cli,
+                                                                  tmp_path):
+    raw, _ = brats_data
+    src = tmp_path / "in"
+    cases = sorted(p.name for p in raw.iterdir())
+    for c in cases[:4]:
+        shutil.copytree(raw / c, src / c)
+    good, missing, mismatched, notnifti = cases[:4]
+    (src / missing / f"{missing}_t1ce.nii.gz").unlink()
+    other = nib.load(str(src / mismatched / f"{mismatched}_t2.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), other.affine), str(src / mismatched /
+                                                                                   f"{mismatched}_t2.nii.gz"))
+    (src / notnifti / f"{notnifti}_flair.nii.gz").write_bytes(b"\x1f\x8b" + b"not a nifti at all" * 10)
+    out = tmp_path / "out"
+    res = predict_cli("--model", brats_run, "--input", src, "--output", out)
+    assert res.returncode == 2, res.stdout[-3000:]
+    assert (out / f"{good}.nii.gz").is_file()
+    for cid, words in ((missing, "missing modality t1ce"), (mismatched, "differs from"), (notnifti, "gzip")):
+        line = next((ln for ln in res.stdout.splitlines() if f"FAILED {cid}" in ln), "")
+        assert words in line and "expected" in line, res.stdout[-3000:]
+        assert not (out / f"{cid}.nii.gz").exists()
+    # A checkpoint of another model, a truncated weights file, an unwritable output, an empty input folder.
+    assert export_cli(brats_run, "--out", tmp_path / "exp").returncode == 0
+    doc = (tmp_path / "exp" / "model.yaml").read_text()
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    shutil.copy(tmp_path / "exp" / "model.pt", wrong / "model.pt")
+    (wrong / "model.yaml").write_text(doc.replace("preset: debug", "preset: default"))
+    res = predict_cli("--model", wrong / "model.pt", "--input", src / good, "--output", tmp_path / "o1")
+    assert res.returncode == 2 and "do not fit model 'unet3d'" in res.stdout, res.stdout[-2000:]
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    data = (tmp_path / "exp" / "model.pt").read_bytes()
+    (trunc / "model.pt").write_bytes(data[: len(data) // 2])
+    (trunc / "model.yaml").write_text(doc)
+    res = predict_cli("--model", trunc / "model.pt", "--input", src / good, "--output", tmp_path / "o2")
+    assert res.returncode == 2 and f"{trunc / 'model.pt'}: unreadable weights file" in res.stdout
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = predict_cli("--model", brats_run, "--input", src / good, "--output", blocker / "out")
+    assert res.returncode == 2 and "cannot create the output folder" in res.stdout
+    (tmp_path / "empty").mkdir()
+    res = predict_cli("--model", brats_run, "--input", tmp_path / "empty", "--output", tmp_path / "o3")
+    assert res.returncode == 2 and "no BraTS case found" in res.stdout
+    res = predict_cli("--model", brats_run, "--input", src, "--output", src / "preds")
+    assert res.returncode == 2 and "inside the input folder" in res.stdout
+
+
+def test_two_ranks_split_the_cases(brats_run, brats_data, predict_launcher, tmp_path):
+    raw, _ = brats_data
+    res = predict_launcher("--model", brats_run, "--input", raw, "--output", tmp_path / "out")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 8
+    assert "rank 0: 4 cases predicted" in res.stdout and "rank 1: 4 cases predicted" in res.stdout
+
+
+def test_evaluate_model_chooses_postprocessing_and_logs_to_tensorboard(brats_run, brats_data, evaluate_cli,
+                                                                       predict_cli, tmp_path):
+    _, store = brats_data
+    out = tmp_path / "eval"
+    res = evaluate_cli("--model", brats_run, "--store", store, "--output", out)
+    assert res.returncode == 0, res.stdout[-3000:]
+    for name in ("metrics.parquet", "metrics.csv", "summary.md", "evaluation.json", "boxplot_dice.png",
+                 "postprocessing.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "evaluation.json").read_text())
+    assert meta["model"]["name"] == "unet3d" and meta["n_cases"] >= 1
+    assert sorted(p.name for p in (out / "predictions").glob("*.nii.gz"))
+    beside = json.loads((brats_run / "postprocessing.json").read_text())
+    assert set(beside) >= {"rules", "candidates"} and {c["region"] for c in beside["candidates"]} == {"WT", "TC", "ET"}
+    events = read_events(brats_run / "tb")
+    assert "eval/dice/WT" in events and "eval/summary/text_summary" in events
+    res = predict_cli("--model", brats_run, "--input", store, "--output", tmp_path / "pp", "--postprocess")
+    assert res.returncode == 0, res.stdout[-3000:]
+
+
+def test_zero0_bf16_checkpoint_exports_the_fp32_master_weights(images_run):
+    """ZeRO 0 + bf16 keeps bf16 module weights and fp32 masters in the optimizer: the export must take the masters."""
+    import torch
+
+    from distseg.checkpoint import consolidated_fp32_state
+
+    tag = sorted((images_run / "checkpoints").glob("step_*"))[-1]
+    state = consolidated_fp32_state(tag)
+    saved = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    weights = [k for k, v in saved.items() if v.dtype == torch.bfloat16 and v.dim() > 1]
+    assert weights
+    for k in weights:
+        assert state[k].dtype == torch.float32
+        torch.testing.assert_close(state[k].bfloat16(), saved[k], atol=0, rtol=0.01)
+    assert any(not torch.equal(state[k], state[k].bfloat16().float()) for k in weights)  # real fp32 precision
+
+
+def test_2d_masks_and_overlays_at_the_input_size(images_run, images_data, predict_cli, evaluate_cli, tmp_path):
+    raw, store = images_data
+    out = tmp_path / "out"
+    res = predict_cli("--model", images_run, "--input", raw, "--output", out, "--tta", "mirror")
+    assert res.returncode == 0, res.stdout[-3000:]
+    masks = sorted(out.glob("*_mask.png"))
+    assert len(masks) == 8
+    for m in masks:
+        case_id = m.name[: -len("_mask.png")]
+        src = next(p for p in raw.rglob(f"{case_id}.*") if "_mask" not in p.name)
+        mask = np.asarray(Image.open(m))
+        assert mask.shape == Image.open(src).size[::-1]
+        assert set(np.unique(mask).tolist()) <= {0, 255}  # the synthetic masks are 0/255: same convention back
+        overlay = Image.open(out / f"{case_id}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size == Image.open(src).size
+    # raw images == store, and the masks evaluate against the source masks
+    res = predict_cli("--model", images_run, "--input", store, "--output", tmp_path / "s", "--tta", "mirror")
+    assert res.returncode == 0
+    for m in masks:
+        np.testing.assert_array_equal(np.asarray(Image.open(m)), np.asarray(Image.open(tmp_path / "s" / m.name)))
+    res = evaluate_cli("--pred", out, "--gt", raw, "--output", tmp_path / "eval")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert (tmp_path / "eval" / "metrics.parquet").is_file()
+

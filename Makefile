@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: venv
 	$(PY) tests/benchmarks/bench_preprocess.py
 	$(PY) tests/benchmarks/bench_models.py
 	$(PY) tests/benchmarks/bench_train.py
+	$(PY) tests/benchmarks/bench_inference.py
+
+# GPU benchmarks (inference, training step, models) on one CUDA GPU; says so and exits 0 without one.
+gpu-check: venv
+	$(PY) tests/benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out

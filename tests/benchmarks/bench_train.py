@@ -57,31 +57,46 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
     from distseg.models import build_model
 
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    bf16 = args.precision == "bf16"
     overrides = json.loads(args.step_overrides)
-    plain_model = build_model(args.step_model, **overrides)
+    plain_model = build_model(args.step_model, **overrides).to(device)
     ds_model = copy.deepcopy(plain_model)
     n_params = sum(p.numel() for p in plain_model.parameters())
     loss_fn = build_loss(LossConfig())
+    spatial = (args.step_size,) * plain_model.spatial_dims
+    in_channels = plain_model.in_channels
     with torch.no_grad():
-        out_ch = ds_model.eval()(torch.zeros(1, args.in_channels, args.step_size, args.step_size)).shape[1]
+        out_ch = ds_model.eval()(torch.zeros(1, in_channels, *spatial, device=device)).shape[1]
     ds_model.train()
-    x = torch.randn(args.step_batch, args.in_channels, args.step_size, args.step_size)
-    y = (torch.rand(args.step_batch, out_ch, args.step_size, args.step_size) > 0.7).float()
+    x = torch.randn(args.step_batch, in_channels, *spatial, device=device)
+    y = (torch.rand(args.step_batch, out_ch, *spatial, device=device) > 0.7).float()
 
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
     _set_dist_env(0, 1, _free_port())
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     ds_config = {"train_micro_batch_size_per_gpu": args.step_batch, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+                 "zero_optimization": {"stage": args.step_zero}, "steps_per_print": 10**9,
+                 "wall_clock_breakdown": False, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=ds_model, optimizer=torch.optim.AdamW(ds_model.parameters(), lr=1e-4),
                                       config=ds_config)
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     def plain_step() -> list[float]:
+        # The plain baseline in bf16 is the usual torch AMP loop: fp32 weights, bf16 autocast compute.
+        sync()
         t = [time.perf_counter()]
         plain_opt.zero_grad(set_to_none=True)
-        loss = loss_fn(plain_model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(plain_model(x), y)
+        sync()
         t.append(time.perf_counter())
         loss.backward()
+        sync()
         t.append(time.perf_counter())
         plain_opt.step()
         loss.item()  # the loop's one sync, same in both variants
@@ -89,10 +104,13 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
         return [b - a for a, b in itertools.pairwise(t)]
 
     def ds_step() -> list[float]:
+        sync()
         t = [time.perf_counter()]
-        loss = loss_fn(engine(x), y)
+        loss = loss_fn(engine(x.to(torch.bfloat16) if bf16 else x), y)
+        sync()
         t.append(time.perf_counter())
         engine.backward(loss)  # includes DeepSpeed's gradient all-reduce (a no-op collective at 1 rank)
+        sync()
         t.append(time.perf_counter())
         engine.step()  # optimizer step + zero_grad
         loss.item()
@@ -114,15 +132,16 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
     # Verdict on the median of per-pair ratios: the two steps of a pair run back to back, so load from other
     # processes on this shared machine hits both alike; ratio of medians and of minima are shown beside it.
     paired = statistics.median(d / p for d, p in zip(ds_tot, plain_tot, strict=True))
-    case = (f"{args.step_model} {n_params / 1e6:.1f}M, batch {args.step_batch}x{args.in_channels}x"
-            f"{args.step_size}², fp32 AdamW, {args.steps} paired steps")
+    case = (f"{args.step_model} {n_params / 1e6:.1f}M, batch {args.step_batch}x{in_channels}x"
+            f"{args.step_size}^{len(spatial)}, {args.precision} AdamW, ZeRO {args.step_zero}, {args.device}, "
+            f"{args.steps} paired steps")
     verdict = f"<= 1.10 {'ok' if paired <= 1.10 else 'MISSED'}"
 
     def phases(ts: list[list[float]]) -> str:
         return "/".join(f"{statistics.median(c) * 1e3:.0f}" for c in zip(*ts, strict=True)) + " ms"
 
     rows: list[Row] = [
-        ("(a) step time", case, f"{statistics.median(ds_tot) * 1e3:.0f} ms DeepSpeed ZeRO 0",
+        ("(a) step time", case, f"{statistics.median(ds_tot) * 1e3:.0f} ms DeepSpeed ZeRO {args.step_zero}",
          f"{statistics.median(plain_tot) * 1e3:.0f} ms plain loop", f"{paired:.3f} (paired median)", verdict),
         ("(a) step time", "ratio of medians / ratio of minima",
          f"min {min(ds_tot) * 1e3:.0f} ms", f"min {min(plain_tot) * 1e3:.0f} ms",
@@ -131,11 +150,16 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
     ]
     # DeepSpeed's own extra work per step at 1 rank is the gradient all-reduce (flatten, collective, unflatten);
     # timed alone (grads present) it bounds the overhead independently of the noisy end-to-end ratio.
-    engine.backward(loss_fn(engine(x), y))
+    if args.step_zero != 0:  # ZeRO >= 1 reduces inside backward; no separate all-reduce to time
+        torch.distributed.destroy_process_group()
+        return rows
+    engine.backward(loss_fn(engine(x.to(torch.bfloat16) if bf16 else x), y))
     ar = []
     for _ in range(5):
+        sync()
         t0 = time.perf_counter()
         engine.allreduce_gradients()
+        sync()
         ar.append(time.perf_counter() - t0)
     rows.append(("(a) DS-only work", "engine.allreduce_gradients() alone, min of 5", f"{min(ar) * 1e3:.1f} ms",
                  f"{min(plain_tot) * 1e3:.0f} ms plain step (min)", f"{min(ar) / min(plain_tot):.3f}", ""))
@@ -350,9 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="a,b,c,d",
                    help="comma list of a (step time), b (memory), c (loader), d (demo data wait)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--in-channels", type=int, default=3, help="(b): input channels of the memory model")
+    p.add_argument("--device", default="cpu", help="(a): cpu or cuda (one GPU; nccl for the 1-rank group)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="(a): bf16 = DeepSpeed bf16 vs a torch autocast loop")
+    p.add_argument("--step-zero", type=int, default=0, help="(a): ZeRO stage of the DeepSpeed side (1 rank)")
     p.add_argument("--step-model", default="unet")
-    p.add_argument("--step-overrides", default='{"features": [32, 64, 128, 256, 512]}', help="JSON build_model kwargs")
+    p.add_argument("--step-overrides", default='{"features": [32, 64, 128, 256, 512], "in_channels": 3}',
+                   help="JSON build_model kwargs")
     p.add_argument("--step-batch", type=int, default=8)
     p.add_argument("--step-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)

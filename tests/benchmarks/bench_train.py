@@ -73,14 +73,15 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
     x = torch.randn(args.step_batch, in_channels, *spatial, device=device)
     y = (torch.rand(args.step_batch, out_ch, *spatial, device=device) > 0.7).float()
 
-    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4)
+    fused = {"fused": True} if args.fused else {}
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4, **fused)
     _set_dist_env(0, 1, _free_port())
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     ds_config = {"train_micro_batch_size_per_gpu": args.step_batch, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": args.step_zero}, "steps_per_print": 10**9,
                  "wall_clock_breakdown": False, "bf16": {"enabled": bf16}}
-    engine, *_ = deepspeed.initialize(model=ds_model, optimizer=torch.optim.AdamW(ds_model.parameters(), lr=1e-4),
-                                      config=ds_config)
+    engine, *_ = deepspeed.initialize(model=ds_model, config=ds_config,
+                                      optimizer=torch.optim.AdamW(ds_model.parameters(), lr=1e-4, **fused))
 
     def sync() -> None:
         if cuda:
@@ -133,7 +134,8 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
     # processes on this shared machine hits both alike; ratio of medians and of minima are shown beside it.
     paired = statistics.median(d / p for d, p in zip(ds_tot, plain_tot, strict=True))
     case = (f"{args.step_model} {n_params / 1e6:.1f}M, batch {args.step_batch}x{in_channels}x"
-            f"{args.step_size}^{len(spatial)}, {args.precision} AdamW, ZeRO {args.step_zero}, {args.device}, "
+            f"{args.step_size}^{len(spatial)}, {args.precision} {'fused ' if args.fused else ''}AdamW, "
+            f"ZeRO {args.step_zero}, {args.device}, "
             f"{args.steps} paired steps")
     verdict = f"<= 1.10 {'ok' if paired <= 1.10 else 'MISSED'}"
 
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="(a): bf16 = DeepSpeed bf16 vs a torch autocast loop")
     p.add_argument("--step-zero", type=int, default=0, help="(a): ZeRO stage of the DeepSpeed side (1 rank)")
+    p.add_argument("--fused", action="store_true", help="(a): torch's fused AdamW on both sides (CUDA)")
     p.add_argument("--step-model", default="unet")
     p.add_argument("--step-overrides", default='{"features": [32, 64, 128, 256, 512], "in_channels": 3}',
                    help="JSON build_model kwargs")

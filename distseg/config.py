@@ -90,6 +90,13 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 = no clipping)."""
     val_every: int = 250
     """Validate every this many optimizer steps and at the end (0 = never)."""
+    val_mode: str = "whole"
+    """"whole": segment every validation case whole with the sliding window (the code `launch/predict.py` runs), so
+    "best" is best on whole cases; "crop": one centred crop per case of `data.val_patch_size` (cheaper, coarser)."""
+    val_overlap: float = 0.5
+    """Sliding-window overlap of whole-case validation (0.5 as prediction; lower is faster)."""
+    val_window_batch: int = 2
+    """Windows per forward call in whole-case validation."""
     max_nonfinite_in_row: int = 5
     """Stop with an error after this many consecutive micro-batches with a non-finite loss (each is skipped)."""
 
@@ -229,6 +236,9 @@ def _check_train(c: TrainConfig, ck: CheckpointConfig, dbg: DebugConfig) -> None
     _need(c.grad_accum >= 1, "train.grad_accum", "an int >= 1", c.grad_accum)
     _need(c.clip_grad >= 0, "train.clip_grad", "a norm >= 0 (0 = off)", c.clip_grad)
     _need(c.val_every >= 0, "train.val_every", "an int >= 0 (0 = never)", c.val_every)
+    _need(c.val_mode in ("whole", "crop"), "train.val_mode", "'whole' or 'crop'", c.val_mode)
+    _need(0 <= c.val_overlap < 1, "train.val_overlap", "a fraction in [0, 1)", c.val_overlap)
+    _need(c.val_window_batch >= 1, "train.val_window_batch", "an int >= 1", c.val_window_batch)
     _need(c.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", "an int >= 1", c.max_nonfinite_in_row)
     _need(ck.every >= 0, "checkpoint.every", "an int >= 0 (0 = only at the end)", ck.every)
     _need(ck.keep_last >= 1, "checkpoint.keep_last", "an int >= 1", ck.keep_last)

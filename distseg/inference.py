@@ -136,7 +136,7 @@ def _centred_pad(image: torch.Tensor, window: Sequence[int]) -> tuple[torch.Tens
     return F.pad(image, pads), region
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a ZeRO-3 engine's gathered weights must stay usable for training
 def sliding_window(
     predict: Predict,
     image: torch.Tensor | np.ndarray,
@@ -150,8 +150,9 @@ def sliding_window(
     The image is moved to `device` (default: the image's device) once, and windows are cut there: cutting strided
     3D windows on the host and copying each batch over was 1.8x slower than MONAI on an H100. The weighted sums
     accumulate on `accumulate_device` (default: `device`; pass "cpu" when a large case's (K, *S) accumulator does
-    not fit next to the model, the image then stays where it is and windows travel one batch at a time). `autocast_dtype` (e.g. torch.bfloat16) runs each forward
-    under autocast on `device`; accumulation is always float32.
+    not fit next to the model, the image then stays where it is and windows travel one batch at a time).
+    `autocast_dtype` (e.g. torch.bfloat16) runs each forward under autocast on `device`; accumulation is always
+    float32.
     """
     image = torch.as_tensor(image)
     if image.dim() != len(sw.window) + 1:
@@ -192,6 +193,30 @@ def sliding_window(
     assert out is not None
     out /= norm
     return out[(slice(None), *region)]
+
+
+def window_for(mode: str, patch_size: Sequence[int]) -> tuple[int, ...]:
+    """The sliding window over a stored case (Z, Y, X) for a model trained in data mode `mode`: the 3D patch for
+    "patch3d", (1, Y, X) for the 2D modes (slice2d / image2d run the 2D model over axial slices)."""
+    return tuple(int(p) for p in patch_size) if mode == "patch3d" else (1, *(int(p) for p in patch_size))
+
+
+def window_predictor(net: Callable[[torch.Tensor], object], mode: str,
+                     input_dtype: torch.dtype | None = None) -> Predict:
+    """Wrap a model (module, DeepSpeed engine, ONNX runner) for `sliding_window`: (B, C, *window) -> float logits.
+
+    2D models (slice2d / image2d) see windows (B, C, 1, Y, X) as (B, C, Y, X). `input_dtype` casts each window
+    first (a DeepSpeed engine holds bf16/fp16 weights and takes inputs of that dtype); deep-supervision lists give
+    their full-resolution head.
+    """
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        if input_dtype is not None:
+            x = x.to(input_dtype)
+        y = net(x if mode == "patch3d" else x[:, :, 0])
+        y = _first(y).float()  # type: ignore[arg-type]
+        return y if mode == "patch3d" else y[:, :, None]
+
+    return predict
 
 
 # --------------------------------------------------------------------------------------------- regions -> labels

@@ -31,6 +31,8 @@ from distseg.inference import (
     postprocess,
     regions_to_labels,
     sliding_window,
+    window_for,
+    window_predictor,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ class ModelIO:
 
     def window(self) -> tuple[int, ...]:
         """The sliding window over stored (Z, Y, X): the 3D patch, or (1, Y, X) for 2D models."""
-        return tuple(self.patch_size) if self.mode == "patch3d" else (1, *self.patch_size)
+        return window_for(self.mode, self.patch_size)
 
     @classmethod
     def from_store(cls, cfg: ExperimentConfig, store: Store) -> ModelIO:
@@ -337,14 +339,7 @@ class Predictor:
         if image.shape[0] != self.io.in_channels:
             raise ValueError(f"image has {image.shape[0]} channels; the model expects {self.io.in_channels} "
                              f"({', '.join(self.io.channels)})")
-        net = self._forward()
-        if self.io.mode == "patch3d":
-            predict = net
-        else:  # 2D model over axial slices: windows (B, C, 1, Y, X) -> (B, C, Y, X) and back
-            def predict(x: torch.Tensor) -> torch.Tensor:
-                y = net(x[:, :, 0])
-                y = y[0] if isinstance(y, (list, tuple)) else y
-                return y[:, :, None]
+        predict = window_predictor(self._forward(), self.io.mode)
         return sliding_window(predict, torch.as_tensor(image), self.sw, device=self.device,
                               accumulate_device=self.accumulate_device, autocast_dtype=self.autocast)
 

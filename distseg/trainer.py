@@ -32,6 +32,7 @@ from distseg.metrics import MetricAccumulator, confusion_counts
 from distseg.models import build_model
 from distseg.monitor import build_monitor, memory_stats
 from distseg.predictor import ModelIO
+from distseg.validation import WholeCaseValidator
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class Trainer:
         self.regions = store.regions
         # What a predictor needs besides the weights; saved in every checkpoint (see distseg.predictor).
         self.io = ModelIO.from_store(cfg, store)
+        self.validator = None
+        if cfg.train.val_every and cfg.train.val_mode == "whole":
+            self.validator = WholeCaseValidator(cfg.data, store, self.rank, self.world_size, cfg.train.val_overlap,
+                                                cfg.train.val_window_batch)
         self.channel_names = target_names(cfg.data.target, store.regions)
         self.train_cases = len(store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True))
         if self.rank == 0:
@@ -179,18 +184,13 @@ class Trainer:
         """Dice per region from tp/fp/fn summed over this rank's shard, then all-reduced (never averaged ratios)."""
         self.engine.eval()
         acc = MetricAccumulator(self.channel_names)
-        example = None
-        # Every rank gets the same number of batches (padded with valid=False), since ZeRO-3 forwards are collective.
-        for batch in build_val_iterator(self.cfg.data, self.rank, self.world_size):
-            image = batch["image"].to(self.device)
-            targets = labels_to_targets(batch["label"].to(self.device), self.cfg.data.target, self.regions)
-            logits = self.engine(image.to(self.dtype))
-            logits = (logits[0] if isinstance(logits, list) else logits).float()
-            valid = batch["valid"].to(self.device)
-            # Boolean indexing sizes its output on the host: one sync per validation batch (validation only).
-            acc.update(confusion_counts(logits[valid], targets[valid]))
-            if example is None and bool(batch["valid"][0]):
-                example = (image[0], targets[0], torch.sigmoid(logits[0]))
+        if self.validator is not None:  # whole cases, sliding window (distseg.validation)
+            counts, example = self.validator.run(self.engine, self.device, self.dtype, self.cfg.data.target,
+                                                 self.regions)
+            if counts is not None:
+                acc.update(counts)
+        else:
+            example = self._validate_crops(acc)
         metrics = acc.compute(device=self.device)  # the one all-reduce of the (K, 4) counts
         self.engine.train()
         dice = {f"val/{k}": v for k, v in metrics.items() if k.startswith("dice/")}
@@ -205,6 +205,22 @@ class Trainer:
         logger.info("step %d validation: %s", self.state.step,
                     ", ".join(f"{k[4:]}={v:.4f}" for k, v in dice.items()))
         return dice
+
+    def _validate_crops(self, acc: MetricAccumulator) -> tuple | None:
+        """`train.val_mode=crop`: one centred crop per case (or every slice) from the validation iterator."""
+        example = None
+        # Every rank gets the same number of batches (padded with valid=False), since ZeRO-3 forwards are collective.
+        for batch in build_val_iterator(self.cfg.data, self.rank, self.world_size):
+            image = batch["image"].to(self.device)
+            targets = labels_to_targets(batch["label"].to(self.device), self.cfg.data.target, self.regions)
+            logits = self.engine(image.to(self.dtype))
+            logits = (logits[0] if isinstance(logits, list) else logits).float()
+            valid = batch["valid"].to(self.device)
+            # Boolean indexing sizes its output on the host: one sync per validation batch (validation only).
+            acc.update(confusion_counts(logits[valid], targets[valid]))
+            if example is None and bool(batch["valid"][0]):
+                example = (image[0], targets[0], torch.sigmoid(logits[0]))
+        return example
 
     # ------------------------------------------------------------------------------------------- the loop
     def train(self) -> TrainState:

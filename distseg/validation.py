@@ -1,0 +1,66 @@
+"""Whole-case validation during training: every validation case segmented by the sliding window of
+`distseg.inference`, the same code `launch/predict.py` and `launch/evaluate.py` run, so "best checkpoint" means best
+on whole cases, not on one centred crop.
+
+Cases are sharded across ranks (case i on rank i mod world). Forwards under ZeRO-3 are collectives, so every rank
+must make the same number of forward calls: each rank knows every validation case's shape from the store metadata,
+computes every rank's call count with `forward_calls`, and pads its own with zero-input forwards up to the largest.
+No communication is needed to agree. Counts (tp, fp, fn, tn per region) are summed on the device and all-reduced
+once by the caller's `MetricAccumulator`, so the Dice is the global Dice over all voxels of all cases (nnU-Net).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from distseg.data.config import DataConfig
+from distseg.data.store import Store
+from distseg.data.targets import labels_to_targets
+from distseg.inference import SlidingWindow, forward_calls, sliding_window, window_for, window_predictor
+from distseg.metrics import confusion_counts
+
+logger = logging.getLogger(__name__)
+
+
+class WholeCaseValidator:
+    """Validation over whole cases of the store's validation folds, for one rank."""
+
+    def __init__(self, data: DataConfig, store: Store, rank: int, world_size: int, overlap: float = 0.5,
+                 window_batch: int = 2) -> None:
+        self.data = data
+        self.store = store
+        cases = store.case_ids(folds=data.val_folds, labelled_only=True)
+        if not cases:
+            raise ValueError(f"data.val_folds: no labelled case of {data.store} is in folds {list(data.val_folds)}")
+        self.sw = SlidingWindow(window=window_for(data.mode, data.patch_size), overlap=overlap,
+                                window_batch=window_batch)
+        self.cases = cases[rank::world_size]
+        calls = [sum(forward_calls(store.case(c).shape[1:], self.sw) for c in cases[r::world_size])
+                 for r in range(world_size)]
+        self.pad_calls = max(calls) - calls[rank]
+        self.channels = len(store.channels)
+
+    def run(self, net: Callable[[torch.Tensor], Any], device: torch.device, input_dtype: torch.dtype | None,
+            target: str, regions: dict[str, list[int]]) -> tuple[torch.Tensor | None, tuple | None]:
+        """Segment this rank's cases. Returns the (K, 4) float64 counts summed over them (None when this rank has
+        no case) and an example (image (C, Z, Y, X), targets (K, Z, Y, X), probabilities) for the overlay."""
+        predict = window_predictor(net, self.data.mode, input_dtype)  # type: ignore[arg-type]
+        total, example = None, None
+        for cid in self.cases:
+            case = self.store.case_arrays(cid)
+            logits = sliding_window(predict, torch.from_numpy(case.normalised()), self.sw, device=device)
+            label = torch.from_numpy(case.label).to(device)
+            targets = labels_to_targets(label[None], target, regions)  # (1, K, Z, Y, X)
+            counts = confusion_counts(logits[None], targets)
+            total = counts if total is None else total + counts
+            if example is None:
+                example = (torch.from_numpy(case.normalised()), targets[0], torch.sigmoid(logits))
+        if self.pad_calls:  # ZeRO-3: match the forward calls of the busiest rank
+            dummy = torch.zeros(self.sw.window_batch, self.channels, *self.sw.window, device=device)
+            for _ in range(self.pad_calls):
+                predict(dummy)
+        return total, example

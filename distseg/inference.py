@@ -219,6 +219,40 @@ def window_predictor(net: Callable[[torch.Tensor], object], mode: str,
     return predict
 
 
+def downsample_image(image: torch.Tensor, factor: int, spatial_dims: int = 3) -> torch.Tensor:
+    """image (C, Z, Y, X) -> average-pooled by `factor` along the last `spatial_dims` axes (Z untouched for 2D
+    models), after zero-padding each pooled axis at its high end to a multiple of `factor`. The one definition
+    shared by training batches, validation and prediction (`data.downsample`)."""
+    if factor == 1:
+        return image
+    kernel = (factor,) * 3 if spatial_dims == 3 else (1, factor, factor)
+    pads: list[int] = []
+    for size, k in zip(reversed(image.shape[1:]), reversed(kernel), strict=True):
+        pads += [0, (-size) % k]
+    return F.avg_pool3d(F.pad(image[None], pads), kernel)[0]
+
+
+def case_logits(predict: Predict, image: torch.Tensor | np.ndarray, sw: SlidingWindow, downsample: int = 1,
+                spatial_dims: int = 3, device: torch.device | str | None = None,
+                accumulate_device: torch.device | str | None = None,
+                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits of a whole case at its own resolution: image (C, Z, Y, X) -> float32 (K, Z, Y, X).
+
+    With `downsample` f > 1 (a model trained at 1/f resolution, nnU-Net's "lowres" idea) the case is average-pooled
+    by f, tiled at that resolution, and the logits are interpolated back (trilinear; bilinear in-plane for 2D
+    models) and cropped to the case, so thresholds and labels are decided on the original grid.
+    """
+    image = torch.as_tensor(image)
+    if downsample == 1:
+        return sliding_window(predict, image, sw, device, accumulate_device, autocast_dtype)
+    dev = torch.device(device) if device is not None else image.device
+    low = sliding_window(predict, downsample_image(image.to(dev), downsample, spatial_dims), sw, dev,
+                         accumulate_device, autocast_dtype)
+    scale = (downsample,) * 3 if spatial_dims == 3 else (1, downsample, downsample)
+    up = F.interpolate(low[None], scale_factor=scale, mode="trilinear", align_corners=False)[0]
+    return up[(slice(None), *(slice(0, s) for s in image.shape[1:]))]
+
+
 # --------------------------------------------------------------------------------------------- regions -> labels
 def region_paint_values(regions: Mapping[str, Sequence[int]]) -> list[int]:
     """The canonical label each region channel paints when channels are painted in order (later ones on top).

@@ -28,9 +28,9 @@ from distseg.data.targets import num_targets, target_names
 from distseg.inference import (
     Postprocessing,
     SlidingWindow,
+    case_logits,
     postprocess,
     regions_to_labels,
-    sliding_window,
     window_for,
     window_predictor,
 )
@@ -63,6 +63,8 @@ class ModelIO:
     """Training patch: the sliding window (Z, Y, X) for patch3d, (Y, X) for the 2D modes."""
     resize: int | None = None
     """2D stores: the size images were resized to on conversion (None = kept)."""
+    downsample: int = 1
+    """The model runs at 1/downsample of the stored resolution (data.downsample)."""
 
     @property
     def in_channels(self) -> int:
@@ -91,12 +93,13 @@ class ModelIO:
     def from_store(cls, cfg: ExperimentConfig, store: Store) -> ModelIO:
         return cls(kind=store.kind, channels=list(store.channels), target=cfg.data.target,
                    regions={k: list(v) for k, v in store.regions.items()}, mode=cfg.data.mode,
-                   patch_size=list(cfg.data.patch_size), resize=store.attrs.get("resize"))
+                   patch_size=list(cfg.data.patch_size), resize=store.attrs.get("resize"),
+                   downsample=cfg.data.downsample)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelIO:
         return cls(**{k: d[k] for k in ("kind", "channels", "target", "regions", "mode", "patch_size")},
-                   resize=d.get("resize"))
+                   resize=d.get("resize"), downsample=int(d.get("downsample", 1)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,8 +343,9 @@ class Predictor:
             raise ValueError(f"image has {image.shape[0]} channels; the model expects {self.io.in_channels} "
                              f"({', '.join(self.io.channels)})")
         predict = window_predictor(self._forward(), self.io.mode)
-        return sliding_window(predict, torch.as_tensor(image), self.sw, device=self.device,
-                              accumulate_device=self.accumulate_device, autocast_dtype=self.autocast)
+        return case_logits(predict, torch.as_tensor(image), self.sw, self.io.downsample,
+                           3 if self.io.mode == "patch3d" else 2, device=self.device,
+                           accumulate_device=self.accumulate_device, autocast_dtype=self.autocast)
 
     def check_case(self, case: CaseArrays) -> None:
         """Refuse a case that does not fit the model (channels, 2D vs 3D), naming the case."""

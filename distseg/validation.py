@@ -20,7 +20,7 @@ import torch
 from distseg.data.config import DataConfig
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets
-from distseg.inference import SlidingWindow, forward_calls, sliding_window, window_for, window_predictor
+from distseg.inference import SlidingWindow, case_logits, forward_calls, window_for, window_predictor
 from distseg.metrics import confusion_counts
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,18 @@ class WholeCaseValidator:
         self.sw = SlidingWindow(window=window_for(data.mode, data.patch_size), overlap=overlap,
                                 window_batch=window_batch)
         self.cases = cases[rank::world_size]
-        calls = [sum(forward_calls(store.case(c).shape[1:], self.sw) for c in cases[r::world_size])
+        calls = [sum(forward_calls(self._pooled_shape(store.case(c).shape[1:]), self.sw) for c in cases[r::world_size])
                  for r in range(world_size)]
         self.pad_calls = max(calls) - calls[rank]
         self.channels = len(store.channels)
+
+    def _pooled_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The case shape the window tiles: (Z, Y, X) pooled by `data.downsample` (in-plane only for 2D modes)."""
+        f = self.data.downsample
+        pooled = [-(-s // f) for s in shape]
+        if self.data.mode != "patch3d":
+            pooled[0] = shape[0]
+        return tuple(pooled)
 
     def run(self, net: Callable[[torch.Tensor], Any], device: torch.device, input_dtype: torch.dtype | None,
             target: str, regions: dict[str, list[int]]) -> tuple[torch.Tensor | None, tuple | None]:
@@ -52,7 +60,8 @@ class WholeCaseValidator:
         total, example = None, None
         for cid in self.cases:
             case = self.store.case_arrays(cid)
-            logits = sliding_window(predict, torch.from_numpy(case.normalised()), self.sw, device=device)
+            logits = case_logits(predict, torch.from_numpy(case.normalised()), self.sw, self.data.downsample,
+                                 3 if self.data.mode == "patch3d" else 2, device=device)
             label = torch.from_numpy(case.label).to(device)
             targets = labels_to_targets(label[None], target, regions)  # (1, K, Z, Y, X)
             counts = confusion_counts(logits[None], targets)

@@ -125,6 +125,12 @@ class DataConfig:
     """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling
     resamples real data instead of zero padding; `DeviceAugment` crops it away, so the model always sees
     `patch_size`. With 0 the loader yields exactly `patch_size` and rotated corners are zero-filled."""
+    downsample: int = 1
+    """Train (and predict) at 1/f of the stored resolution: patches of `patch_size` cover f x the extent, read from the
+    store and average-pooled (labels: each region's fraction > 0.5); prediction pools the case, runs the window at
+    that resolution and interpolates the logits back (nnU-Net's "3d_lowres" idea). In-plane only for 2D modes.
+    Measured on the real BraTS labels: f = 2 loses at most 3 % WT/TC and 8 % ET Dice through the round trip, and a
+    CPU-budget model sees 8x the context per voxel computed."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Augmentation settings."""
 
@@ -161,6 +167,8 @@ class DataConfig:
             raise ValueError(f"{prefix}.prefetch_factor: expected an int >= 1, got {self.prefetch_factor!r}")
         if self.target not in TARGETS:
             raise ValueError(f"{prefix}.target: expected one of {list(TARGETS)}, got {self.target!r}")
+        if not isinstance(self.downsample, int) or isinstance(self.downsample, bool) or not 1 <= self.downsample <= 8:
+            raise ValueError(f"{prefix}.downsample: expected an integer factor in 1..8, got {self.downsample!r}")
         if not isinstance(self.context_margin, int) or self.context_margin < 0:
             raise ValueError(f"{prefix}.context_margin: expected an int >= 0, got {self.context_margin!r}")
         self.augment.validate(f"{prefix}.augment")

@@ -143,3 +143,24 @@ def test_postprocessing_rules_and_nesting():
     assert out[0].sum() == 512 and out[1].sum() == 512 and out[2].sum() == 0  # TC and ET clipped to the new WT
     assert Postprocessing.from_dict(Postprocessing({"ET": RegionRule(min_volume=5)}).to_dict()).rules["ET"] == \
         RegionRule(min_volume=5)
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(3, (2, 21, 30, 17)), (2, (2, 5, 33, 40))])
+def test_downsampled_prediction_returns_the_original_grid(spatial_dims, shape):
+    """`data.downsample`: pool by f, tile at that resolution, interpolate logits back to the case's own grid."""
+    from distseg.inference import case_logits, downsample_image
+
+    image = torch.zeros(shape)
+    image[:, :, 8:20, 4:14] = 1.0  # a block: pooled and interpolated back, its interior stays 1
+    window = (8, 8, 8) if spatial_dims == 3 else (1, 8, 8)
+    out = case_logits(_channels_model(1), image, SlidingWindow(window=window), downsample=2,
+                      spatial_dims=spatial_dims)
+    assert out.shape == (1, *shape[1:])
+    pooled = downsample_image(image, 2, spatial_dims)
+    expected_z = -(-shape[1] // 2) if spatial_dims == 3 else shape[1]
+    assert pooled.shape[1:] == (expected_z, -(-shape[2] // 2), -(-shape[3] // 2))
+    inner = out[0, 1:4, 11:18, 6:12] if spatial_dims == 3 else out[0, :, 11:18, 6:12]
+    torch.testing.assert_close(inner, torch.ones_like(inner))
+    assert float(out[0, :, :5, :].abs().max()) < 1e-6  # far from the block: 0
+    same = case_logits(_channels_model(1), image, SlidingWindow(window=window), downsample=1)
+    torch.testing.assert_close(same, image[:1])

@@ -206,4 +206,6 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.from_numpy(array)
     if device.type == "cpu":
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

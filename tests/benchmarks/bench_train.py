@@ -256,6 +256,10 @@ def _memory_worker(rank: int, world_size: int, port: int, stage: int, dtype: str
     rss0 = memory_stats("cpu")["memory/host_rss_mib"]
     torch.manual_seed(0)
     model = build_model(args["mem_model"])
+    if dtype == "bf16":
+        from distseg.engine import mixed_precision_batchnorm
+
+        mixed_precision_batchnorm(model)  # as distseg.engine.initialize: BatchNorm statistics stay fp32
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     bucket = int(args["bucket"])

@@ -19,8 +19,9 @@ with two rules that keep the schedule's end reached:
 
 * the plan is always at least one step ahead (`step + 1`), so the last update is known to be the last when its LR
   is set and runs at the schedule's final LR; the price is at most one step past the budget;
-* in the tail (the last `TAIL_FRACTION` of the plan, at least 2 steps) the end is frozen, unless keeping it would
-  overrun the budget by more than one step: small timing noise no longer moves the LR near its floor.
+* in the tail (the last `TAIL_FRACTION` of the plan, at least 2 steps) the end moves in only when keeping it would
+  overrun the budget by more than one step, and out only when two more steps fit: timing noise of a step or so
+  no longer moves the LR near its floor.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ class WallClockBudget:
             return fit
         if current - step <= max(2, TAIL_FRACTION * current):
             overrun = self.seconds_for(step, current) - (self.budget_s - elapsed_s)
-            return current if overrun <= (self.costs.step_s or 0.0) else min(current, fit)
+            if overrun > (self.costs.step_s or 0.0):
+                return min(current, fit)
+            return fit if fit >= current + 2 else current  # moves out only when two more steps fit
         return fit
 
     def summary(self) -> dict[str, float | int | None]:

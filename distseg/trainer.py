@@ -284,7 +284,7 @@ class Trainer:
         """Micro-batches until the planned optimizer steps are done: step, log, (re)plan, validate, checkpoint."""
         cfg, state = self.cfg, self.state
         skipped_in_row = 0
-        t_step = time.perf_counter()
+        t_step, self._event_s = time.perf_counter(), 0.0
         while state.step < self.schedule_length.total:
             t0 = time.perf_counter()
             batch = next(batches)  # blocks while the loader workers are behind: data-wait time
@@ -317,9 +317,11 @@ class Trainer:
             bar.update(1)
             now = time.perf_counter()
             if self.budget is not None:
-                self.budget.step_done(now - t_step)
+                # From the end of the previous step: its logging and re-planning count as step time (they recur
+                # every log step), its validation and checkpoint do not (they are budgeted at their own cadence).
+                self.budget.step_done(now - t_step - self._event_s)
+            self._event_s, t_step = 0.0, now
             self._after_step(window, voxels, bar, lr)
-            t_step = time.perf_counter()  # validation and checkpoint time is measured separately
 
     def _after_step(self, window: _Window, voxels: int, bar: tqdm, lr: float) -> None:
         """Log, (re)plan the budget, validate and checkpoint as due after optimizer step `state.step`."""
@@ -339,8 +341,10 @@ class Trainer:
     def _timed(self, fn, what: str) -> None:
         t0 = time.perf_counter()
         fn()
+        seconds = time.perf_counter() - t0
+        self._event_s += seconds
         if self.budget is not None:
-            getattr(self.budget, f"{what}_done")(time.perf_counter() - t0)
+            getattr(self.budget, f"{what}_done")(seconds)
 
     # ------------------------------------------------------------------------------------------- budget
     def _plan(self) -> None:

@@ -37,13 +37,15 @@ def test_the_plan_fits_steps_validations_checkpoints_and_the_final_ones_into_the
     assert budget(steps=50, costs=CostEstimate(step_s=0.5, validation_s=2.0, checkpoint_s=1.0)).plan(0, 0.0) == 50
 
 
-def test_replans_stay_one_step_ahead_and_the_tail_is_frozen_unless_it_would_overrun():
+def test_replans_stay_one_step_ahead_and_the_tail_moves_only_beyond_noise():
     b = budget(minutes=1.0, val_every=0, ckpt_every=0, costs=CostEstimate(step_s=1.0, checkpoint_s=0.0))
     assert b.plan(0, 0.0) == 60
     assert b.plan(30, 40.0, current=60) == 50  # slower than planned: the end moves in
     assert b.plan(30, 20.0, current=50) == 70  # faster: it moves out again
     # tail (last 10 %): small timing noise keeps the end ...
     assert b.plan(56, 56.5, current=60) == 60  # overrun 0.5 s <= one step: keep
+    assert b.plan(56, 54.5, current=60) == 60  # room for one more step only: keep
+    assert b.plan(56, 50.0, current=60) == 66  # room for 6 more: move out
     # ... an overrun beyond one step moves it in, but never below the next step: its LR is already set
     assert b.plan(56, 58.5, current=60) == 57
     assert b.plan(40, 70.0, current=60) == 41  # budget already spent: exactly one more step

@@ -74,8 +74,9 @@ def lr_lambda(cfg: OptimConfig, total_steps: int | ScheduleLength) -> Callable[[
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        decay_steps = max(1, length.total - 1 - warmup)
-        t = min(1.0, (step - warmup) / decay_steps)
+        decay_steps = length.total - 1 - warmup
+        # decay_steps <= 0: the last step is the first after warm-up, and it is at the floor too
+        t = min(1.0, (step - warmup) / decay_steps) if decay_steps > 0 else 1.0
         if cfg.schedule == "cosine":
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
         if cfg.schedule == "poly":

@@ -79,6 +79,8 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step():
     cfg.schedule, cfg.poly_power, cfg.min_lr_ratio = "poly", 0.9, 0.0
     poly = lr_lambda(cfg, total_steps=21)
     assert poly(12) == pytest.approx(0.5**0.9) and poly(20) == pytest.approx(0.0)
+    short = lr_lambda(cfg, total_steps=5)  # 4 warm-up steps, then the last: straight to the floor
+    assert [short(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.0])
     cfg.schedule = "constant"
     assert lr_lambda(cfg, 20)(15) == 1.0
 

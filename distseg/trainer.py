@@ -202,6 +202,7 @@ class Trainer:
         finite = torch.isfinite(loss)
         self._loss_sum += torch.where(finite, loss.detach().float(), 0.0)
         self._loss_count += finite
+        self._step_finite &= finite  # read only when DeepSpeed skips the step
         # Every rank must skip together, or the gradient all-reduce would mix skipped and applied micro-batches:
         # agree on one flag. Host sync: waits for the forward. Skip backward AND engine.step(): the micro-step
         # counter does not move, so the accumulation boundary stays where it was on every rank; the next finite
@@ -256,6 +257,7 @@ class Trainer:
         # The loss of every micro-batch since the last log step, summed on the device (no per-step sync).
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = torch.zeros((), device=self.device)
+        self._step_finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss of this step finite
         bar = tqdm(total=self.schedule_length.total, initial=state.step, disable=self.rank != 0, desc="train",
                    unit="step", dynamic_ncols=True)
         self.engine.train()
@@ -296,6 +298,10 @@ class Trainer:
             window.add(time.perf_counter() - t0, t_data)
             if applied and not boundary:
                 continue
+            if applied and not self.engine.was_step_applied() and self._loss_scale_overflow():
+                logger.info("step %d: fp16 gradient overflow; step skipped and loss scale lowered", state.step)
+                continue
+            self._step_finite.fill_(True)
             if not applied or not self.engine.was_step_applied():
                 state.nonfinite_skipped += 1
                 skipped_in_row += 1
@@ -322,6 +328,14 @@ class Trainer:
                 self.budget.step_done(now - t_step - self._event_s)
             self._event_s, t_step = 0.0, now
             self._after_step(window, voxels, bar, lr)
+
+    def _loss_scale_overflow(self) -> bool:
+        """After DeepSpeed skipped a step: True when that is fp16 loss scaling at work (every rank's losses were
+        finite, only the scaled gradients overflowed), which is routine and not counted as non-finite. Collective;
+        runs only on the (rare) skip path, so its host sync costs nothing per step."""
+        all_finite = dist.all_reduce_sum((~self._step_finite).float()).item() == 0
+        self._step_finite.fill_(True)
+        return all_finite and self.cfg.deepspeed.precision == "fp16"
 
     def _after_step(self, window: _Window, voxels: int, bar: tqdm, lr: float) -> None:
         """Log, (re)plan the budget, validate and checkpoint as due after optimizer step `state.step`."""

@@ -144,7 +144,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
     """Save tag ``step_<step>`` on EVERY rank (collective), mark it complete, move `latest`, prune old tags.
 
     `state`: the trainer's JSON-able counters and config (identical on all ranks); ``state["val_dice"]`` (mean
-    validation Dice at this step, or None) decides `best`.
+    validation Dice) and ``state["val_step"]`` (the step that Dice was measured at) decide `best`: only a Dice
+    measured at this very step makes the checkpoint a candidate.
     """
     rank = dist.rank()
     tag = tag_for(step)
@@ -165,6 +166,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
             "step": step,
             "world_size": dist.world_size(),
             "val_dice": state.get("val_dice"),
+            "val_step": state.get("val_step"),
             "time": time.time(),
             "files": files,
         }
@@ -177,8 +179,12 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
 
 
 def best_tag(complete: list[tuple[int, str, dict[str, Any]]]) -> str | None:
-    """The complete tag with the highest mean validation Dice (the newest one on ties)."""
-    scored = [(m["val_dice"], step, tag) for step, tag, m in complete if m.get("val_dice") is not None]
+    """The complete tag with the highest mean validation Dice (the newest one on ties).
+
+    Only tags validated at their own step count: a marker whose Dice belongs to an earlier step (``val_step`` !=
+    its step) or that has none is never "best"."""
+    scored = [(m["val_dice"], step, tag) for step, tag, m in complete
+              if m.get("val_dice") is not None and m.get("val_step", step) == step]
     return max(scored)[2] if scored else None
 
 

@@ -9,6 +9,7 @@ Precedence: dataclass defaults < YAML file < overrides. Unknown keys, wrong type
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,16 @@ class TrainConfig:
     val_window_batch: int = 2
     """Windows per forward call in whole-case validation."""
     max_nonfinite_in_row: int = 5
-    """Stop with an error after this many consecutive micro-batches with a non-finite loss (each is skipped)."""
+    """Stop with an error after this many consecutive skipped optimizer steps (non-finite gradients or loss on
+    some rank; see `distseg.trainer` for what is skipped)."""
+    max_minutes: float | None = None
+    """Wall-clock budget of training time in minutes (None = off). The run times its steps after warm-up, lays
+    the LR schedule over the steps that fit (validations and checkpoints at their cadence included), stops there
+    with a final checkpoint, and a resumed run spends only what is left. `steps` stays the upper bound."""
+    budget_warmup_steps: int = 2
+    """With `max_minutes`: the first steps of each run (re)start are not timed (start-up costs)."""
+    budget_measure_steps: int = 3
+    """With `max_minutes`: timed steps before the first plan (until then the schedule spans `steps`)."""
 
 
 @dataclass
@@ -240,6 +250,10 @@ def _check_train(c: TrainConfig, ck: CheckpointConfig, dbg: DebugConfig) -> None
     _need(0 <= c.val_overlap < 1, "train.val_overlap", "a fraction in [0, 1)", c.val_overlap)
     _need(c.val_window_batch >= 1, "train.val_window_batch", "an int >= 1", c.val_window_batch)
     _need(c.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", "an int >= 1", c.max_nonfinite_in_row)
+    _need(c.max_minutes is None or (math.isfinite(c.max_minutes) and c.max_minutes > 0), "train.max_minutes",
+          "minutes > 0 (or null = no budget)", c.max_minutes)
+    _need(c.budget_warmup_steps >= 0, "train.budget_warmup_steps", "an int >= 0", c.budget_warmup_steps)
+    _need(c.budget_measure_steps >= 1, "train.budget_measure_steps", "an int >= 1", c.budget_measure_steps)
     _need(ck.every >= 0, "checkpoint.every", "an int >= 0 (0 = only at the end)", ck.every)
     _need(ck.keep_last >= 1, "checkpoint.keep_last", "an int >= 1", ck.keep_last)
     _need(ck.resume in ("auto", "never"), "checkpoint.resume", "'auto' or 'never'", ck.resume)

@@ -14,10 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distseg.config import ConfigError, ExperimentConfig
-from distseg.optim import build_optimizer, build_scheduler, param_groups
+from distseg.optim import ScheduleLength, build_optimizer, build_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +52,8 @@ def derived_values(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed's own step prints out of the way
         "wall_clock_breakdown": False,
     }
-    if engine.precision != "fp32":
-        # Cast buffers (BatchNorm running stats) with the weights: CPU batch_norm wants one dtype for all inputs.
-        out["data_types"] = {"buffer_dtype": engine.precision}
+    # No data_types.buffer_dtype: buffers (BatchNorm running statistics) stay fp32 under bf16/fp16, and
+    # `mixed_precision_batchnorm` makes BatchNorm layers accept that (see there).
     return out
 
 
@@ -125,13 +126,71 @@ def check_accelerator_support(cfg: ExperimentConfig) -> None:
         )
 
 
-def initialize(model: nn.Module, cfg: ExperimentConfig, ds_config: dict[str, Any]):
+class _MixedPrecisionBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose running statistics stay fp32 while DeepSpeed holds its weight and bias in bf16/fp16.
+
+    DeepSpeed casts parameters to the training dtype but leaves buffers alone, and `batch_norm` (CPU and CUDA)
+    refuses bf16 weights with fp32 running statistics. Casting the two (C,) affine vectors to the statistics'
+    dtype selects batch_norm's mixed-type kernel (reduced-precision activations, fp32 statistics and affine),
+    so the statistics keep full precision: bf16 running means/vars stall once a momentum update falls below one
+    bf16 step (~0.4 % relative). Gradients flow back through the casts into the bf16 parameters.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch's _BatchNorm.forward, with the affine vectors cast to the statistics' dtype.
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        return F.batch_norm(
+            x,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            None if self.weight is None else self.weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype),
+            batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+_MIXED_CLASSES: dict[type, type] = {}
+
+
+def mixed_precision_batchnorm(model: nn.Module) -> int:
+    """Make every BatchNorm of `model` keep fp32 running statistics under bf16/fp16 weights (in place; the class
+    of each layer is swapped for a subclass of its own, so state dicts and isinstance checks are unchanged).
+    Returns the number of layers changed."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _MixedPrecisionBatchNorm):
+            base = type(m)
+            if base not in _MIXED_CLASSES:
+                _MIXED_CLASSES[base] = type(f"MixedPrecision{base.__name__}", (_MixedPrecisionBatchNorm, base), {})
+            m.__class__ = _MIXED_CLASSES[base]
+            changed += 1
+    return changed
+
+
+def initialize(
+    model: nn.Module, cfg: ExperimentConfig, ds_config: dict[str, Any], schedule_length: ScheduleLength | None = None
+):
     """Wrap `model` in a DeepSpeed engine with the configured optimizer and LR schedule.
 
     Returns the engine; `engine.optimizer` is DeepSpeed's wrapper, `engine.lr_scheduler` our LambdaLR, stepped by
-    `engine.step()` once per optimizer step (at the gradient-accumulation boundary).
+    `engine.step()` once per applied optimizer step (at the gradient-accumulation boundary). `schedule_length`:
+    the steps the schedule spans (default `train.steps`); the trainer changes it under a wall-clock budget.
     """
     import deepspeed
+
+    if cfg.deepspeed.precision != "fp32":
+        mixed_precision_batchnorm(model)
+    length = schedule_length or ScheduleLength(cfg.train.steps)
 
     optimizer = build_optimizer(
         cfg.optim, param_groups(model, cfg.optim.weight_decay), offload=cfg.deepspeed.offload_optimizer
@@ -140,7 +199,7 @@ def initialize(model: nn.Module, cfg: ExperimentConfig, ds_config: dict[str, Any
         model=model,
         optimizer=optimizer,
         # A callable: DeepSpeed builds the schedule on its own optimizer wrapper, whose param groups it updates.
-        lr_scheduler=lambda opt: build_scheduler(cfg.optim, opt, cfg.train.steps),
+        lr_scheduler=lambda opt: build_scheduler(cfg.optim, opt, length),
         config=ds_config,
     )
     return engine

@@ -48,20 +48,35 @@ def build_optimizer(cfg: OptimConfig, params: Iterable, offload: bool = False) -
     raise ValueError(f"optim.name: expected 'adamw' or 'sgd', got {cfg.name!r}")
 
 
-def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of `cfg.lr` at optimizer step `s` (0-based): linear warm-up, then cosine/poly/constant decay.
+class ScheduleLength:
+    """The optimizer steps a schedule spans (mutable): `train.steps`, or the wall-clock plan of `distseg.budget`.
 
-    Warm-up: (s + 1) / warmup_steps, so the very first step already moves. Decay: t = progress in [0, 1] over the
-    remaining steps; the multiplier goes from 1 to `min_lr_ratio`.
+    The LR multiplier reads `total` at every step, so a plan made after the run has measured its step time lays
+    the decay over the steps that fit; the trainer refreshes the current LR whenever it changes `total`.
     """
+
+    def __init__(self, total: int) -> None:
+        self.total = int(total)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int | ScheduleLength) -> Callable[[int], float]:
+    """Multiplier of `cfg.lr` for optimizer step `s` (0-based: the update of step s+1): linear warm-up, then
+    cosine/poly/constant decay.
+
+    Warm-up: (s + 1) / warmup_steps, so the very first step already moves. Decay: t = progress in [0, 1] from the
+    first step after warm-up to the LAST step (s = total - 1), so the last update runs at exactly `min_lr_ratio`
+    (the schedule reaches its end). `total_steps` may be a `ScheduleLength` whose value changes during the run.
+    """
+    length = total_steps if isinstance(total_steps, ScheduleLength) else ScheduleLength(total_steps)
     warmup = cfg.warmup_steps
     floor = cfg.min_lr_ratio
-    decay_steps = max(1, total_steps - warmup)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / decay_steps)
+        decay_steps = length.total - 1 - warmup
+        # decay_steps <= 0: the last step is the first after warm-up, and it is at the floor too
+        t = min(1.0, (step - warmup) / decay_steps) if decay_steps > 0 else 1.0
         if cfg.schedule == "cosine":
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
         if cfg.schedule == "poly":
@@ -71,6 +86,15 @@ def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """A LambdaLR over `optimizer`; the DeepSpeed engine calls its `step()` once per optimizer step."""
+def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int | ScheduleLength):
+    """A LambdaLR over `optimizer`; the DeepSpeed engine calls its `step()` once per applied optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+def refresh_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """Re-evaluate the schedule at its current position (after its `ScheduleLength` changed) and set the optimizer's
+    learning rates for the next step. Returns the first group's new LR."""
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    return lrs[0]

@@ -7,6 +7,15 @@
 Step = one optimizer step = `train.grad_accum` micro-batches per rank. Everything random derives from
 (seed, rank, sample index), so a run resumed from step N continues exactly like an uninterrupted one.
 Collectives (all-reduces, forwards under ZeRO-3, checkpoint saves) happen on every rank in the same order.
+
+Host-device syncs: the micro-step itself has none of ours (the loss for logging accumulates on the device and is
+all-reduced at log steps). A non-finite loss or gradient on any rank skips the whole optimizer step: DeepSpeed's
+ZeRO and bf16/fp16 optimizers check the global gradient norm in `engine.step()` (their one sync per step) and
+discard the step's gradients on every rank. Engines without that check (ZeRO 0 in fp32) fall back to one all-reduced
+flag per micro-batch between forward and backward (a host sync), skipping just that micro-batch.
+
+`train.max_minutes` (distseg.budget): the run times its steps, plans the steps that fit, lays the LR schedule over
+them, and stops there with a final checkpoint; rank 0 plans and broadcasts, so every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from distseg import checkpoint, dist
+from distseg.budget import CostEstimate, WallClockBudget, describe
 from distseg.config import ConfigError, ExperimentConfig, to_dict, write_resolved
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
 from distseg.data.store import Store
@@ -31,6 +41,7 @@ from distseg.losses import build_loss
 from distseg.metrics import MetricAccumulator, confusion_counts
 from distseg.models import build_model
 from distseg.monitor import build_monitor, memory_stats
+from distseg.optim import ScheduleLength, refresh_lr
 from distseg.predictor import ModelIO
 from distseg.validation import WholeCaseValidator
 
@@ -40,7 +51,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive micro-batches had a non-finite loss; the run stops (last good checkpoint kept)."""
+    """Too many consecutive optimizer steps were skipped as non-finite; the run stops (last good checkpoint kept)."""
 
 
 @dataclass
@@ -54,9 +65,15 @@ class TrainState:
     samples_seen: int = 0
     """Samples (all ranks) that went into an optimizer update."""
     nonfinite_skipped: int = 0
-    """Micro-batches skipped because some rank's loss was not finite."""
+    """Optimizer steps (or, on engines without a gradient check, micro-batches) skipped as non-finite."""
     val_dice: float | None = None
     """Mean validation Dice of the latest validation."""
+    val_step: int | None = None
+    """The step `val_dice` was measured at (a checkpoint is "best"-eligible only at that step)."""
+    elapsed_s: float = 0.0
+    """Training seconds so far, over every run of this job (see distseg.budget for what counts)."""
+    planned_steps: int | None = None
+    """Under `train.max_minutes`: the optimizer steps the LR schedule spans (None before the first plan)."""
 
 
 def model_channels(cfg: ExperimentConfig, store: Store) -> tuple[int, int]:
@@ -108,7 +125,11 @@ class Trainer:
         if self.rank == 0:
             write_resolved(cfg, self.run_dir)
         model = build_seeded_model(cfg, *model_channels(cfg, store))
-        self.engine = initialize(model, cfg, build_ds_config(cfg, self.world_size))
+        self.schedule_length = ScheduleLength(cfg.train.steps)
+        self.engine = initialize(model, cfg, build_ds_config(cfg, self.world_size), self.schedule_length)
+        # DeepSpeed's ZeRO and bf16/fp16 optimizers expose `overflow` and skip steps whose global gradient norm
+        # is not finite; a plain (ZeRO 0 fp32) optimizer would apply it, so there we check each micro-batch.
+        self.skip_check = "step" if hasattr(self.engine.optimizer, "overflow") else "micro_batch"
         self.dtype = _DTYPES[cfg.deepspeed.precision]
         self.loss_fn = build_loss(cfg.loss)
         self.augment = build_device_augment(cfg.data, cfg.run.seed, self.rank)
@@ -117,13 +138,19 @@ class Trainer:
         self.resumed_from: str | None = None
         self.last_dice: dict[str, float] = {}
         self._last_image_step = -(10**9)
-        self._resume()
+        self.budget: WallClockBudget | None = None
+        budget_costs = self._resume()
+        if cfg.train.max_minutes is not None:
+            t = cfg.train
+            self.budget = WallClockBudget(t.max_minutes, t.steps, t.val_every, cfg.checkpoint.every,
+                                          t.budget_warmup_steps, t.budget_measure_steps, budget_costs)
 
     # ------------------------------------------------------------------------------------------- resume
-    def _resume(self) -> None:
+    def _resume(self) -> CostEstimate | None:
+        """Load the newest complete checkpoint, if any; returns the wall-clock budget's saved timings."""
         found = checkpoint.newest_complete(self.ckpt_dir)
         if found is None:
-            return
+            return None
         if self.cfg.checkpoint.resume == "never":
             raise checkpoint.CheckpointError(
                 f"{self.ckpt_dir} already holds checkpoints and checkpoint.resume=never; pick a new run.name"
@@ -135,11 +162,21 @@ class Trainer:
         # The latest validation result travels with the checkpoint, so a rerun of a finished run still reports it.
         self.last_dice = dict(saved.get("val_dice_regions", {}))
         self.resumed_from = tag
+        if self.state.planned_steps is not None:
+            # The optimizer's LR was saved under this plan; the remaining steps follow the same schedule.
+            self.schedule_length.total = self.state.planned_steps
         logger.info("resumed from checkpoint %s (step %d)", tag, self.state.step)
+        return CostEstimate(**saved["budget"]) if saved.get("budget") else None
 
     def _save(self) -> None:
-        state = {"counters": asdict(self.state), "val_dice": self.state.val_dice, "val_dice_regions": self.last_dice,
-                 "config": to_dict(self.cfg), "epoch": self.epoch, "io": self.io.to_dict()}
+        self._saved = self.state.step
+        self.state.elapsed_s = self._elapsed()
+        # A Dice belongs to the step it was measured at: only then may this checkpoint become "best".
+        validated = self.state.val_step == self.state.step
+        state = {"counters": asdict(self.state), "val_dice": self.state.val_dice if validated else None,
+                 "val_step": self.state.val_step if validated else None, "val_dice_regions": self.last_dice,
+                 "config": to_dict(self.cfg), "epoch": self.epoch,
+                 "budget": asdict(self.budget.costs) if self.budget else None, "io": self.io.to_dict()}
         c = self.cfg.checkpoint
         checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best)
 
@@ -154,8 +191,13 @@ class Trainer:
         d = self.cfg.debug
         return self.rank == 0 and self.state.step == d.inject_nan_at_step and self._injected < d.inject_nan_times
 
-    def _micro_step(self, batch: dict[str, Any]) -> tuple[float, bool]:
-        """Forward/backward one micro-batch. Returns (mean loss over ranks, whether it was applied)."""
+    def _micro_step(self, batch: dict[str, Any]) -> bool:
+        """Forward/backward one micro-batch; False when it was skipped (micro-batch check only, see module doc).
+
+        No host sync on the "step" path: the batch arrives pinned (non-blocking copy), augmentation parameters
+        travel in one pinned non-blocking copy, the region table is cached per device, and the loss is summed on
+        the device for the next log step.
+        """
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         image, label = self.augment(image, label, batch["sample_index"])  # (B, C, *P), (B, *P) on the device
@@ -165,18 +207,19 @@ class Trainer:
         if self._inject_nan():
             self._injected += 1
             loss = loss * float("nan")
-        # Every rank must skip together, or the gradient all-reduce would mix skipped and applied micro-batches
-        # and DeepSpeed's accumulation counters would drift apart: agree on one flag (and sum the loss for logging).
         finite = torch.isfinite(loss)
-        packed = torch.stack([torch.where(finite, loss.detach(), torch.zeros_like(loss)), (~finite).float()])
-        loss_sum, bad_ranks = dist.all_reduce_sum(packed.float()).tolist()  # host sync: waits for the forward
-        if bad_ranks > 0:
-            # Skip backward AND engine.step(): the micro-step counter does not move, so the accumulation
-            # boundary stays where it was on every rank; the next finite micro-batch takes this one's place.
-            return math.nan, False
+        self._loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+        self._loss_count += finite
+        self._step_finite &= finite  # read only when DeepSpeed skips the step
+        # Every rank must skip together, or the gradient all-reduce would mix skipped and applied micro-batches:
+        # agree on one flag. Host sync: waits for the forward. Skip backward AND engine.step(): the micro-step
+        # counter does not move, so the accumulation boundary stays where it was on every rank; the next finite
+        # micro-batch takes this one's place.
+        if self.skip_check == "micro_batch" and dist.all_reduce_sum((~finite).float()).item() > 0:
+            return False
         self.engine.backward(loss)
-        self.engine.step()  # an optimizer step (+ LR schedule step) only at the accumulation boundary
-        return loss_sum / self.world_size, True
+        self.engine.step()  # at the accumulation boundary: an optimizer step, unless the gradients are non-finite
+        return True
 
     # ------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -194,12 +237,12 @@ class Trainer:
         metrics = acc.compute(device=self.device)  # the one all-reduce of the (K, 4) counts
         self.engine.train()
         dice = {f"val/{k}": v for k, v in metrics.items() if k.startswith("dice/")}
-        self.state.val_dice = dice["val/dice/mean"]
+        self.state.val_dice, self.state.val_step = dice["val/dice/mean"], self.state.step
         self.last_dice = {k[len("val/dice/"):]: v for k, v in dice.items() if k != "val/dice/mean"}
         self.monitor.scalars(dice, self.state.step)
         # Images are big: one overlay per `monitor.image_every` steps (checked at validations), and at the end.
         due = self.state.step - self._last_image_step >= self.cfg.monitor.image_every
-        if example is not None and (due or self.state.step == self.cfg.train.steps):
+        if example is not None and (due or self.state.step >= self.schedule_length.total):
             self.monitor.overlay("val/overlay", *example, self.state.step)
             self._last_image_step = self.state.step
         logger.info("step %d validation: %s", self.state.step,
@@ -230,60 +273,141 @@ class Trainer:
         batches = iter(loader)
         voxels = math.prod(cfg.data.patch_size)
         window = _Window()
-        bar = tqdm(total=cfg.train.steps, initial=state.step, disable=self.rank != 0, desc="train", unit="step",
-                   dynamic_ncols=True)
+        # The loss of every micro-batch since the last log step, summed on the device (no per-step sync).
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = torch.zeros((), device=self.device)
+        self._step_finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss of this step finite
+        bar = tqdm(total=self.schedule_length.total, initial=state.step, disable=self.rank != 0, desc="train",
+                   unit="step", dynamic_ncols=True)
         self.engine.train()
-        start_step, t_start = state.step, time.perf_counter()
+        start_step = state.step
+        self._elapsed_base, self._t_start = state.elapsed_s, time.perf_counter()
+        self._saved = state.step if self.resumed_from else -1  # the step of the newest checkpoint of this job
+        logger.info("non-finite check: %s", "per optimizer step (DeepSpeed's gradient-norm check)"
+                    if self.skip_check == "step" else "per micro-batch (all-reduced flag, one host sync each)")
         try:
             self._loop(batches, window, voxels, bar)
         finally:
             batches.close()  # shuts the loader's (persistent) workers down now, not at interpreter exit
         bar.close()
         self.monitor.flush()
-        seconds = time.perf_counter() - t_start
+        state.elapsed_s = self._elapsed()
+        seconds = time.perf_counter() - self._t_start
         steps_run = state.step - start_step  # 0 when a finished run is rerun: no timing to report
         self._write_summary(seconds / steps_run if steps_run else None)
         return state
 
+    def _elapsed(self) -> float:
+        """Training seconds of this job: the previous runs' (from the checkpoint) plus this run's loop so far."""
+        return self._elapsed_base + (time.perf_counter() - self._t_start)
+
     def _loop(self, batches: Generator[dict[str, Any], None, None], window: _Window, voxels: int, bar: tqdm) -> None:
-        """Micro-batches until `train.steps` optimizer steps are done: step, log, validate, checkpoint."""
+        """Micro-batches until the planned optimizer steps are done: step, log, (re)plan, validate, checkpoint."""
         cfg, state = self.cfg, self.state
-        nonfinite_in_row = 0
-        while state.step < cfg.train.steps:
+        skipped_in_row = 0
+        t_step, self._event_s = time.perf_counter(), 0.0
+        while state.step < self.schedule_length.total:
             t0 = time.perf_counter()
             batch = next(batches)  # blocks while the loader workers are behind: data-wait time
             t_data = time.perf_counter() - t0
             state.micro_batches += 1
             boundary = self.engine.is_gradient_accumulation_boundary()
-            loss, applied = self._micro_step(batch)
-            window.add(time.perf_counter() - t0, t_data, loss)
-            if not applied:
+            lr = self.engine.get_lr()[0]  # the LR this step's update uses (a host value: no sync)
+            applied = self._micro_step(batch)
+            window.add(time.perf_counter() - t0, t_data)
+            if applied and not boundary:
+                continue
+            if applied and not self.engine.was_step_applied() and self._loss_scale_overflow():
+                logger.info("step %d: fp16 gradient overflow; step skipped and loss scale lowered", state.step)
+                continue
+            self._step_finite.fill_(True)
+            if not applied or not self.engine.was_step_applied():
                 state.nonfinite_skipped += 1
-                nonfinite_in_row += 1
-                logger.warning("step %d: non-finite loss on some rank; micro-batch skipped (%d in a row)",
-                               state.step, nonfinite_in_row)
-                if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                skipped_in_row += 1
+                what = "micro-batch" if not applied else "optimizer step"
+                logger.warning("step %d: non-finite loss or gradients on some rank; %s skipped (%d in a row)",
+                               state.step, what, skipped_in_row)
+                if skipped_in_row >= cfg.train.max_nonfinite_in_row:
                     latest = checkpoint.newest_complete(self.ckpt_dir)
                     raise NonFiniteLossError(
-                        f"{nonfinite_in_row} consecutive micro-batches had a non-finite loss at step {state.step} "
+                        f"{skipped_in_row} consecutive {what}s were skipped as non-finite at step {state.step} "
                         f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); stopping. Last complete "
                         f"checkpoint: {self.ckpt_dir / latest[0] if latest else 'none'}. Try a lower optim.lr, "
                         "deepspeed.precision=fp32 or bf16, or check the data."
                     )
                 continue
-            nonfinite_in_row = 0
-            state.samples_seen += cfg.data.batch_size * self.world_size
-            if not boundary:
-                continue
+            skipped_in_row = 0
+            state.samples_seen += cfg.data.batch_size * self.world_size * cfg.train.grad_accum
             state.step += 1
             bar.update(1)
-            if state.step % cfg.monitor.log_every == 0 or state.step == cfg.train.steps:
-                self._log(window, voxels, bar)
-            last = state.step == cfg.train.steps
-            if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last):
-                self.validate()
-            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
-                self._save()
+            now = time.perf_counter()
+            if self.budget is not None:
+                # From the end of the previous step: its logging and re-planning count as step time (they recur
+                # every log step), its validation and checkpoint do not (they are budgeted at their own cadence).
+                self.budget.step_done(now - t_step - self._event_s)
+            self._event_s, t_step = 0.0, now
+            self._after_step(window, voxels, bar, lr)
+
+    def _loss_scale_overflow(self) -> bool:
+        """After DeepSpeed skipped a step: True when that is fp16 loss scaling at work (every rank's losses were
+        finite, only the scaled gradients overflowed), which is routine and not counted as non-finite. Collective;
+        runs only on the (rare) skip path, so its host sync costs nothing per step."""
+        all_finite = dist.all_reduce_sum((~self._step_finite).float()).item() == 0
+        self._step_finite.fill_(True)
+        return all_finite and self.cfg.deepspeed.precision == "fp16"
+
+    def _after_step(self, window: _Window, voxels: int, bar: tqdm, lr: float) -> None:
+        """Log, (re)plan the budget, validate and checkpoint as due after optimizer step `state.step`."""
+        cfg, state = self.cfg, self.state
+        log_due = state.step % cfg.monitor.log_every == 0
+        if self.budget is not None and self.budget.ready and (log_due or state.planned_steps is None):
+            self._plan()
+        last = state.step >= self.schedule_length.total
+        if log_due or last:
+            self._log(window, voxels, bar, lr)
+        # (A first budget plan may already have validated / saved at this step.)
+        if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last) and state.val_step != state.step:
+            self._timed(self.validate, "validation")
+        if ((cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last) and self._saved != state.step:
+            self._timed(self._save, "checkpoint")
+
+    def _timed(self, fn, what: str) -> None:
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        self._event_s += seconds
+        if self.budget is not None:
+            getattr(self.budget, f"{what}_done")(seconds)
+
+    # ------------------------------------------------------------------------------------------- budget
+    def _plan(self) -> None:
+        """(Re)plan the steps that fit in `train.max_minutes` (collective: rank 0 decides, everyone follows).
+
+        The first plan of a fresh run times one checkpoint save first (the final save must fit too) and, when
+        no periodic validation would come before the planned end, one validation as well."""
+        assert self.budget is not None
+        cfg, state, budget = self.cfg, self.state, self.budget
+        first = state.planned_steps is None
+        if first and budget.costs.checkpoint_s is None:
+            self._timed(self._save, "checkpoint")
+        planned = self._broadcast_plan()
+        if (first and cfg.train.val_every and budget.costs.validation_s is None
+                and (state.step // cfg.train.val_every + 1) * cfg.train.val_every >= planned):
+            self._timed(self.validate, "validation")
+            planned = self._broadcast_plan()
+        if planned != self.schedule_length.total or first:
+            changed = first or abs(planned - self.schedule_length.total) * 20 >= max(1, planned)
+            self.schedule_length.total = planned
+            refresh_lr(self.engine.lr_scheduler)  # the next update already follows the new plan
+            if changed and self.rank == 0:  # log the first plan and moves of >= 5 %, not every small revision
+                logger.info("%s", describe(planned, state.step, budget, self._elapsed()))
+        state.planned_steps = planned
+
+    def _broadcast_plan(self) -> int:
+        planned = None
+        if self.rank == 0:
+            planned = self.budget.plan(self.state.step, self._elapsed(), self.state.planned_steps)
+        return int(dist.broadcast_object(planned))
 
     def _write_summary(self, seconds_per_step: float | None) -> None:
         """``<run>/summary.json`` (rank 0): where the run ended, for people and scripts (the demo prints it)."""
@@ -293,20 +417,36 @@ class Trainer:
             "step": self.state.step,
             "val_dice": self.last_dice,
             "val_dice_mean": self.state.val_dice,
+            "val_step": self.state.val_step,
             "samples_seen": self.state.samples_seen,
             "nonfinite_skipped": self.state.nonfinite_skipped,
             "seconds_per_step": seconds_per_step,
+            "elapsed_s": self.state.elapsed_s,
             "resumed_from": self.resumed_from,
             "world_size": self.world_size,
         }
+        if self.budget is not None:
+            summary["budget"] = {
+                "max_minutes": self.cfg.train.max_minutes,
+                "planned_steps": self.state.planned_steps,
+                "reached_steps": self.state.step,
+                "elapsed_s": self.state.elapsed_s,
+                "max_steps": self.cfg.train.steps,
+                **{f"measured_{k}": v for k, v in self.budget.summary().items()},
+            }
         checkpoint.write_json(self.run_dir / "summary.json", summary)
 
-    def _log(self, window: _Window, voxels: int, bar: tqdm) -> None:
-        """Scalars of the steps since the last log (rank 0 writes; other ranks hold a NullMonitor)."""
+    def _log(self, window: _Window, voxels: int, bar: tqdm, lr: float) -> None:
+        """Scalars of the steps since the last log (collective: the loss is all-reduced here; rank 0 writes, other
+        ranks hold a NullMonitor)."""
+        packed = dist.all_reduce_sum(torch.stack([self._loss_sum, self._loss_count.float()]))
+        loss_sum, count = packed.tolist()  # host sync, once per log step
+        self._loss_sum.zero_()
+        self._loss_count.zero_()
         samples = window.count * self.cfg.data.batch_size * self.world_size
         values = {
-            "train/loss": window.mean_loss(),
-            "train/lr": float(self.engine.get_lr()[0]),
+            "train/loss": loss_sum / count if count else math.nan,
+            "train/lr": float(lr),
             "train/epoch": self.epoch,
             "train/nonfinite_skipped": float(self.state.nonfinite_skipped),
             "perf/samples_per_s": samples / window.time,
@@ -318,7 +458,11 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
+        if self.budget is not None:
+            values["budget/elapsed_min"] = self._elapsed() / 60.0
+            values["budget/planned_steps"] = float(self.schedule_length.total)
         self.monitor.scalars(values, self.state.step)
+        bar.total = self.schedule_length.total
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
         window.reset()
 
@@ -327,7 +471,7 @@ class Trainer:
 
 
 class _Window:
-    """Sums over the micro-batches since the last log line."""
+    """Host-side sums over the micro-batches since the last log line (the loss is summed on the device)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -335,15 +479,9 @@ class _Window:
     def reset(self) -> None:
         self.time = 0.0
         self.data_time = 0.0
-        self.loss_sum = 0.0
         self.count = 0
 
-    def add(self, seconds: float, data_seconds: float, loss: float) -> None:
+    def add(self, seconds: float, data_seconds: float) -> None:
         self.time += seconds
         self.data_time += data_seconds
-        if math.isfinite(loss):
-            self.loss_sum += loss
-            self.count += 1
-
-    def mean_loss(self) -> float:
-        return self.loss_sum / self.count if self.count else math.nan
+        self.count += 1

@@ -105,11 +105,37 @@ class DeviceAugment:
         return x[(..., *(slice(m, m + p) for p in self.patch_size))]
 
     def _spatial(
-        self, image: torch.Tensor, label: torch.Tensor | None, sel: list[int], mats: list[np.ndarray]
+        self, image: torch.Tensor, label: torch.Tensor | None, sel: list[int], theta: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Resample samples `sel` with their (z,y,x)-frame matrices; output grid = patch, centred in the input."""
-        in_size = image.shape[2:]
-        half_in = np.array([(s - 1) / 2 for s in in_size])
+        """Resample samples `sel` (batch positions) with `theta` (len(sel), nd, nd + 1) on the device; output grid
+        = patch, centred in the input. Samples are picked with Python ints (views), never a device index tensor,
+        whose creation would be a host-to-device copy."""
+        whole = len(sel) == image.shape[0]
+        src = image if whole else torch.stack([image[b] for b in sel])
+        grid = F.affine_grid(theta, [len(sel), image.shape[1], *self.patch_size], align_corners=True)
+        warped = F.grid_sample(src.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        if whole:
+            out_img = warped
+        else:
+            out_img = self._crop(image).float().clone()
+            for j, b in enumerate(sel):
+                out_img[b] = warped[j]
+        out_lab = None
+        if label is not None:
+            lab = (label if whole else torch.stack([label[b] for b in sel])).unsqueeze(1).float()
+            warped_lab = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=True)
+            warped_lab = warped_lab.squeeze(1).round().to(label.dtype)
+            if whole:
+                out_lab = warped_lab
+            else:
+                out_lab = self._crop(label).clone()
+                for j, b in enumerate(sel):
+                    out_lab[b] = warped_lab[j]
+        return out_img, out_lab
+
+    def _thetas(self, image_shape: Sequence[int], mats: list[np.ndarray]) -> np.ndarray:
+        """(n, nd, nd + 1) affine_grid matrices for (z,y,x)-frame matrices `mats` (input `image_shape` spatial)."""
+        half_in = np.array([(s - 1) / 2 for s in image_shape])
         half_out = np.array([(p - 1) / 2 for p in self.patch_size])
         thetas = []
         for a in mats:
@@ -118,19 +144,7 @@ class DeviceAugment:
             t = (a * half_out[None, :]) / np.maximum(half_in[:, None], 1e-6)
             t = t[::-1, ::-1]
             thetas.append(np.concatenate([t, np.zeros((self.nd, 1))], axis=1))
-        theta = torch.as_tensor(np.stack(thetas), dtype=torch.float32, device=image.device)
-        idx = torch.as_tensor(sel, device=image.device)
-        src = image.index_select(0, idx).float()
-        grid = F.affine_grid(theta, [len(sel), image.shape[1], *self.patch_size], align_corners=True)
-        out_img = self._crop(image).float().clone()
-        out_img[idx] = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        out_lab = None
-        if label is not None:
-            lab = label.index_select(0, idx).unsqueeze(1).float()
-            out_lab = self._crop(label).clone()
-            warped = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=True)
-            out_lab[idx] = warped.squeeze(1).round().to(label.dtype)
-        return out_img, out_lab
+        return np.stack(thetas).reshape(len(mats), self.nd, self.nd + 1)
 
     def __call__(
         self, image: torch.Tensor, label: torch.Tensor | None, sample_index: torch.Tensor | Sequence[int]
@@ -140,37 +154,58 @@ class DeviceAugment:
             raise ValueError(f"augment: image spatial shape {tuple(image.shape[2:])} != patch + 2*margin {expected}")
         if not self.enabled:
             return self._crop(image).float(), None if label is None else self._crop(label)
+        # sample_index is the loader's CPU tensor: .tolist() reads host memory, no device sync.
         indices = [int(i) for i in (sample_index.tolist() if torch.is_tensor(sample_index) else sample_index)]
-        params = [self.draw(i, image.shape[1]) for i in indices]
-        sel = [b for b, p in enumerate(params) if p["matrix"] is not None]
+        b, c = image.shape[0], image.shape[1]
+        params = [self.draw(i, c) for i in indices]
+        sel = [j for j, p in enumerate(params) if p["matrix"] is not None]
+        gam = [j for j, p in enumerate(params) if p["gamma"] is not None]
+        # Every number the device needs travels in ONE pinned, non-blocking copy: torch.as_tensor(numpy,
+        # device=cuda) from pageable memory would be a synchronising copy per tensor.
+        parts = [
+            np.stack([p["mult"] for p in params]).reshape(-1),
+            np.stack([p["shift"] for p in params]).reshape(-1),
+            np.stack([params[j]["gamma"] for j in gam]).reshape(-1) if gam else np.zeros(0),
+            self._thetas(image.shape[2:], [params[j]["matrix"] for j in sel]).reshape(-1) if sel else np.zeros(0),
+        ]
+        packed = to_device(np.concatenate(parts).astype(np.float32), image.device)
+        mult, shift, gamma, theta = torch.split(packed, [p.size for p in parts])
         if sel:
-            image, label = self._spatial(image, label, sel, [params[b]["matrix"] for b in sel])
+            image, label = self._spatial(image, label, sel, theta.view(len(sel), self.nd, self.nd + 1))
         else:  # no sample needs resampling this step: a crop is exact and free
             image, label = self._crop(image).float(), None if label is None else self._crop(label)
-        return self._intensity(image, params), label  # intensity output is a new contiguous tensor
-
-    def _intensity(self, image: torch.Tensor, params: list[dict]) -> torch.Tensor:
-        """Per-channel scale/shift on every sample, then gamma and noise on the selected ones. image (B, C, *S)."""
-        dev, b, c = image.device, image.shape[0], image.shape[1]
         view = (b, c) + (1,) * self.nd
-        mult = torch.as_tensor(np.stack([p["mult"] for p in params]), dtype=image.dtype, device=dev).view(view)
-        shift = torch.as_tensor(np.stack([p["shift"] for p in params]), dtype=image.dtype, device=dev).view(view)
-        image = torch.addcmul(shift, image, mult)  # one pass, and a new tensor: the caller's batch is untouched
-        gam = [i for i, p in enumerate(params) if p["gamma"] is not None]
-        if gam:
-            idx = torch.as_tensor(gam, device=dev)
-            x = image.index_select(0, idx)
-            flat = x.flatten(2)
-            lo = flat.amin(dim=2).view(len(gam), c, *(1,) * self.nd)
-            hi = flat.amax(dim=2).view(len(gam), c, *(1,) * self.nd)
-            rng_ = (hi - lo).clamp_min(1e-7)
-            g = torch.as_tensor(np.stack([params[i]["gamma"] for i in gam]), dtype=x.dtype, device=dev)
+        image = torch.addcmul(shift.view(view), image, mult.view(view))  # a new tensor: the batch is untouched
+        return self._gamma_noise(image, params, gam, gamma.view(len(gam), c)), label
+
+    def _gamma_noise(
+        self, image: torch.Tensor, params: list[dict], gam: list[int], gamma: torch.Tensor
+    ) -> torch.Tensor:
+        """Gamma on samples `gam` (exponents `gamma` (len(gam), C)), then noise where drawn. image (B, C, *S)."""
+        c = image.shape[1]
+        ones = (1,) * self.nd
+        for j, b in enumerate(gam):
+            x = image[b]
+            flat = x.flatten(1)
+            lo, hi = flat.amin(dim=1).view(c, *ones), flat.amax(dim=1).view(c, *ones)
+            span = (hi - lo).clamp_min(1e-7)
             # gamma on [0, 1]-rescaled intensities, then back to the original range (keeps min and max)
-            image[idx] = ((x - lo) / rng_).clamp(0, 1).pow(g.view(len(gam), c, *(1,) * self.nd)) * rng_ + lo
+            image[b] = ((x - lo) / span).clamp(0, 1).pow(gamma[j].view(c, *ones)) * span + lo
         for i, p in enumerate(params):
             if p["sigma"] is not None:
-                gen = torch.Generator(device=dev).manual_seed(p["noise_seed"])
-                noise = torch.randn(image.shape[1:], generator=gen, device=dev, dtype=image.dtype)
+                gen = torch.Generator(device=image.device).manual_seed(p["noise_seed"])
+                noise = torch.randn(image.shape[1:], generator=gen, device=image.device, dtype=image.dtype)
                 image[i] += noise * float(p["sigma"])
         return image
 
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without a host sync: pinned, then copied non-blocking (CUDA); as is on the CPU.
+
+    The pinned buffer comes from torch's caching host allocator, which keeps it until the copy has finished."""
+    t = torch.from_numpy(array)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

@@ -108,7 +108,12 @@ class DataConfig:
     batch_size: int = 2
     """Samples per rank per micro-step."""
     foreground_fraction: float = 0.33
-    """Fraction of training samples centred on a voxel of a random present class (nnU-Net-style oversampling)."""
+    """Fraction of training samples placed on a voxel of a random present class (nnU-Net-style oversampling):
+    round(batch_size * fraction) per batch, at least one when > 0 (batch 1: exactly this fraction of consecutive
+    samples). See `distseg.data.sampling`."""
+    foreground_cache_mb: int = 64
+    """Memory bound (MiB) of each loader process's cache of foreground coordinates (int16; least recently used
+    cases are dropped and re-read on demand)."""
     val_folds: tuple[int, ...] = (0,)
     """Folds held out for validation; training uses all other folds."""
     num_workers: int = 2
@@ -124,7 +129,8 @@ class DataConfig:
     context_margin: int = 0
     """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling
     resamples real data instead of zero padding; `DeviceAugment` crops it away, so the model always sees
-    `patch_size`. With 0 the loader yields exactly `patch_size` and rotated corners are zero-filled."""
+    `patch_size`. With 0 the loader yields exactly `patch_size` and rotated corners are zero-filled. Patches are
+    kept inside the case; the margin around them is not (it is zero-padded past the case border)."""
     downsample: int = 1
     """Train (and predict) at 1/f of the stored resolution: patches of `patch_size` cover f x the extent, read from the
     store and average-pooled (labels: each region's fraction > 0.5); prediction pools the case, runs the window at
@@ -167,6 +173,10 @@ class DataConfig:
             raise ValueError(f"{prefix}.prefetch_factor: expected an int >= 1, got {self.prefetch_factor!r}")
         if self.target not in TARGETS:
             raise ValueError(f"{prefix}.target: expected one of {list(TARGETS)}, got {self.target!r}")
+        if not isinstance(self.foreground_cache_mb, int) or self.foreground_cache_mb < 0:
+            raise ValueError(
+                f"{prefix}.foreground_cache_mb: expected an int >= 0 (MiB), got {self.foreground_cache_mb!r}"
+            )
         if not isinstance(self.downsample, int) or isinstance(self.downsample, bool) or not 1 <= self.downsample <= 8:
             raise ValueError(f"{prefix}.downsample: expected an integer factor in 1..8, got {self.downsample!r}")
         if not isinstance(self.context_margin, int) or self.context_margin < 0:

@@ -139,6 +139,8 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, s
         rank,
         world_size,
         margin,
+        batch_size=cfg.batch_size,
+        fg_cache_bytes=cfg.foreground_cache_mb << 20,
     )
     worker_aug = None
     if cfg.augment.enabled and not cfg.augment.on_device:

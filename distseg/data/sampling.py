@@ -5,9 +5,21 @@ Sample `i` of rank `r` (rank-local index; batch `s` holds samples `s*B .. s*B+B-
 * case: a global shuffle sharded across ranks. Global position ``g = i * world_size + r`` falls in epoch
   ``g // n_cases``, whose permutation is drawn from ``(seed, epoch)``; every case is seen once per epoch over all
   ranks, and no two ranks draw the same position.
-* position: with probability `foreground_fraction` the patch is centred on a stored foreground voxel of a random
-  class present in the case (nnU-Net-style oversampling); otherwise its centre is uniform over the volume, so
-  patches may overhang the border (the store zero-pads).
+* foreground or not (nnU-Net-style oversampling, forced per batch): with batch size B >= 2, the last
+  ``n = round(B * foreground_fraction)`` samples of every batch (at least one when the fraction is > 0) are
+  foreground samples; with B = 1, sample i is one when ``floor((i + 1) * p + phase) > floor(i * p + phase)``
+  (phase drawn from (seed, rank)), so any run of consecutive samples holds the fraction p to within one sample.
+  A foreground sample centres its patch on a stored voxel of a random class present in the case (a case with no
+  foreground falls back to a random patch).
+* position (as nnU-Net bounds it): along every axis where the case is at least as long as the patch, the patch
+  lies inside the case: random patches start uniformly over all valid starts ``[0, D - P]``, foreground patches
+  are centred on their voxel and then clamped into that range (the voxel stays inside). Along an axis where the
+  case is shorter than the patch, the case is centred in the patch and only that axis is zero-padded. 2D samples
+  take a uniform slice index and bound Y and X alike, so a 256x256 patch of a 256x256 image is the whole image.
+* context margin (`data.context_margin`): extra voxels read around the bounded patch for the device rotation /
+  scaling to resample from. The bound applies to the patch the model sees, not to the margin: a margin reaching
+  past the case border is zero-padded, which only shows in rotated corners. (Bounding patch + margin instead would
+  keep the patch `margin` voxels away from every border, so border tissue would be seen less often.)
 * flips: each configured spatial axis flipped with probability 1/2.
 
 Nothing depends on worker ids or on what was drawn before, so resuming at batch `s` (start sample ``s*B``) replays
@@ -16,6 +28,8 @@ exactly the batches an uninterrupted run would have seen, for any number of load
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +41,7 @@ from distseg.data.store import Store
 STREAM_SAMPLE = 1
 STREAM_DEVICE_AUG = 2
 STREAM_EPOCH = 3
+STREAM_PHASE = 4
 
 
 def sample_rng(seed: int, stream: int, rank: int, index: int) -> np.random.Generator:
@@ -42,7 +57,7 @@ class SamplePlan:
     start: tuple[int, int, int]
     size: tuple[int, int, int]
     flips: tuple[int, ...]  # spatial axes of the sample (0-based over the patch dims) to flip
-    foreground: bool  # centred on a foreground voxel
+    foreground: bool  # placed on a foreground voxel (which lies inside the patch)
 
 
 class TrainSampler:
@@ -50,7 +65,9 @@ class TrainSampler:
 
     `spatial_dims` is 3 (patch (Z, Y, X) read as is) or 2 (patch (Y, X) read as a (1, Y, X) box from one axial
     slice: slices of 3D cases, or the single slice of a Z = 1 image case). `margin` voxels of context are added on
-    each side of the in-plane / spatial dims (never along Z for 2D).
+    each side of the in-plane / spatial dims (never along Z for 2D). `batch_size` fixes which sample indices are
+    foreground samples (see the module docstring). Foreground coordinates are cached per process as the store's
+    int16, least recently used cases evicted beyond `fg_cache_bytes`.
     """
 
     def __init__(
@@ -63,6 +80,8 @@ class TrainSampler:
         rank: int,
         world_size: int,
         margin: int = 0,
+        batch_size: int = 1,
+        fg_cache_bytes: int = 64 << 20,
     ) -> None:
         if not case_ids:
             raise ValueError("TrainSampler: no training cases (check data.store and data.val_folds)")
@@ -72,9 +91,22 @@ class TrainSampler:
         self.foreground_fraction = float(foreground_fraction)
         self.flip_axes = tuple(a for a in flip_axes if a < self.spatial_dims)
         self.seed, self.rank, self.world_size, self.margin = int(seed), int(rank), int(world_size), int(margin)
+        self.batch_size = int(batch_size)
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
-        self._fg_cache: dict[str, list[np.ndarray]] = {}
+        self._fg_cache = ForegroundCache(fg_cache_bytes)
+        # B >= 2: the last n of every batch; B = 1: a per-(seed, rank) phase spreads them evenly over samples.
+        p = self.foreground_fraction
+        n = math.floor(self.batch_size * p + 0.5)
+        self._fg_per_batch = min(self.batch_size, max(1, n) if p > 0 else 0)
+        self._phase = float(np.random.default_rng([self.seed, STREAM_PHASE, self.rank, 0]).random())
+
+    def is_foreground(self, index: int) -> bool:
+        """Whether rank-local sample `index` is a (forced) foreground sample: a pure function of (seed, rank, index)."""
+        if self.batch_size >= 2:
+            return index % self.batch_size >= self.batch_size - self._fg_per_batch
+        p = self.foreground_fraction
+        return math.floor((index + 1) * p + self._phase) > math.floor(index * p + self._phase)
 
     def case_for(self, index: int) -> str:
         """The case of rank-local sample `index` (global shuffle, sharded by rank)."""
@@ -88,35 +120,81 @@ class TrainSampler:
         return self.case_ids[int(self._perm[g % n])]
 
     def _foreground(self, store: Store, case_id: str) -> list[np.ndarray]:
-        """Stored foreground coordinates (N, 3) of each class present in the case (cached per process)."""
+        """Stored foreground coordinates (N, 3) int16 of each class present in the case (LRU-cached per process)."""
         fg = self._fg_cache.get(case_id)
         if fg is None:
             classes = sorted(int(k) for k in store.attrs["label_values"] if int(k) != 0)
-            fg = [c for c in (store.foreground(case_id, k) for k in classes) if len(c)]
-            self._fg_cache[case_id] = fg
+            fg = [c for c in (store.foreground(case_id, k, dtype=np.int16) for k in classes) if len(c)]
+            self._fg_cache.put(case_id, fg)
         return fg
 
     def plan(self, store: Store, index: int) -> SamplePlan:
         """The plan for rank-local sample `index`; reads only cached case metadata from `store`."""
         case_id = self.case_for(index)
         rng = sample_rng(self.seed, STREAM_SAMPLE, self.rank, index)
-        want_fg = rng.random() < self.foreground_fraction
         shape = store.case(case_id).shape[1:]  # (Z, Y, X)
-        fg = self._foreground(store, case_id) if want_fg else []
+        fg = self._foreground(store, case_id) if self.is_foreground(index) else []
+        if self.spatial_dims == 3:
+            patch = self.patch_size
+            margin = (self.margin,) * 3
+        else:  # one axial slice: a (1, Y, X) box, no margin along Z
+            patch = (1, *self.patch_size)
+            margin = (0, self.margin, self.margin)
         if fg:
             coords = fg[int(rng.integers(len(fg)))]  # a random *present* class, then a random voxel of it
-            centre = tuple(int(v) for v in coords[int(rng.integers(len(coords)))])
+            centre = [int(v) for v in coords[int(rng.integers(len(coords)))]]
+            start = [clamp_start(c - p // 2, d, p) for c, d, p in zip(centre, shape, patch, strict=True)]
         else:
-            centre = tuple(int(rng.integers(d)) for d in shape)
-        if self.spatial_dims == 3:
-            size = tuple(p + 2 * self.margin for p in self.patch_size)
-            start = tuple(c - p // 2 - self.margin for c, p in zip(centre, self.patch_size, strict=True))
-        else:
-            py, px = self.patch_size
-            size = (1, py + 2 * self.margin, px + 2 * self.margin)
-            start = (centre[0], centre[1] - py // 2 - self.margin, centre[2] - px // 2 - self.margin)
+            start = [random_start(rng, d, p) for d, p in zip(shape, patch, strict=True)]
         flips = tuple(a for a in self.flip_axes if rng.random() < 0.5)
-        return SamplePlan(case_id, start, size, flips, bool(fg))  # type: ignore[arg-type]
+        start_m = tuple(s - m for s, m in zip(start, margin, strict=True))
+        size = tuple(p + 2 * m for p, m in zip(patch, margin, strict=True))
+        return SamplePlan(case_id, start_m, size, flips, bool(fg))  # type: ignore[arg-type]
+
+
+def clamp_start(start: int, dim: int, patch: int) -> int:
+    """A patch start moved into ``[0, dim - patch]`` (the patch inside the case); centred when `dim` < `patch`."""
+    if dim < patch:
+        return (dim - patch) // 2
+    return min(max(start, 0), dim - patch)
+
+
+def random_start(rng: np.random.Generator, dim: int, patch: int) -> int:
+    """A start uniform over the valid starts ``[0, dim - patch]``; centred (padded) when `dim` < `patch`."""
+    if dim < patch:
+        return (dim - patch) // 2
+    return int(rng.integers(dim - patch + 1))
+
+
+class ForegroundCache:
+    """Per-process LRU of foreground coordinate arrays, bounded by their bytes (the store's int16, 6 B/voxel).
+
+    A loader worker visits every training case; the bound keeps its memory flat however many cases the store
+    holds (a case re-read after eviction costs one small array read)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> list[np.ndarray] | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: str, arrays: list[np.ndarray]) -> None:
+        size = sum(a.nbytes for a in arrays)
+        if key in self._items:
+            self.nbytes -= sum(a.nbytes for a in self._items.pop(key))
+        self._items[key] = arrays
+        self.nbytes += size
+        while self.nbytes > self.max_bytes and len(self._items) > 1:  # the newest entry always stays
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= sum(a.nbytes for a in old)
 
 
 def centred_start(shape: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, ...]:

@@ -328,12 +328,15 @@ class Store:
             self._arrays[key] = arr
         return arr
 
-    def foreground(self, case_id: str, cls: int) -> np.ndarray:
-        """(N, 3) int64 (z, y, x) voxel coordinates (stored frame) sampled from class `cls`; (0, 3) if absent."""
+    def foreground(self, case_id: str, cls: int, dtype: np.typing.DTypeLike = np.int64) -> np.ndarray:
+        """(N, 3) (z, y, x) voxel coordinates (stored frame) sampled from class `cls`; (0, 3) if absent.
+
+        `dtype`: int64 by default; np.int16 keeps the stored type (no widening copy: 6 bytes per voxel, what the
+        training sampler caches)."""
         rows = self.case_attrs(case_id).get("foreground_rows", {}).get(str(int(cls)))
         if not rows or rows[1] <= rows[0]:
-            return np.zeros((0, 3), dtype=np.int64)
-        return np.asarray(self._array(case_id, "foreground")[rows[0] : rows[1]], dtype=np.int64)
+            return np.zeros((0, 3), dtype=dtype)
+        return np.asarray(self._array(case_id, "foreground")[rows[0] : rows[1]], dtype=dtype)
 
     def _normalise(self, case_id: str, raw: np.ndarray) -> np.ndarray:
         try:

@@ -6,6 +6,7 @@ BraTS regions (store attr ``regions``): WT = {1, 2, 3} (whole tumour), TC = {1, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -37,11 +38,21 @@ def labels_to_targets(label: torch.Tensor, target: str, regions: Mapping[str, Se
     num_targets(target, regions)  # raises for an unknown target
     if not regions:
         raise ValueError("labels_to_targets: the store defines no regions; use data.target=binary")
-    max_value = max(max(v) for v in regions.values())
-    # A lookup table (value -> K bits) is one gather instead of K `isin`s. Values above every region (none in a
-    # valid store) clamp onto an all-zero row, so no host sync is needed to size the table.
-    lut = torch.zeros(int(max_value) + 2, len(regions), dtype=torch.float32, device=label.device)
-    for k, values in enumerate(regions.values()):
-        lut[torch.as_tensor(list(values), dtype=torch.long, device=label.device), k] = 1.0
-    out = lut[label.long().clamp(0, int(max_value) + 1)]  # (B, *S, K)
+    lut = region_table(tuple((k, tuple(int(v) for v in vs)) for k, vs in regions.items()), label.device)
+    # Values above every region (none in a valid store) clamp onto the table's all-zero last row, so no host sync
+    # is needed to check them.
+    out = lut[label.long().clamp(0, lut.shape[0] - 1)]  # (B, *S, K)
     return out.movedim(-1, 1).contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def region_table(regions: tuple[tuple[str, tuple[int, ...]], ...], device: torch.device) -> torch.Tensor:
+    """float32 (max value + 2, K) lookup table, row v = the K region bits of label value v (last row all zero).
+
+    One gather replaces K `isin`s. Built on the host and copied to `device` once per (regions, device): building
+    it on the device every step cost a host-to-device copy per region."""
+    max_value = max(max(values) for _, values in regions)
+    lut = torch.zeros(max_value + 2, len(regions), dtype=torch.float32)
+    for k, (_, values) in enumerate(regions):
+        lut[list(values), k] = 1.0
+    return lut.to(device)

@@ -2,10 +2,16 @@
 measured in the same run.
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 GLOO_SOCKET_IFNAME=lo .venv/bin/python tests/benchmarks/bench_train.py
+    .venv/bin/python tests/benchmarks/bench_train.py --device cuda --quick      # GPU: (a) + (s) only, < 3 min
 
-(a) step time: DeepSpeed engine (ZeRO 0, fp32, client AdamW, 1 process) vs a plain PyTorch loop on the same model,
+(a) step time: DeepSpeed engine (ZeRO 0, client AdamW, 1 process) vs a plain PyTorch loop on the same model,
     batch and optimizer; the two are stepped alternately in one process so load from other jobs hits both alike.
-    Target: ratio <= 1.10.
+    `--device cuda` runs both on the GPU (nccl), `--precision bf16` (the default on CUDA) as DeepSpeed bf16 vs
+    torch.autocast(bf16) for the plain loop. Target: ratio <= 1.10.
+(s) host-device syncs per training micro-step (CUDA only): the trainer's step path (pinned batch copy, device
+    augmentation, region targets, forward, loss, device-side loss sum, backward) run under
+    torch.cuda.set_sync_debug_mode("warn"), counting the synchronising calls it reports per micro-step (the
+    optimizer step is excluded: DeepSpeed's own gradient-norm check syncs once per step by design).
 (b) model-state memory per rank (params + grads + optimizer states) for ZeRO 0/1/2/3 at 2 gloo ranks on the 65M
     `res_inception_unet`: counted as the bytes of every live tensor storage after one optimizer step (tiny input, so
     activations are freed and negligible), cross-checked against the analytic bytes/param and DeepSpeed's own
@@ -53,6 +59,7 @@ def _set_dist_env(rank: int, world_size: int, port: int) -> None:
 def bench_step_time(args: argparse.Namespace) -> list[Row]:
     import deepspeed
 
+    from distseg.engine import mixed_precision_batchnorm
     from distseg.losses import LossConfig, build_loss
     from distseg.models import build_model
 
@@ -76,10 +83,14 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
     fused = {"fused": True} if args.fused else {}
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4, **fused)
     _set_dist_env(0, 1, _free_port())
+    if cuda:
+        torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     ds_config = {"train_micro_batch_size_per_gpu": args.step_batch, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": args.step_zero}, "steps_per_print": 10**9,
                  "wall_clock_breakdown": False, "bf16": {"enabled": bf16}}
+    if bf16:
+        mixed_precision_batchnorm(ds_model)  # what distseg.engine.initialize does: BatchNorm statistics stay fp32
     engine, *_ = deepspeed.initialize(model=ds_model, config=ds_config,
                                       optimizer=torch.optim.AdamW(ds_model.parameters(), lr=1e-4, **fused))
 
@@ -163,10 +174,73 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
         engine.allreduce_gradients()
         sync()
         ar.append(time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize()
     rows.append(("(a) DS-only work", "engine.allreduce_gradients() alone, min of 5", f"{min(ar) * 1e3:.1f} ms",
                  f"{min(plain_tot) * 1e3:.0f} ms plain step (min)", f"{min(ar) / min(plain_tot):.3f}", ""))
     torch.distributed.destroy_process_group()
     return rows
+
+
+# ------------------------------------------------------------------------------------------- (s) host syncs
+def bench_syncs(args: argparse.Namespace) -> list[Row]:
+    """Synchronising calls per micro-step of the trainer's step path, counted by CUDA's sync debug mode."""
+    if args.device != "cuda" or not torch.cuda.is_available():
+        return [("(s) host syncs", "needs --device cuda (torch.cuda.set_sync_debug_mode)", "-", "-", "-", "skipped")]
+    from distseg.data.augment import DeviceAugment
+    from distseg.data.config import AugmentConfig
+    from distseg.data.store import BRATS_REGIONS
+    from distseg.data.targets import labels_to_targets
+    from distseg.engine import mixed_precision_batchnorm
+    from distseg.losses import LossConfig, build_loss
+    from distseg.models import build_model
+
+    device = torch.device("cuda")
+    patch, margin, batch = (args.sync_size,) * 3, 8, 2
+    model = build_model("unet3d", "debug", in_channels=4, out_channels=3).to(device)
+    mixed_precision_batchnorm(model)
+    model = model.bfloat16()
+    for b in model.buffers():  # DeepSpeed bf16 casts parameters only
+        b.data = b.data.float() if b.is_floating_point() else b.data
+    loss_fn = build_loss(LossConfig())
+    # Every augmentation on, so each code path that could sync runs.
+    augment = DeviceAugment(AugmentConfig(rotate_prob=1.0, scale_prob=0.5, gamma_prob=0.5, noise_prob=0.5), patch,
+                            margin, seed=0, rank=0)
+    size = tuple(p + 2 * margin for p in patch)
+    loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def micro_step(i: int) -> None:
+        nonlocal loss_sum, loss_count
+        host = {"image": torch.randn(batch, 4, *size).pin_memory(),
+                "label": torch.randint(0, 4, (batch, *size), dtype=torch.uint8).pin_memory(),
+                "sample_index": torch.arange(i * batch, (i + 1) * batch)}
+        image = host["image"].to(device, non_blocking=True)
+        label = host["label"].to(device, non_blocking=True)
+        image, label = augment(image, label, host["sample_index"])
+        targets = labels_to_targets(label, "regions", BRATS_REGIONS)
+        loss = loss_fn(model(image.bfloat16()), targets)
+        finite = torch.isfinite(loss)
+        loss_sum = loss_sum + torch.where(finite, loss.detach().float(), 0.0)
+        loss_count = loss_count + finite
+        loss.backward()
+
+    for i in range(2):  # warm-up: allocator, cuDNN autotuning and lazy initialisation may sync once
+        micro_step(i)
+    torch.cuda.synchronize()
+    steps = 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(2, 2 + steps):
+                micro_step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+    return [("(s) host syncs", f"trainer micro-step path, unet3d debug bf16, batch {batch}, {args.sync_size}³ "
+             f"+ margin {margin}, all augmentations on; {steps} micro-steps",
+             f"{len(syncs) / steps:.1f} per micro-step", "-", "-", ", ".join(where)[:200] or "none")]
 
 
 # ------------------------------------------------------------------------------------------- (b) ZeRO memory
@@ -200,6 +274,10 @@ def _memory_worker(rank: int, world_size: int, port: int, stage: int, dtype: str
     rss0 = memory_stats("cpu")["memory/host_rss_mib"]
     torch.manual_seed(0)
     model = build_model(args["mem_model"])
+    if dtype == "bf16":
+        from distseg.engine import mixed_precision_batchnorm
+
+        mixed_precision_batchnorm(model)  # as distseg.engine.initialize: BatchNorm statistics stay fp32
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     bucket = int(args["bucket"])
@@ -373,13 +451,16 @@ def print_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="a,b,c,d",
-                   help="comma list of a (step time), b (memory), c (loader), d (demo data wait)")
+    p.add_argument("--sections", default="a,s,b,c,d",
+                   help="comma list of a (step time), s (host syncs, CUDA), b (memory), c (loader), d (demo data wait)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(a), (s): cpu or cuda")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="(a): bf16 = DeepSpeed bf16 vs a torch autocast loop; default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="only (a) with 10 paired steps and (s): the GPU check (< 3 min on one GPU)")
+    p.add_argument("--sync-size", type=int, default=64, help="(s): 3D patch edge")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--in-channels", type=int, default=3, help="(b): input channels of the memory model")
-    p.add_argument("--device", default="cpu", help="(a): cpu or cuda (one GPU; nccl for the 1-rank group)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="(a): bf16 = DeepSpeed bf16 vs a torch autocast loop")
     p.add_argument("--step-zero", type=int, default=0, help="(a): ZeRO stage of the DeepSpeed side (1 rank)")
     p.add_argument("--fused", action="store_true", help="(a): torch's fused AdamW on both sides (CUDA)")
     p.add_argument("--step-model", default="unet")
@@ -399,10 +480,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-batches", type=int, default=30, help="(d): batches pulled from the demo loader")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    if args.quick:
+        args.sections, args.steps = "a,s", min(args.steps, 10)
     sections = set(args.sections.split(","))
     rows: list[Row] = []
     if "a" in sections:
         rows += bench_step_time(args)
+    if "s" in sections:
+        rows += bench_syncs(args)
     if "b" in sections:
         rows += bench_memory(args)
     if "c" in sections:

@@ -75,7 +75,8 @@ def main() -> int:
          "--features", "32,64,128,256,320,320", "--window", "128", "--window-batch", "4", "--repeats", "3"],
         timeout=240, log=log)
     for name, model, extra in (
-        ("unet3d ZeRO 0", "unet3d", ["--step-batch", "2", "--step-size", "128", "--step-zero", "0"]),
+        ("unet3d ZeRO 0 + host syncs", "unet3d", ["--step-batch", "2", "--step-size", "128", "--step-zero", "0",
+                                                  "--sections", "a,s"]),
         ("unet3d ZeRO 2", "unet3d", ["--step-batch", "2", "--step-size", "128", "--step-zero", "2"]),
         ("res_inception_unet ZeRO 0", "res_inception_unet", ["--step-batch", "8", "--step-size", "256",
                                                              "--step-zero", "0"]),

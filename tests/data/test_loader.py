@@ -37,52 +37,119 @@ def _same(a: dict, b: dict) -> bool:
     )
 
 
-def test_foreground_oversampling_fraction(brats_store: Path) -> None:
+def test_foreground_oversampling_is_forced_per_batch(brats_store: Path) -> None:
+    """nnU-Net: round(B * p) foreground samples in EVERY batch (at least one for p > 0, B >= 2); B = 1 keeps the
+    fraction p over any run of consecutive samples. A pure function of (seed, rank, sample index)."""
     store = Store.open(brats_store)
     cases = store.case_ids(exclude_folds=[0])
-    n = 400
-
-    def stats(fraction: float) -> tuple[float, float]:
-        sampler = TrainSampler(cases, (8, 8, 8), fraction, (), seed=11, rank=0, world_size=1)
-        ds = TrainBatches(str(brats_store), sampler, batch_size=1)
-        flagged = contains = 0
-        for i in range(n):
-            _, label, _, fg = ds.sample(i)
-            if fg:  # centred on a foreground voxel: the centre voxel carries a tumour class
-                flagged += 1
-                assert label[4, 4, 4] > 0
-            contains += bool(label.any())
-        return flagged / n, contains / n
-
-    flagged, contains_fg = stats(0.33)
-    flagged_random, contains_random = stats(0.0)
-    assert flagged_random == 0.0
-    # Bernoulli(0.33) over 400 draws: sd 0.024, so +-0.08 is > 3 sd
-    assert abs(flagged - 0.33) < 0.08, flagged
-    # oversampling raises the share of patches that contain tumour well above uniform sampling
-    assert contains_fg >= flagged and contains_fg > contains_random + 0.2, (contains_fg, contains_random)
+    for batch, p, per_batch in [(2, 0.33, 1), (2, 0.2, 1), (4, 0.33, 1), (5, 0.5, 3), (3, 1.0, 3), (4, 0.0, 0)]:
+        sampler = TrainSampler(cases, (8, 8, 8), p, (), seed=11, rank=1, world_size=2, batch_size=batch)
+        for step in range(50):
+            flags = [sampler.is_foreground(step * batch + j) for j in range(batch)]
+            assert sum(flags) == per_batch, (batch, p, step, flags)
+    for p in (0.33, 0.5, 0.1):
+        sampler = TrainSampler(cases, (8, 8, 8), p, (), seed=3, rank=0, world_size=1, batch_size=1)
+        flags = [sampler.is_foreground(i) for i in range(400)]
+        for window in (10, 37, 100):  # any consecutive run holds the fraction to within one sample
+            counts = [sum(flags[i : i + window]) for i in range(len(flags) - window)]
+            assert all(abs(c - p * window) < 1 + 1e-9 for c in counts), (p, window, min(counts), max(counts))
+    # pure function of the index: order of calls and a fresh sampler do not matter
+    a = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=5, rank=0, world_size=1, batch_size=1)
+    b = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=5, rank=0, world_size=1, batch_size=1)
+    assert [a.plan(store, i) for i in range(30)] == [b.plan(store, i) for i in reversed(range(30))][::-1]
 
 
-def test_overhanging_patch_is_zero_padded(brats_store: Path) -> None:
+def test_foreground_samples_contain_their_class(brats_store: Path) -> None:
     store = Store.open(brats_store)
-    image, label = store.read_case("case01")
-    sampler = TrainSampler(["case01"], (8, 8, 8), 0.0, (), seed=0, rank=0, world_size=1)
+    cases = store.case_ids(exclude_folds=[0])
+    sampler = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=11, rank=0, world_size=1, batch_size=2)
+    random_ = TrainSampler(cases, (8, 8, 8), 0.0, (), seed=11, rank=0, world_size=1, batch_size=2)
+    fg_ds, rnd_ds = TrainBatches(str(brats_store), sampler, 2), TrainBatches(str(brats_store), random_, 2)
+    with_fg = sum(bool(fg_ds.sample(i)[1].any()) for i in range(100))
+    assert all(fg_ds.sample(i)[3] for i in range(20))
+    assert with_fg == 100  # the chosen voxel stays inside the (clamped) patch
+    assert sum(bool(rnd_ds.sample(i)[1].any()) for i in range(100)) < 60
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_patches_stay_inside_the_case_and_reach_its_borders(brats_store: Path, fraction: float) -> None:
+    """Where the case is at least as long as the patch, the patch lies inside it (random starts uniform over all
+    valid starts, foreground patches clamped); where it is shorter, the case is centred and only that axis padded."""
+    store = Store.open(brats_store)
+    cid = "case01"  # stored (4, 22, 28, 31)
+    shape = store.case(cid).shape[1:]
+    patch = (8, 30, 16)  # Y is longer than the case: padded along Y only
+    sampler = TrainSampler([cid], patch, fraction, (), seed=0, rank=0, world_size=1, batch_size=1)
     ds = TrainBatches(str(brats_store), sampler, batch_size=1)
-    seen_overhang = 0
-    for i in range(60):
+    image, label = store.read_case(cid)
+    starts = {0: set(), 2: set()}
+    for i in range(300):
         plan = sampler.plan(store, i)
-        img, lab, _, _ = ds.sample(i)
-        shape = image.shape[1:]
-        inside = tuple(slice(max(-s, 0), min(d - s, 8)) for s, d in zip(plan.start, shape, strict=True))
-        src = tuple(slice(max(s, 0), min(s + 8, d)) for s, d in zip(plan.start, shape, strict=True))
-        np.testing.assert_array_equal(img[(slice(None), *inside)], image[(slice(None), *src)])
-        np.testing.assert_array_equal(lab[inside], label[src])
-        mask = np.ones((8, 8, 8), bool)
-        mask[inside] = False
-        if mask.any():
-            seen_overhang += 1
-            assert not img[:, mask].any() and not lab[mask].any()
-    assert seen_overhang > 10  # centres are uniform over the volume, so many patches overhang
+        assert plan.size == patch
+        z, y, x = plan.start
+        assert 0 <= z <= shape[0] - patch[0] and 0 <= x <= shape[2] - patch[2], plan
+        assert y == (shape[1] - patch[1]) // 2  # the short axis: centred, padded on both sides
+        starts[0].add(z)
+        starts[2].add(x)
+        if i < 20:  # the read patch is the case's own voxels, zero only in the Y padding
+            img, lab, _, _ = ds.sample(i)
+            inner = slice(-y, -y + shape[1])
+            np.testing.assert_array_equal(img[:, :, inner], image[:, z : z + 8, :, x : x + 16])
+            np.testing.assert_array_equal(lab[:, inner], label[z : z + 8, :, x : x + 16])
+            assert not img[:, :, : -y].any() and not img[:, :, -y + shape[1] :].any()
+    if fraction == 0.0:  # uniform over valid starts: both extremes (the case borders) are reached
+        assert starts[0] == set(range(shape[0] - patch[0] + 1))
+        assert {0, shape[2] - patch[2]} <= starts[2]
+
+
+def test_context_margin_surrounds_the_bounded_patch(brats_store: Path) -> None:
+    """The margin is read around the in-case patch (zero past the border) and cropped away by the augmentation."""
+    store = Store.open(brats_store)
+    sampler = TrainSampler(["case01"], (8, 8, 8), 0.0, (), seed=0, rank=0, world_size=1, margin=3, batch_size=1)
+    shape = store.case("case01").shape[1:]
+    seen_border = False
+    for i in range(100):
+        plan = sampler.plan(store, i)
+        assert plan.size == (14, 14, 14)
+        inner = [s + 3 for s in plan.start]
+        assert all(0 <= s <= d - 8 for s, d in zip(inner, shape, strict=True))
+        seen_border |= min(inner) == 0
+    assert seen_border
+
+
+@pytest.mark.parametrize("mode", ["image2d", "slice2d"])
+def test_a_2d_patch_the_size_of_the_image_is_exactly_the_image(brats_store: Path, image_store: Path,
+                                                                 mode: str) -> None:
+    path, cid = (image_store, "img02") if mode == "image2d" else (brats_store, "case03")
+    store = Store.open(path)
+    shape = store.case(cid).shape[1:]  # (Z, Y, X)
+    image, label = store.read_case(cid)
+    for fraction in (0.0, 1.0):
+        sampler = TrainSampler([cid], shape[1:], fraction, (), seed=1, rank=0, world_size=1, batch_size=1)
+        ds = TrainBatches(str(path), sampler, batch_size=1)
+        for i in range(10):
+            z = sampler.plan(store, i).start[0]
+            img, lab, _, _ = ds.sample(i)
+            np.testing.assert_array_equal(img, image[:, z])
+            np.testing.assert_array_equal(lab, label[z])
+
+
+def test_foreground_cache_keeps_int16_within_its_bound(brats_store: Path) -> None:
+    store = Store.open(brats_store)
+    cases = store.case_ids()
+    per_case = {c: sum(store.foreground(c, k).shape[0] * 6 for k in (1, 2, 3)) for c in cases}
+    bound = sum(sorted(per_case.values())[-2:])  # room for about two cases
+    sampler = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=0, rank=0, world_size=1, batch_size=1,
+                           fg_cache_bytes=bound)
+    for i in range(3 * len(cases)):
+        sampler.plan(store, i)
+        cache = sampler._fg_cache
+        assert cache.nbytes <= bound and cache.nbytes == sum(a.nbytes for v in cache._items.values() for a in v)
+        assert all(a.dtype == np.int16 for v in cache._items.values() for a in v)
+    assert 1 <= len(sampler._fg_cache) < len(cases)
+    # evicted cases are re-read on demand and give the same plans
+    fresh = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=0, rank=0, world_size=1, batch_size=1)
+    assert [sampler.plan(store, i) for i in range(20)] == [fresh.plan(store, i) for i in range(20)]
 
 
 def test_same_seed_rank_step_same_batch_and_ranks_differ(brats_store: Path) -> None:

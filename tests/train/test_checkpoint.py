@@ -14,7 +14,8 @@ import torch
 from distseg import checkpoint
 
 
-def fake_tag(ckpt_dir: Path, step: int, val_dice: float | None, complete: bool = True) -> Path:
+def fake_tag(ckpt_dir: Path, step: int, val_dice: float | None, complete: bool = True,
+             val_step: int | None = -1) -> Path:
     """A tag folder laid out like `checkpoint.save` leaves it (payload files + marker listing their sizes)."""
     tag_dir = ckpt_dir / checkpoint.tag_for(step)
     tag_dir.mkdir(parents=True)
@@ -22,7 +23,8 @@ def fake_tag(ckpt_dir: Path, step: int, val_dice: float | None, complete: bool =
     (tag_dir / checkpoint.STATE_FILE).write_text(json.dumps({"counters": {"step": step}}))
     if complete:
         files = {p.name: p.stat().st_size for p in tag_dir.iterdir()}
-        marker = {"step": step, "world_size": 2, "val_dice": val_dice, "files": files}
+        marker = {"step": step, "world_size": 2, "val_dice": val_dice, "files": files,
+                  "val_step": step if val_step == -1 else val_step}
         (tag_dir / checkpoint.MARKER).write_text(json.dumps(marker))
     return tag_dir
 
@@ -53,6 +55,17 @@ def test_prune_keeps_the_last_and_the_best(tmp_path: Path):
     assert (tmp_path / "best").read_text() == "step_00000004"
     checkpoint.prune(tmp_path, keep_last=1, keep_best=False)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000010"]
+
+
+def test_a_dice_from_another_step_never_makes_a_checkpoint_best(tmp_path: Path):
+    """A checkpoint saved between validations carries the last Dice of an earlier step: never "best"."""
+    fake_tag(tmp_path, 4, 0.5)
+    fake_tag(tmp_path, 6, 0.9, val_step=4)  # a stale Dice (step 4's) in step 6's marker
+    fake_tag(tmp_path, 8, 0.6)
+    assert checkpoint.best_tag(checkpoint.complete_checkpoints(tmp_path)) == "step_00000008"
+    checkpoint.prune(tmp_path, keep_last=1, keep_best=True)
+    assert (tmp_path / "best").read_text() == "step_00000008"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000008"]
 
 
 def test_world_size_mismatch_says_how_to_continue(tmp_path: Path):

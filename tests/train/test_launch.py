@@ -41,7 +41,7 @@ def fp32_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 def test_zero2_bf16_with_grad_accum_trains_logs_validates_checkpoints_and_skips_a_nan(runner, brats_store, tmp_path):
     out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, common(
         brats_store, tmp_path, "z2", "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "train.steps=12",
-        "train.grad_accum=2", "train.val_every=4", "checkpoint.every=4", "checkpoint.keep_last=1",
+        "train.grad_accum=2", "train.val_every=4", "checkpoint.every=2", "checkpoint.keep_last=1",
         "debug.inject_nan_at_step=3", "debug.inject_nan_times=1"))))
     run_dir = tmp_path / "runs" / "z2"
 
@@ -54,17 +54,19 @@ def test_zero2_bf16_with_grad_accum_trains_logs_validates_checkpoints_and_skips_
                 "perf/data_wait_fraction", "perf/step_time_s", "memory/host_rss_mib"):
         assert [s for s, _ in ev[tag]] == list(range(1, 13)), tag
     assert all(0.0 <= v <= 1.0 for _, v in ev["perf/data_wait_fraction"])
-    lr = [v for _, v in ev["train/lr"]]
-    assert max(lr) == pytest.approx(0.01) and lr[-1] < lr[len(lr) // 2]  # warm-up to the peak, cosine decay
+    lr = [v for _, v in ev["train/lr"]]  # the LR each step's update used
+    assert lr[:2] == pytest.approx([0.005, 0.01])  # warm-up to the peak ...
+    assert lr[-1] == pytest.approx(0.0, abs=1e-9) and lr[-2] > 0  # ... cosine to the floor AT the last step
     # validation Dice per region from all-reduced counts, and an overlay image (GT | prediction)
     for region in ("WT", "TC", "ET", "mean"):
         assert [s for s, _ in ev[f"val/dice/{region}"]] == [4, 8, 12]
         assert all(0.0 <= v <= 1.0 for _, v in ev[f"val/dice/{region}"])
     steps, images = zip(*ev["val/overlay"], strict=True)
     assert steps == (4, 8, 12) and images[0].ndim == 3 and images[0].shape[2] == 3 and images[0].std() > 0
-    # the injected NaN (rank 0 only) was skipped by BOTH ranks, counted, and training went on
+    # the injected NaN (rank 0 only) made DeepSpeed skip that optimizer step on BOTH ranks; counted, training went on
     assert ev["train/nonfinite_skipped"][-1][1] == 1.0
-    assert "non-finite loss on some rank; micro-batch skipped" in out
+    assert "non-finite loss or gradients on some rank; optimizer step skipped" in out
+    assert "non-finite check: per optimizer step" in out
 
     # checkpoints: all complete, the pointer is the last one, pruned to keep_last=1 + best
     ckpt = run_dir / "checkpoints"
@@ -73,10 +75,14 @@ def test_zero2_bf16_with_grad_accum_trains_logs_validates_checkpoints_and_skips_
     best = (ckpt / "best").read_text()
     assert set(done) == {"step_00000012", best}
     assert all(m["world_size"] == 2 for m in done.values())
-    assert done[best]["val_dice"] == pytest.approx(max(v for _, v in ev["val/dice/mean"]), rel=1e-6)  # TB: float32
+    # "best" is a validated step (saves every 2 steps, validations every 4) and its Dice is that step's
+    assert done[best]["val_step"] == done[best]["step"] and done[best]["step"] % 4 == 0
+    dice_at = dict(ev["val/dice/mean"])
+    assert done[best]["val_dice"] == pytest.approx(dice_at[done[best]["step"]], rel=1e-6)  # TB: float32
+    assert done[best]["val_dice"] == pytest.approx(max(dice_at.values()), rel=1e-6)
     state = json.loads((ckpt / "step_00000012" / "trainer_state.json").read_text())
-    # 12 steps x 2 accumulated micro-batches, plus the skipped one; samples of applied micro-batches on 2 ranks
-    assert state["counters"]["micro_batches"] == 25
+    # 12 steps x 2 accumulated micro-batches, plus the 2 of the skipped step; samples of applied steps on 2 ranks
+    assert state["counters"]["micro_batches"] == 26
     assert state["counters"]["samples_seen"] == 12 * 2 * 2 * 2
     assert state["counters"]["nonfinite_skipped"] == 1
     assert sorted(p.name for p in (ckpt / "step_00000012").glob("rng_rank*.pt")) == ["rng_rank00000.pt",
@@ -134,7 +140,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_keeping_the_last_good_checkpoint
         "train.val_every=0", "checkpoint.every=4", "debug.inject_nan_at_step=8", "debug.inject_nan_times=3",
         "train.max_nonfinite_in_row=3")))
     assert res.returncode != 0
-    assert "3 consecutive micro-batches had a non-finite loss at step 8" in res.stdout
+    assert "3 consecutive optimizer steps were skipped as non-finite at step 8" in res.stdout
     ckpt = tmp_path / "runs" / "nan" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000008"
     assert set(markers(ckpt)) == {"step_00000004", "step_00000008"}
@@ -197,6 +203,9 @@ def test_2d_modes_and_cpu_offload_train_in_one_process(runner, brats_store, imag
         ("configs/debug_slice2d.yaml", brats_store, "slice2d", ["train.steps=3"], ["WT", "TC", "ET"]),
         ("configs/debug_image2d.yaml", images2d_store, "image2d", ["train.steps=3"], ["tumour"]),
         (DEBUG, brats_store, "offload", ["train.steps=3", "deepspeed.offload_optimizer=true"], ["WT", "TC", "ET"]),
+        # ZeRO 0 fp32 has no gradient check of DeepSpeed's: the trainer checks each micro-batch instead
+        (DEBUG, brats_store, "zero0", ["train.steps=3", "deepspeed.zero_stage=0", "deepspeed.precision=fp32",
+                                       "debug.inject_nan_at_step=1"], ["WT", "TC", "ET"]),
     ]
     for config, store, name, extra, regions in runs:
         runner.ok(runner.run(runner.single_cmd(config, common(store, tmp_path, name, "train.val_every=3",
@@ -206,6 +215,14 @@ def test_2d_modes_and_cpu_offload_train_in_one_process(runner, brats_store, imag
         for region in regions:
             assert ev[f"val/dice/{region}"][-1][0] == 3, name
         assert markers(tmp_path / "runs" / name / "checkpoints")["step_00000003"]["world_size"] == 1
+    state = json.loads((tmp_path / "runs" / "zero0" / "checkpoints" / "step_00000003" / "trainer_state.json")
+                       .read_text())
+    assert state["counters"]["nonfinite_skipped"] == 1 and state["counters"]["micro_batches"] == 4
+    # bf16 unet (BatchNorm): DeepSpeed holds the weights in bf16, the running statistics stay fp32
+    module = torch.load(tmp_path / "runs" / "image2d" / "checkpoints" / "step_00000003" /
+                        "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    stats = {k: v.dtype for k, v in module.items() if k.endswith(("running_mean", "running_var"))}
+    assert stats and set(stats.values()) == {torch.float32}
 
 
 def test_bad_input_stops_before_training_with_a_clear_message(runner, brats_store, tmp_path):
@@ -239,3 +256,70 @@ def test_bad_input_stops_before_training_with_a_clear_message(runner, brats_stor
         res = runner.run(runner.single_cmd(DEBUG, common(brats_store, tmp_path, "bad", "deepspeed.precision=fp16")))
         assert res.returncode == 2 and "deepspeed.precision: fp16 is not supported on this accelerator" in res.stdout
 
+
+
+# ------------------------------------------------------------------------------------------- wall-clock budget
+BUDGET_MIN = 0.4  # 24 s of training; the debug step is ~0.25 s on 2 idle cores (several times that when busy)
+BUDGET = ["train.steps=100000", f"train.max_minutes={BUDGET_MIN}", "train.val_every=10", "checkpoint.every=5",
+          "checkpoint.keep_last=20", "optim.min_lr_ratio=0.1", "optim.warmup_steps=2"]
+
+
+def budget_checks(run_dir: Path) -> dict:
+    """What every budgeted run must show: it stopped at its plan, within one step of the budget, LR at its floor."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    b = summary["budget"]
+    ev = read_events(run_dir / "tb")
+    assert b["max_minutes"] == BUDGET_MIN and b["planned_steps"] == b["reached_steps"] == summary["step"]
+    # within one step of the budget: at most one step over (the final validation and checkpoint are reserved at
+    # their measured cost, so their own timing noise adds to the slack); under noise it may stop a little early
+    budget_s = BUDGET_MIN * 60
+    longest = max(v for _, v in ev["perf/step_time_s"])
+    slack = longest + b["measured_validation_s"] + b["measured_checkpoint_s"]
+    assert b["elapsed_s"] <= budget_s + slack, (b, longest)
+    assert b["elapsed_s"] >= 0.85 * budget_s, b
+    # the schedule reached its end: the last update ran at the minimum LR (0.1 x 0.01)
+    lr = dict(ev["train/lr"])
+    assert lr[summary["step"]] == pytest.approx(0.001, rel=1e-4)
+    assert lr[summary["step"] - 1] > lr[summary["step"]]
+    assert summary["step"] > 12  # it did train a while (warm-up and measuring take the first 5 steps)
+    return summary
+
+
+def test_a_wall_clock_budget_plans_the_schedule_and_stops_with_a_final_checkpoint(runner, brats_store, tmp_path):
+    out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, common(brats_store, tmp_path, "budget", *BUDGET))))
+    run_dir = tmp_path / "runs" / "budget"
+    summary = budget_checks(run_dir)
+    assert "wall-clock budget:" in out and "steps planned at step 5" in out  # 2 warm-up + 3 timed steps
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text() == f"step_{summary['step']:08d}"  # the final checkpoint
+    state = json.loads((ckpt / f"step_{summary['step']:08d}" / "trainer_state.json").read_text())
+    assert state["counters"]["planned_steps"] == summary["step"]
+    assert state["counters"]["elapsed_s"] <= summary["elapsed_s"]
+    # both ranks stopped at the same step (rank 0 plans, the plan is broadcast): every rank saved the last tag
+    assert markers(ckpt)[f"step_{summary['step']:08d}"]["files"].keys() >= {"rng_rank00000.pt", "rng_rank00001.pt"}
+
+
+def test_a_resumed_budget_run_spends_only_what_is_left_on_the_same_schedule(runner, brats_store, tmp_path):
+    from distseg.optim import lr_lambda
+
+    run_dir = tmp_path / "runs" / "resumed"
+    ckpt = run_dir / "checkpoints"
+    proc = runner.start(runner.launcher_cmd(DEBUG, common(brats_store, tmp_path, "resumed", *BUDGET)),
+                        tmp_path / "killed.log")
+    runner.wait_for(ckpt / "step_00000010" / "COMPLETE.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = json.loads((ckpt / "step_00000010" / "trainer_state.json").read_text())["counters"]
+    assert kept["planned_steps"] and kept["planned_steps"] > 10 and kept["elapsed_s"] > 0
+    shutil.rmtree(run_dir / "tb")  # keep only the rerun's events (the killed run logged steps past 10 too)
+
+    out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, common(brats_store, tmp_path, "resumed", *BUDGET))))
+    assert "resumed from checkpoint step_00000010 (step 10)" in out
+    summary = budget_checks(run_dir)  # the total over both runs stays within the budget
+    assert summary["resumed_from"] == "step_00000010"
+    # the schedule continued unchanged: until the rerun has timed its own steps (2 warm-up + 3), its updates use
+    # the LR of the plan saved in the checkpoint
+    cfg = load_config(run_dir / "config.yaml")
+    factor = lr_lambda(cfg.optim, kept["planned_steps"])
+    lr = dict(read_events(run_dir / "tb")["train/lr"])
+    assert [lr[s] for s in range(11, 16)] == pytest.approx([0.01 * factor(s - 1) for s in range(11, 16)], rel=1e-5)

@@ -2,7 +2,7 @@
 
     logits = sliding_window(predict, image, SlidingWindow(window=(128, 128, 128), overlap=0.5, mirror_axes=(0, 1, 2)))
     masks = logits > 0                                # sigmoid(logit) > 0.5, one channel per region
-    label = regions_to_labels(masks, {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]})   # canonical (Z, Y, X) uint8
+    label = regions_to_labels(masks, {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]})   # (distseg.data.targets)
 
 `predict` is any callable from a window batch (B, C, *window) to logits (B, K, *window) on the same device: a
 model, a DeepSpeed engine, an ONNX session wrapper. Nothing here knows about models, stores or `preprocess/`
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+from distseg.data.resample import downsample_image
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 """(B, C, *window) float -> (B, K, *window) logits (a list, as deep supervision returns in training mode, is
@@ -219,19 +221,6 @@ def window_predictor(net: Callable[[torch.Tensor], object], mode: str,
     return predict
 
 
-def downsample_image(image: torch.Tensor, factor: int, spatial_dims: int = 3) -> torch.Tensor:
-    """image (C, Z, Y, X) -> average-pooled by `factor` along the last `spatial_dims` axes (Z untouched for 2D
-    models), after zero-padding each pooled axis at its high end to a multiple of `factor`. The one definition
-    shared by training batches, validation and prediction (`data.downsample`)."""
-    if factor == 1:
-        return image
-    kernel = (factor,) * 3 if spatial_dims == 3 else (1, factor, factor)
-    pads: list[int] = []
-    for size, k in zip(reversed(image.shape[1:]), reversed(kernel), strict=True):
-        pads += [0, (-size) % k]
-    return F.avg_pool3d(F.pad(image[None], pads), kernel)[0]
-
-
 def case_logits(predict: Predict, image: torch.Tensor | np.ndarray, sw: SlidingWindow, downsample: int = 1,
                 spatial_dims: int = 3, device: torch.device | str | None = None,
                 accumulate_device: torch.device | str | None = None,
@@ -254,36 +243,6 @@ def case_logits(predict: Predict, image: torch.Tensor | np.ndarray, sw: SlidingW
 
 
 # --------------------------------------------------------------------------------------------- regions -> labels
-def region_paint_values(regions: Mapping[str, Sequence[int]]) -> list[int]:
-    """The canonical label each region channel paints when channels are painted in order (later ones on top).
-
-    Region k paints the one label that is in region k but in no later region: BraTS WT {1,2,3}, TC {1,3}, ET {3}
-    -> [2, 1, 3] (edema, then necrosis, then enhancing on top), as nnU-Net's `regions_class_order`. Raises
-    ValueError when the regions are not decodable that way.
-    """
-    values = [set(int(v) for v in vals) for vals in regions.values()]
-    out = []
-    for k, own in enumerate(values):
-        later = set().union(*values[k + 1 :]) if k + 1 < len(values) else set()
-        rest = own - later
-        if len(rest) != 1:
-            raise ValueError(f"regions {dict(regions)}: region {list(regions)[k]!r} must have exactly one label not in "
-                             f"the regions after it (has {sorted(rest)}); order regions from largest to smallest")
-        out.append(rest.pop())
-    return out
-
-
-def regions_to_labels(masks: np.ndarray | torch.Tensor, regions: Mapping[str, Sequence[int]]) -> np.ndarray:
-    """Region masks bool (K, *S) -> canonical labels uint8 (*S): region k paints `region_paint_values(...)[k]`."""
-    masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if masks.shape[0] != len(regions):
-        raise ValueError(f"regions_to_labels: {masks.shape[0]} mask channels for regions {list(regions)}")
-    label = np.zeros(masks.shape[1:], dtype=np.uint8)
-    for value, mask in zip(region_paint_values(regions), masks, strict=True):
-        label[mask.astype(bool)] = value
-    return label
-
-
 def nesting(regions: Mapping[str, Sequence[int]]) -> dict[int, list[int]]:
     """For each region index, the indices of the regions that contain it (BraTS: TC in WT, ET in TC and WT)."""
     sets = [set(int(v) for v in vals) for vals in regions.values()]

@@ -24,13 +24,12 @@ import yaml
 
 from distseg.config import ExperimentConfig, from_dict
 from distseg.data.store import CaseArrays, Store, StoreError, paste_to_source, to_source_convention
-from distseg.data.targets import num_targets, target_names
+from distseg.data.targets import num_targets, regions_to_labels, target_names
 from distseg.inference import (
     Postprocessing,
     SlidingWindow,
     case_logits,
     postprocess,
-    regions_to_labels,
     window_for,
     window_predictor,
 )

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from distseg.data.config import DataConfig
+from distseg.data.resample import pooled_shape
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets
 from distseg.inference import SlidingWindow, case_logits, forward_calls, window_for, window_predictor
@@ -39,18 +40,14 @@ class WholeCaseValidator:
         self.sw = SlidingWindow(window=window_for(data.mode, data.patch_size), overlap=overlap,
                                 window_batch=window_batch)
         self.cases = cases[rank::world_size]
-        calls = [sum(forward_calls(self._pooled_shape(store.case(c).shape[1:]), self.sw) for c in cases[r::world_size])
-                 for r in range(world_size)]
+        dims = 3 if data.mode == "patch3d" else 2
+
+        def calls_of(case_id: str) -> int:
+            return forward_calls(pooled_shape(store.case(case_id).shape[1:], data.downsample, dims), self.sw)
+
+        calls = [sum(calls_of(c) for c in cases[r::world_size]) for r in range(world_size)]
         self.pad_calls = max(calls) - calls[rank]
         self.channels = len(store.channels)
-
-    def _pooled_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The case shape the window tiles: (Z, Y, X) pooled by `data.downsample` (in-plane only for 2D modes)."""
-        f = self.data.downsample
-        pooled = [-(-s // f) for s in shape]
-        if self.data.mode != "patch3d":
-            pooled[0] = shape[0]
-        return tuple(pooled)
 
     def run(self, net: Callable[[torch.Tensor], Any], device: torch.device, input_dtype: torch.dtype | None,
             target: str, regions: dict[str, list[int]]) -> tuple[torch.Tensor | None, tuple | None]:

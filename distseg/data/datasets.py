@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from distseg.data.augment import DeviceAugment, apply_flips
+from distseg.data.resample import downsample_image, downsample_label
 from distseg.data.sampling import TrainSampler, centred_start
 from distseg.data.store import Store
 
@@ -65,12 +67,37 @@ class TrainBatches(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, store_path: str, sampler: TrainSampler, batch_size: int, worker_augment: DeviceAugment | None = None
+        self, store_path: str, sampler: TrainSampler, batch_size: int, worker_augment: DeviceAugment | None = None,
+        pooled_cache_bytes: int = 512 << 20,
     ) -> None:
         self.store = _StoreHandle(store_path)
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.worker_augment = worker_augment
+        self.pooled_cache_bytes = int(pooled_cache_bytes)
+        self._pooled: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pooled": OrderedDict()}  # each worker builds its own cache
+
+    def _pooled_case(self, store: Store, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The whole case pooled by `data.downsample` (image float32 z-scored, label uint8), LRU-cached by bytes:
+        pooling once per case and worker is far cheaper than reading and pooling f^3 x the patch every sample."""
+        hit = self._pooled.get(case_id)
+        if hit is not None:
+            self._pooled.move_to_end(case_id)
+            return hit
+        image, label = store.read_case(case_id)
+        if label is None:
+            raise ValueError(f"{store.path}: training case {case_id!r} has no label")
+        f, dims = self.sampler.downsample, self.sampler.spatial_dims
+        pooled = (downsample_image(torch.from_numpy(image), f, dims).numpy(),
+                  downsample_label(label, f, store.regions, dims))
+        self._pooled[case_id] = pooled
+        while len(self._pooled) > 1 and sum(a.nbytes + b.nbytes for a, b in self._pooled.values()) > \
+                self.pooled_cache_bytes:
+            self._pooled.popitem(last=False)
+        return pooled
 
     def __len__(self) -> int:  # effectively infinite; the step sampler decides what is read
         return 2**62
@@ -80,7 +107,10 @@ class TrainBatches(torch.utils.data.Dataset):
         whether foreground-centred."""
         store = self.store.get()
         plan = self.sampler.plan(store, index)
-        image, label = store.read_patch(plan.case_id, plan.start, plan.size)
+        if self.sampler.downsample > 1:
+            image, label = crop_or_pad(*self._pooled_case(store, plan.case_id), plan.start, plan.size)
+        else:
+            image, label = store.read_patch(plan.case_id, plan.start, plan.size)
         if label is None:
             raise ValueError(f"{store.path}: training case {plan.case_id!r} has no label")
         if self.sampler.spatial_dims == 2:  # (C, 1, Y, X) box from one axial slice -> (C, Y, X)

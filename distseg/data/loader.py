@@ -141,6 +141,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, s
         margin,
         batch_size=cfg.batch_size,
         fg_cache_bytes=cfg.foreground_cache_mb << 20,
+        downsample=cfg.downsample,
     )
     worker_aug = None
     if cfg.augment.enabled and not cfg.augment.on_device:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distseg.data.resample import pooled_shape
 from distseg.data.store import Store
 
 # Seed-sequence keys are always [seed, stream, a, b]: fixed length, because SeedSequence ignores trailing zeros
@@ -65,7 +66,9 @@ class TrainSampler:
 
     `spatial_dims` is 3 (patch (Z, Y, X) read as is) or 2 (patch (Y, X) read as a (1, Y, X) box from one axial
     slice: slices of 3D cases, or the single slice of a Z = 1 image case). `margin` voxels of context are added on
-    each side of the in-plane / spatial dims (never along Z for 2D). `batch_size` fixes which sample indices are
+    each side of the in-plane / spatial dims (never along Z for 2D). With `downsample` f > 1 plans are in the pooled
+    frame (case shape and foreground voxels divided by f; see distseg.data.resample). `batch_size` fixes which sample
+    indices are
     foreground samples (see the module docstring). Foreground coordinates are cached per process as the store's
     int16, least recently used cases evicted beyond `fg_cache_bytes`.
     """
@@ -82,6 +85,7 @@ class TrainSampler:
         margin: int = 0,
         batch_size: int = 1,
         fg_cache_bytes: int = 64 << 20,
+        downsample: int = 1,
     ) -> None:
         if not case_ids:
             raise ValueError("TrainSampler: no training cases (check data.store and data.val_folds)")
@@ -92,6 +96,7 @@ class TrainSampler:
         self.flip_axes = tuple(a for a in flip_axes if a < self.spatial_dims)
         self.seed, self.rank, self.world_size, self.margin = int(seed), int(rank), int(world_size), int(margin)
         self.batch_size = int(batch_size)
+        self.downsample = int(downsample)
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
         self._fg_cache = ForegroundCache(fg_cache_bytes)
@@ -133,6 +138,9 @@ class TrainSampler:
         case_id = self.case_for(index)
         rng = sample_rng(self.seed, STREAM_SAMPLE, self.rank, index)
         shape = store.case(case_id).shape[1:]  # (Z, Y, X)
+        f = self.downsample
+        if f > 1:  # plan in the pooled frame (data.downsample): shape and foreground voxels divided by f
+            shape = pooled_shape(shape, f, self.spatial_dims)
         fg = self._foreground(store, case_id) if self.is_foreground(index) else []
         if self.spatial_dims == 3:
             patch = self.patch_size
@@ -143,6 +151,8 @@ class TrainSampler:
         if fg:
             coords = fg[int(rng.integers(len(fg)))]  # a random *present* class, then a random voxel of it
             centre = [int(v) for v in coords[int(rng.integers(len(coords)))]]
+            if f > 1:
+                centre = [c if (axis == 0 and self.spatial_dims == 2) else c // f for axis, c in enumerate(centre)]
             start = [clamp_start(c - p // 2, d, p) for c, d, p in zip(centre, shape, patch, strict=True)]
         else:
             start = [random_start(rng, d, p) for d, p in zip(shape, patch, strict=True)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 
@@ -56,3 +57,33 @@ def region_table(regions: tuple[tuple[str, tuple[int, ...]], ...], device: torch
     for k, (_, values) in enumerate(regions):
         lut[list(values), k] = 1.0
     return lut.to(device)
+
+
+def region_paint_values(regions: Mapping[str, Sequence[int]]) -> list[int]:
+    """The canonical label each region channel paints when channels are painted in order (later ones on top).
+
+    Region k paints the one label that is in region k but in no later region: BraTS WT {1,2,3}, TC {1,3}, ET {3}
+    -> [2, 1, 3] (edema, then necrosis, then enhancing on top), as nnU-Net's `regions_class_order`. Raises
+    ValueError when the regions are not decodable that way.
+    """
+    values = [set(int(v) for v in vals) for vals in regions.values()]
+    out = []
+    for k, own in enumerate(values):
+        later = set().union(*values[k + 1 :]) if k + 1 < len(values) else set()
+        rest = own - later
+        if len(rest) != 1:
+            raise ValueError(f"regions {dict(regions)}: region {list(regions)[k]!r} must have exactly one label not in "
+                             f"the regions after it (has {sorted(rest)}); order regions from largest to smallest")
+        out.append(rest.pop())
+    return out
+
+
+def regions_to_labels(masks: np.ndarray | torch.Tensor, regions: Mapping[str, Sequence[int]]) -> np.ndarray:
+    """Region masks bool (K, *S) -> canonical labels uint8 (*S): region k paints `region_paint_values(...)[k]`."""
+    masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if masks.shape[0] != len(regions):
+        raise ValueError(f"regions_to_labels: {masks.shape[0]} mask channels for regions {list(regions)}")
+    label = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for value, mask in zip(region_paint_values(regions), masks, strict=True):
+        label[mask.astype(bool)] = value
+    return label

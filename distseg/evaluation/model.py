@@ -24,11 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from distseg.data.store import Store, paste_to_source, restore_to_source_geometry, to_source_convention
+from distseg.data.targets import regions_to_labels
 from distseg.evaluation.report import EvaluationMeta, EvaluationResult, ModelInfo, log_evaluation
 from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import ScoredCase, region_masks
 from distseg.fileio import atomic_write
-from distseg.inference import Postprocessing, RegionRule, postprocess, regions_to_labels
+from distseg.inference import Postprocessing, RegionRule, postprocess
 from distseg.metrics import mask_counts
 from distseg.predictor import POSTPROCESSING_FILE, LoadedModel, Predictor
 

@@ -65,6 +65,12 @@ def predict_launcher():
 
 
 @pytest.fixture(scope="session")
+def train_cli():
+    """`python launch/train.py ARGS...` (one process, a world of one)."""
+    return lambda *args, timeout=600: run_cmd([PYTHON, "launch/train.py", *map(str, args)], timeout)
+
+
+@pytest.fixture(scope="session")
 def evaluate_cli():
     return lambda *args, timeout=600: run_cmd([PYTHON, "launch/evaluate.py", *map(str, args)], timeout)
 

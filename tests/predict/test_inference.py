@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distseg.data.store import BRATS_REGIONS
-from distseg.data.targets import labels_to_targets
+from distseg.data.targets import labels_to_targets, region_paint_values, regions_to_labels
 from distseg.inference import (
     Postprocessing,
     RegionRule,
@@ -16,8 +16,6 @@ from distseg.inference import (
     forward_calls,
     importance_map,
     postprocess,
-    region_paint_values,
-    regions_to_labels,
     sliding_window,
     window_grid,
     window_starts,
@@ -148,7 +146,8 @@ def test_postprocessing_rules_and_nesting():
 @pytest.mark.parametrize("spatial_dims,shape", [(3, (2, 21, 30, 17)), (2, (2, 5, 33, 40))])
 def test_downsampled_prediction_returns_the_original_grid(spatial_dims, shape):
     """`data.downsample`: pool by f, tile at that resolution, interpolate logits back to the case's own grid."""
-    from distseg.inference import case_logits, downsample_image
+    from distseg.data.resample import downsample_image
+    from distseg.inference import case_logits
 
     image = torch.zeros(shape)
     image[:, :, 8:20, 4:14] = 1.0  # a block: pooled and interpolated back, its interior stays 1

@@ -103,7 +103,7 @@ class Trainer:
         self.engine = initialize(model, cfg, build_ds_config(cfg, self.world_size))
         self.dtype = _DTYPES[cfg.deepspeed.precision]
         self.loss_fn = build_loss(cfg.loss)
-        self.augment = build_device_augment(cfg.data, cfg.run.seed, self.rank)
+        self.augment = build_device_augment(cfg.data, cfg.run.seed)
         self.monitor = build_monitor(cfg.monitor, self.run_dir, self.rank)
         self.state = TrainState()
         self.resumed_from: str | None = None

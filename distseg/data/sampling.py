@@ -1,17 +1,21 @@
-"""Where each training sample comes from: a pure function of (seed, rank, sample index).
+"""Where each training sample comes from: a pure function of (seed, global sample position).
 
-Sample `i` of rank `r` (rank-local index; batch `s` holds samples `s*B .. s*B+B-1`) is drawn as:
+The run draws one global stream of samples at positions ``p = 0, 1, 2, ...``; micro-batches are consecutive
+blocks of B positions (global micro-batch ``m`` holds ``m*B .. m*B+B-1``), and the ranks deal the micro-batches
+among themselves (`distseg.data.datasets.TrainBatches`: batch `s` of rank `r` of `W` is global micro-batch
+``base + s*W + r``). Sample `p` is drawn as:
 
-* case: a global shuffle sharded across ranks. Global position ``g = i * world_size + r`` falls in epoch
-  ``g // n_cases``, whose permutation is drawn from ``(seed, epoch)``; every case is seen once per epoch over all
-  ranks, and no two ranks draw the same position.
+* case: a global shuffle. Position `p` falls in epoch ``p // n_cases``, whose permutation is drawn from
+  ``(seed, epoch)``; every case is seen once per epoch over all ranks, and no two ranks draw the same position.
 * position: with probability `foreground_fraction` the patch is centred on a stored foreground voxel of a random
   class present in the case (nnU-Net-style oversampling); otherwise its centre is uniform over the volume, so
   patches may overhang the border (the store zero-pads).
 * flips: each configured spatial axis flipped with probability 1/2.
 
-Nothing depends on worker ids or on what was drawn before, so resuming at batch `s` (start sample ``s*B``) replays
-exactly the batches an uninterrupted run would have seen, for any number of loader workers.
+Nothing depends on the rank, worker ids or on what was drawn before, so resuming at batch `s` replays exactly the
+batches an uninterrupted run would have seen, for any number of loader workers; and an optimizer step (``accum *
+W`` consecutive micro-batches) holds the same samples, grouped into the same micro-batches, for every rank count
+with the same global batch: a run resumed on another number of ranks continues the same stream (`distseg.elastic`).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ STREAM_DEVICE_AUG = 2
 STREAM_EPOCH = 3
 
 
-def sample_rng(seed: int, stream: int, rank: int, index: int) -> np.random.Generator:
-    """The generator for one sample's draws in one stream (independent of everything else in the run)."""
-    return np.random.default_rng([int(seed), int(stream), int(rank), int(index)])
+def sample_rng(seed: int, stream: int, position: int) -> np.random.Generator:
+    """The generator for the draws of the sample at global `position` in one stream (independent of everything
+    else in the run). The key keeps the fixed [seed, stream, 0, position] layout of the epoch permutations."""
+    return np.random.default_rng([int(seed), int(stream), 0, int(position)])
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class SamplePlan:
 
 
 class TrainSampler:
-    """Deterministic per-sample plans over the training cases of a store.
+    """Deterministic plans for global sample positions over the training cases of a store.
 
     `spatial_dims` is 3 (patch (Z, Y, X) read as is) or 2 (patch (Y, X) read as a (1, Y, X) box from one axial
     slice: slices of 3D cases, or the single slice of a Z = 1 image case). `margin` voxels of context are added on
@@ -60,8 +65,6 @@ class TrainSampler:
         foreground_fraction: float,
         flip_axes: tuple[int, ...],
         seed: int,
-        rank: int,
-        world_size: int,
         margin: int = 0,
     ) -> None:
         if not case_ids:
@@ -71,14 +74,14 @@ class TrainSampler:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.foreground_fraction = float(foreground_fraction)
         self.flip_axes = tuple(a for a in flip_axes if a < self.spatial_dims)
-        self.seed, self.rank, self.world_size, self.margin = int(seed), int(rank), int(world_size), int(margin)
+        self.seed, self.margin = int(seed), int(margin)
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
         self._fg_cache: dict[str, list[np.ndarray]] = {}
 
-    def case_for(self, index: int) -> str:
-        """The case of rank-local sample `index` (global shuffle, sharded by rank)."""
-        g = int(index) * self.world_size + self.rank
+    def case_for(self, position: int) -> str:
+        """The case of the sample at global `position` (one permutation of the cases per epoch)."""
+        g = int(position)
         n = len(self.case_ids)
         epoch = g // n
         if epoch != self._perm_epoch:
@@ -96,10 +99,10 @@ class TrainSampler:
             self._fg_cache[case_id] = fg
         return fg
 
-    def plan(self, store: Store, index: int) -> SamplePlan:
-        """The plan for rank-local sample `index`; reads only cached case metadata from `store`."""
-        case_id = self.case_for(index)
-        rng = sample_rng(self.seed, STREAM_SAMPLE, self.rank, index)
+    def plan(self, store: Store, position: int) -> SamplePlan:
+        """The plan for the sample at global `position`; reads only cached case metadata from `store`."""
+        case_id = self.case_for(position)
+        rng = sample_rng(self.seed, STREAM_SAMPLE, position)
         want_fg = rng.random() < self.foreground_fraction
         shape = store.case(case_id).shape[1:]  # (Z, Y, X)
         fg = self._foreground(store, case_id) if want_fg else []

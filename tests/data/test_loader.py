@@ -43,7 +43,7 @@ def test_foreground_oversampling_fraction(brats_store: Path) -> None:
     n = 400
 
     def stats(fraction: float) -> tuple[float, float]:
-        sampler = TrainSampler(cases, (8, 8, 8), fraction, (), seed=11, rank=0, world_size=1)
+        sampler = TrainSampler(cases, (8, 8, 8), fraction, (), seed=11)
         ds = TrainBatches(str(brats_store), sampler, batch_size=1)
         flagged = contains = 0
         for i in range(n):
@@ -66,7 +66,7 @@ def test_foreground_oversampling_fraction(brats_store: Path) -> None:
 def test_overhanging_patch_is_zero_padded(brats_store: Path) -> None:
     store = Store.open(brats_store)
     image, label = store.read_case("case01")
-    sampler = TrainSampler(["case01"], (8, 8, 8), 0.0, (), seed=0, rank=0, world_size=1)
+    sampler = TrainSampler(["case01"], (8, 8, 8), 0.0, (), seed=0)
     ds = TrainBatches(str(brats_store), sampler, batch_size=1)
     seen_overhang = 0
     for i in range(60):
@@ -105,7 +105,7 @@ def test_resume_reproduces_uninterrupted_run(brats_store: Path, workers: int) ->
     assert all(_same(x, y) for x, y in zip(full[4:], resumed, strict=True))
     assert resumed_loader.state_dict() == {"next_step": 7}
     # the device augmentation of the resumed batches matches too (draws keyed by sample index)
-    aug = build_device_augment(cfg, seed=3, rank=1)
+    aug = build_device_augment(cfg, seed=3)
     for x, y in zip(full[4:], resumed, strict=True):
         xa, ya = aug(x["image"], x["label"], x["sample_index"]), aug(y["image"], y["label"], y["sample_index"])
         assert torch.equal(xa[0], ya[0]) and torch.equal(xa[1], ya[1])
@@ -123,16 +123,30 @@ def test_global_shuffle_shards_each_epoch(brats_store: Path) -> None:
     """Over one epoch (n_train samples across all ranks) every training case is drawn exactly once."""
     store = Store.open(brats_store)
     cases = store.case_ids(exclude_folds=[0])
+    sampler = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=2)
     for world in (1, 2, 4):
         for epoch in range(2):
             drawn = []
             for r in range(world):
-                sampler = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=2, rank=r, world_size=world)
+                ds = TrainBatches(str(brats_store), sampler, batch_size=1, rank=r, world_size=world)
                 drawn += [
-                    sampler.case_for(i) for i in range(len(cases) * 3)
-                    if epoch * len(cases) <= i * world + r < (epoch + 1) * len(cases)
+                    sampler.case_for(ds.first_position(s)) for s in range(len(cases) * 3)
+                    if epoch * len(cases) <= ds.first_position(s) < (epoch + 1) * len(cases)
                 ]
             assert sorted(drawn) == sorted(cases)
+
+
+def test_the_stream_is_the_same_on_any_rank_count(brats_store: Path) -> None:
+    """Global micro-batch m holds the same samples whichever rank of however many ranks draws it, and a rank count
+    taking over at `stream_base` continues the stream where the previous one stopped (elastic resume)."""
+    cfg = _cfg(brats_store)
+    one = _take(build_train_loader(cfg, rank=0, world_size=1, seed=4), 6)  # micro-batches 0..5
+    two = [_take(build_train_loader(cfg, rank=r, world_size=2, seed=4), 3) for r in range(2)]
+    assert all(_same(one[2 * s + r], two[r][s]) for s in range(3) for r in range(2))
+    # 2 ranks drew 2 batches each (micro-batches 0..3); 3 ranks continue at micro-batch 4
+    three = [_take(build_train_loader(cfg, rank=r, world_size=3, seed=4, stream_base=4), 1)[0] for r in range(3)]
+    assert _same(three[0], one[4]) and _same(three[1], one[5])
+    assert three[2]["sample_index"].tolist() == [12, 13]
 
 
 def test_workers_open_their_own_store(brats_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

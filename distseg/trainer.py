@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distseg import checkpoint, dist
-from distseg.config import ConfigError, ExperimentConfig, to_dict, write_resolved
+from distseg import checkpoint, dist, elastic, lost_rank
+from distseg.config import ConfigError, ExperimentConfig, make_run_dir, to_dict, write_resolved
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets, num_targets, target_names
@@ -31,6 +31,7 @@ from distseg.losses import build_loss
 from distseg.metrics import MetricAccumulator, confusion_counts
 from distseg.models import build_model
 from distseg.monitor import build_monitor, memory_stats
+from distseg.preemption import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class TrainState:
     step: int = 0
     """Optimizer steps done."""
     micro_batches: int = 0
-    """Micro-batches drawn from the loader on each rank (= the loader position to resume from)."""
+    """Micro-batches drawn from the loader on each rank since `stream_base` (= the loader position to resume from)."""
+    stream_base: int = 0
+    """Global micro-batches drawn before this rank count took over (changes only on an elastic resume)."""
     samples_seen: int = 0
     """Samples (all ranks) that went into an optimizer update."""
     nonfinite_skipped: int = 0
@@ -87,20 +90,31 @@ def build_seeded_model(cfg: ExperimentConfig, in_channels: int, out_channels: in
 class Trainer:
     """Builds the model, engine, loss, augmentation and monitor for this rank; `train()` runs the loop."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ExperimentConfig, stop: StopRequest | None = None) -> None:
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.device = dist.device()
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.stop = stop if stop is not None else StopRequest()  # launch/train.py installs its signal handlers
+        self.stopped = False
+        """True when the run ended early on a stop signal (checkpoint saved): the caller exits EXIT_REQUEUE."""
+        # Rank 0 picks the checkpoint (collective); on another rank count the accumulation changes to keep the
+        # global batch, so the plan comes before anything that reads cfg.train.grad_accum.
+        self.plan = elastic.plan_resume(self.ckpt_dir, cfg, self.world_size)
+        self.cfg = cfg = elastic.with_grad_accum(cfg, self.plan)
         store = open_store(cfg.data)
         self.regions = store.regions
         self.channel_names = target_names(cfg.data.target, store.regions)
         self.train_cases = len(store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True))
         if self.rank == 0:
+            make_run_dir(cfg)
             write_resolved(cfg, self.run_dir)
+        if self.plan.universal:
+            elastic.ensure_universal(self.ckpt_dir / str(self.plan.tag))  # collective: rank 0 converts
         model = build_seeded_model(cfg, *model_channels(cfg, store))
-        self.engine = initialize(model, cfg, build_ds_config(cfg, self.world_size))
+        ds_config = {**build_ds_config(cfg, self.world_size), **elastic.universal_ds_config(self.plan)}
+        self.engine = initialize(model, cfg, ds_config)
+        self.control = dist.control_group(cfg.dist.timeout_s)  # collective; the stop flag's gloo group
         self.dtype = _DTYPES[cfg.deepspeed.precision]
         self.loss_fn = build_loss(cfg.loss)
         self.augment = build_device_augment(cfg.data, cfg.run.seed)
@@ -113,27 +127,29 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- resume
     def _resume(self) -> None:
-        found = checkpoint.newest_complete(self.ckpt_dir)
-        if found is None:
+        plan = self.plan
+        if plan.tag is None or plan.saved is None:
             return
-        if self.cfg.checkpoint.resume == "never":
-            raise checkpoint.CheckpointError(
-                f"{self.ckpt_dir} already holds checkpoints and checkpoint.resume=never; pick a new run.name"
-            )
-        tag, marker = found
-        checkpoint.check_world_size(marker, self.ckpt_dir / tag, self.world_size)
-        saved = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        same_layout = plan.saved.world_size == self.world_size
+        saved = checkpoint.load(self.engine, self.ckpt_dir, plan.tag, universal=elastic.UNIVERSAL if plan.universal
+                                else None, restore_rng=same_layout)
         self.state = TrainState(**saved["counters"])
+        if not same_layout:  # the stream continues after every micro-batch the old ranks drew (distseg.elastic)
+            self.state.stream_base += self.state.micro_batches * plan.saved.world_size
+            self.state.micro_batches = 0
         # The latest validation result travels with the checkpoint, so a rerun of a finished run still reports it.
         self.last_dice = dict(saved.get("val_dice_regions", {}))
-        self.resumed_from = tag
-        logger.info("resumed from checkpoint %s (step %d)", tag, self.state.step)
+        self.resumed_from = plan.tag
+        logger.info("resumed from checkpoint %s (step %d, written by %d ranks%s)", plan.tag, self.state.step,
+                    plan.saved.world_size, ", universal format" if plan.universal else "")
 
     def _save(self) -> None:
         state = {"counters": asdict(self.state), "val_dice": self.state.val_dice, "val_dice_regions": self.last_dice,
                  "config": to_dict(self.cfg), "epoch": self.epoch}
         c = self.cfg.checkpoint
-        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best)
+        layout = {"grad_accum": self.cfg.train.grad_accum, "batch_size": self.cfg.data.batch_size,
+                  "zero_stage": self.cfg.deepspeed.zero_stage}
+        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best, layout)
 
     @property
     def epoch(self) -> float:
@@ -207,7 +223,8 @@ class Trainer:
     def train(self) -> TrainState:
         cfg, state = self.cfg, self.state
         self._injected = 0
-        loader = build_train_loader(cfg.data, self.rank, self.world_size, cfg.run.seed, start_step=state.micro_batches)
+        loader = build_train_loader(cfg.data, self.rank, self.world_size, cfg.run.seed, start_step=state.micro_batches,
+                                    stream_base=state.stream_base)
         batches = iter(loader)
         voxels = math.prod(cfg.data.patch_size)
         window = _Window()
@@ -217,6 +234,13 @@ class Trainer:
         start_step, t_start = state.step, time.perf_counter()
         try:
             self._loop(batches, window, voxels, bar)
+        except Exception as e:
+            if not lost_rank.is_collective_failure(e):
+                raise
+            newest = checkpoint.newest_complete(self.ckpt_dir)
+            hint = ("rerun the same command to resume from " +
+                    (str(self.ckpt_dir / newest[0]) if newest else "the start (no complete checkpoint yet)"))
+            raise lost_rank.report(e, self.rank, self.world_size, state.step, cfg.dist.timeout_s, hint) from e
         finally:
             batches.close()  # shuts the loader's (persistent) workers down now, not at interpreter exit
         bar.close()
@@ -258,13 +282,20 @@ class Trainer:
                 continue
             state.step += 1
             bar.update(1)
+            t_flag = time.perf_counter()
+            stop = self.stop.agree(self.control)  # one all-reduce of a flag per step: every rank stops together
+            window.flag_time += time.perf_counter() - t_flag
             if state.step % cfg.monitor.log_every == 0 or state.step == cfg.train.steps:
                 self._log(window, voxels, bar)
             last = state.step == cfg.train.steps
-            if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last):
-                self.validate()
-            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
+            if cfg.train.val_every and not stop and (state.step % cfg.train.val_every == 0 or last):
+                self.validate()  # skipped when stopping: the grace period is for the checkpoint
+            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stop:
                 self._save()
+            if stop and not last:
+                self.stopped = True
+                logger.warning("stopped after step %d on request; checkpoint saved, rerun to resume", state.step)
+                return
 
     def _write_summary(self, seconds_per_step: float | None) -> None:
         """``<run>/summary.json`` (rank 0): where the run ended, for people and scripts (the demo prints it)."""
@@ -294,6 +325,8 @@ class Trainer:
             "perf/voxels_per_s": samples * voxels / window.time,
             "perf/data_wait_fraction": window.data_time / window.time,
             "perf/step_time_s": window.time * self.cfg.train.grad_accum / max(1, window.count),
+            # the stop-flag all-reduce, per optimizer step (its cost: see .notes/fault.md)
+            "perf/stop_flag_ms": 1e3 * window.flag_time / max(1, window.count / self.cfg.train.grad_accum),
             **memory_stats(self.device),
         }
         grad_norm = self.engine.get_global_grad_norm()
@@ -316,6 +349,7 @@ class _Window:
     def reset(self) -> None:
         self.time = 0.0
         self.data_time = 0.0
+        self.flag_time = 0.0
         self.loss_sum = 0.0
         self.count = 0
 

@@ -28,6 +28,7 @@ from distseg.data.config import DataConfig
 from distseg.data.datasets import TrainBatches, ValReader, validation_samples
 from distseg.data.sampling import TrainSampler
 from distseg.data.store import Store
+from distseg.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ def _train_val_cases(store: Store, cfg: DataConfig) -> tuple[list[str], list[str
 
 
 def worker_init(worker_id: int) -> None:
-    """One decompression/compute thread per loader worker: parallelism comes from the workers themselves."""
+    """One decompression/compute thread per loader worker: parallelism comes from the workers themselves. Stop
+    signals are ignored: the rank finishes its step and shuts its workers down (`distseg.preemption`)."""
+    ignore_stop_signals()
     torch.set_num_threads(1)
     try:
         import zarr

@@ -55,15 +55,23 @@ def test_prune_keeps_the_last_and_the_best(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000010"]
 
 
-def test_world_size_mismatch_says_how_to_continue(tmp_path: Path):
-    tag_dir = fake_tag(tmp_path, 4, 0.5)
+def test_another_rank_count_keeps_the_global_batch_or_says_what_would(tmp_path: Path):
+    from distseg import elastic
+
+    tag_dir = fake_tag(tmp_path, 4, 0.5)  # 2 ranks; its trainer_state.json has no config: the marker must say
     marker = checkpoint.read_marker(tag_dir)
-    checkpoint.check_world_size(marker, tag_dir, 2)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot tell the saved batch layout"):
+        elastic.saved_layout(tag_dir, marker)
+    saved = elastic.saved_layout(tag_dir, {**marker, "grad_accum": 3, "batch_size": 2, "zero_stage": 2})
+    assert saved.global_batch == 12
+    assert [elastic.grad_accum_for(saved, w, 2, tag_dir) for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    assert elastic.grad_accum_for(saved, 4, 1, tag_dir) == 3  # a smaller micro-batch works too
     with pytest.raises(checkpoint.CheckpointError) as err:
-        checkpoint.check_world_size(marker, tag_dir, 3)
+        elastic.grad_accum_for(saved, 4, 2, tag_dir)
     msg = str(err.value)
-    assert "written by 2 ranks but this run has 3" in msg
-    assert "--num_gpus 2" in msg and "python -m distseg.checkpoint export" in msg and "model.init_weights" in msg
+    assert "global batch of 12 samples (2 ranks x train.grad_accum=3 x data.batch_size=2)" in msg
+    assert "a rank count in [1, 2, 3, 6] with data.batch_size=2" in msg and "data.batch_size in [1, 3]" in msg
+    assert "python -m distseg.checkpoint export" in msg and "model.init_weights" in msg
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):

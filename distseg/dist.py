@@ -68,8 +68,18 @@ def init_distributed(timeout_s: float | None = None) -> None:
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one on loopback
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    kwargs = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = timeout = datetime.timedelta(seconds=timeout_s)
+        # torch's new_group() does not inherit the world group's timeout: it defaults to these module constants
+        # (30 min gloo, 10 min NCCL), and DeepSpeed builds its data-parallel groups with new_group(ranks). Found by
+        # tests/train/test_fault.py: a hung rank left the others waiting in ZeRO's gradient all-reduce for 30 min.
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = timeout
+        if distributed_c10d.default_pg_nccl_timeout is not None:
+            distributed_c10d.default_pg_nccl_timeout = timeout
     if not torch_dist.is_initialized():
-        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), **kwargs)
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 from typing import Any
 
+from distseg.data.store import remove_index, write_index
 from preprocess.common import fold_of
 from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest
 from preprocess.writer import Layout, clean_temp, init_store
@@ -49,6 +50,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     store_path = dst / f"{args.name}.zarr"
     manifest = dst / f"{args.name}.manifest.parquet"
     init_store(store_path, root_attrs)
+    remove_index(store_path)  # cases are about to change: readers list them until the new index is written
     clean_temp(store_path)
     jobs = [
         (c.case_id, (c, store_path, fold_of(c.case_id, args.folds), layout, *extra, args.force)) for c in cases
@@ -58,5 +60,6 @@ def run_dataset(args: argparse.Namespace) -> int:
         init_ray(args.address, args.num_cpus)
     rows = run_cases(fn, jobs, use_ray=not args.serial, desc=args.command)
     write_manifest(manifest, rows)
+    write_index(store_path)
     return summarize(rows, store_path, manifest)
 

@@ -64,7 +64,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, result_p
     device = dist.device()
     results = []
     root = Path(args.dir)
-    for name in args.models:
+    for name in args.models:  # one model and stage per spawn (see main): keeps peak host memory to one engine
         dims, size = MODELS[name]
         for stage in args.stages:
             cfg = ExperimentConfig()
@@ -131,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     tmp = tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.dir or None)
     args.dir = tmp
-    out = Path(tmp) / "results.json"
+    rows = []
     try:
-        torch.multiprocessing.spawn(_worker, args=(args.world, _free_port(), args, str(out)), nprocs=args.world)
-        rows = json.loads(out.read_text())
+        for name in args.models:
+            for stage in args.stages:
+                one = argparse.Namespace(**{**vars(args), "models": [name], "stages": [stage]})
+                out = Path(tmp) / f"results_{name}_{stage}.json"
+                torch.multiprocessing.spawn(_worker, args=(args.world, _free_port(), one, str(out)), nprocs=args.world)
+                rows += json.loads(out.read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"checkpoint cost, {args.world} rank(s) on {args.device}, bf16, median of {args.repeats} saves "

@@ -26,8 +26,6 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 4
@@ -73,9 +71,10 @@ class StopRequest:
     def agree(self, group=None) -> bool:
         """Collective: True on every rank when any rank has been asked to stop. One all-reduce of a 1-element CPU
         tensor over `group` (a gloo group: no device synchronisation; `distseg.dist.control_group`)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        import torch  # here, not at import: launch/supervise.py must start (and catch signals) fast
         import torch.distributed as torch_dist
 
+        flag = torch.tensor([1.0 if self.requested else 0.0])
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=group)
         if flag.item() > 0 and not self.agreed:
@@ -102,18 +101,16 @@ def supervise(cmd: Sequence[str]) -> int:
     """
     if not cmd:
         raise ValueError("supervise: no command to run")
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the child through exec
-    try:
-        proc = subprocess.Popen(list(cmd), start_new_session=True)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
     received: list[int] = []
+    child: list[subprocess.Popen] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
+        if not child:  # not started yet: `supervise` forwards it right after the start
+            return
         sig = signal.SIGUSR1 if len(received) == 1 else signal.SIGKILL
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(child[0].pid, sig)
         except ProcessLookupError:  # already gone
             return
         name = signal.Signals(signum).name
@@ -124,8 +121,15 @@ def supervise(cmd: Sequence[str]) -> int:
             sys.stderr.write(f"supervise: second {name}: killing the job; the previous complete checkpoint stays "
                              "the resume point\n")
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    # SIGUSR1 is ignored while the child starts, so that it inherits SIG_IGN through exec; then handled here.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    proc = subprocess.Popen(list(cmd), start_new_session=True)
+    child.append(proc)
+    signal.signal(signal.SIGUSR1, forward)
+    if received:  # a signal came while the child was starting
+        forward(received.pop(), None)
     while True:
         try:
             code = proc.wait()

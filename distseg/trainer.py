@@ -5,7 +5,9 @@
     trainer.close()
 
 Step = one optimizer step = `train.grad_accum` micro-batches per rank. Everything random derives from
-(seed, rank, sample index), so a run resumed from step N continues exactly like an uninterrupted one.
+(seed, global sample position), so a run resumed from step N continues exactly like an uninterrupted one, and on
+another rank count with the same samples per step (`distseg.elastic`). A stop signal ends the run after the
+current step with a checkpoint (`distseg.preemption`); a lost rank ends it with a message (`distseg.lost_rank`).
 Collectives (all-reduces, forwards under ZeRO-3, checkpoint saves) happen on every rank in the same order.
 """
 
@@ -310,6 +312,7 @@ class Trainer:
             "seconds_per_step": seconds_per_step,
             "resumed_from": self.resumed_from,
             "world_size": self.world_size,
+            "stopped_on_signal": self.stopped,
         }
         checkpoint.write_json(self.run_dir / "summary.json", summary)
 

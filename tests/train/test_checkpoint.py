@@ -83,3 +83,41 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):
     checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def _plan_on_rank(rank: int, port: int, dirs: list[str], out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as torch_dist
+
+    from distseg import elastic
+    from distseg.config import ExperimentConfig
+
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    plan = elastic.plan_resume(Path(dirs[rank]), ExperimentConfig(), 2)
+    Path(out, f"rank{rank}.json").write_text(json.dumps([plan.tag, plan.saved.world_size]))
+    torch_dist.destroy_process_group()
+
+
+def test_every_rank_resumes_the_tag_rank_0_chose(tmp_path: Path):
+    """Rank 1 sees a newer complete tag than rank 0 (as NFS attribute caching can show after a killed save):
+    both must load rank 0's choice, never a mix of steps."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    seen_by = [tmp_path / "rank0_view", tmp_path / "rank1_view"]
+    for view in seen_by:
+        fake_tag(view, 4, 0.5)
+    fake_tag(seen_by[1], 8, 0.6)
+    for view in seen_by:
+        for tag_dir in view.glob("step_*"):
+            marker = json.loads((tag_dir / checkpoint.MARKER).read_text())
+            marker.update(grad_accum=1, batch_size=2, zero_stage=2)
+            (tag_dir / checkpoint.MARKER).write_text(json.dumps(marker))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_plan_on_rank, args=(port, [str(v) for v in seen_by], str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [["step_00000004", 2]] * 2

@@ -125,8 +125,11 @@ def supervise(cmd: Sequence[str]) -> int:
         signal.signal(sig, forward)
     # SIGUSR1 is ignored while the child starts, so that it inherits SIG_IGN through exec; then handled here.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Its own session: a terminal's Ctrl-C reaches only this process (the launchers would turn SIGINT into SIGTERM
+    # for every rank). Hence also: kill THIS process to stop the job; if it is SIGKILLed, kill the group it prints.
     proc = subprocess.Popen(list(cmd), start_new_session=True)
     child.append(proc)
+    sys.stderr.write(f"supervise: job started as process group {proc.pid}\n")
     signal.signal(signal.SIGUSR1, forward)
     if received:  # a signal came while the child was starting
         forward(received.pop(), None)

@@ -104,7 +104,7 @@ def reference(runner, brats_store, tmp_path_factory) -> Path:
 
 
 def test_sigterm_to_the_supervised_launcher_saves_exits_4_and_the_rerun_matches(runner, brats_store, reference,
-                                                                                  tmp_path):
+                                                                                  tmp_path, no_leftovers):
     args = common(brats_store, tmp_path, "stop", "deepspeed.zero_stage=2", "train.steps=6")
     ckpt = tmp_path / "runs" / "stop" / "checkpoints"
     proc = runner.start(supervised(runner, DEBUG, args), tmp_path / "stop.log")
@@ -130,8 +130,10 @@ def test_sigterm_to_the_supervised_launcher_saves_exits_4_and_the_rerun_matches(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGKILL
     assert "second SIGTERM: killing the job" in (tmp_path / "killed.log").read_text()
-    for p in psutil.process_iter(["cmdline"]):  # the kill reached every rank
-        assert str(tmp_path) not in " ".join(p.info["cmdline"] or []), f"left running: {p}"
+    time.sleep(1.0)
+    for p in psutil.process_iter(["cmdline", "status"]):  # the kill reached every rank
+        if p.info["status"] != psutil.STATUS_ZOMBIE:
+            assert str(tmp_path) not in " ".join(p.info["cmdline"] or []), f"left running: {p}"
 
     out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, args)))
     assert "resumed from checkpoint step_0000000" in out

@@ -115,7 +115,7 @@ def test_exact_resume_after_sigkill_ignores_an_interrupted_save(runner, brats_st
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
     out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, common(brats_store, tmp_path, "resumed", *args))))
-    assert "resumed from checkpoint step_00000004 (step 4)" in out
+    assert "resumed from checkpoint step_00000004 (step 4, written by 2 ranks)" in out
     assert not debris.exists(), "the incomplete tag should be pruned once a newer checkpoint is complete"
 
     a, b = fp32_weights(ref_ckpt, "step_00000008"), fp32_weights(ckpt, "step_00000008")

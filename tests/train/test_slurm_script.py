@@ -55,7 +55,8 @@ def _slurm_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_slurm_script_launches_one_deepspeed_per_node_and_passes_overrides_intact(brats_store, tmp_path: Path):
+def test_slurm_script_launches_one_deepspeed_per_node_and_passes_overrides_intact(brats_store, tmp_path: Path,
+                                                                                  no_leftovers):
     # An override with spaces must reach the trainer as one value (the script must not re-split it).
     args = ["configs/debug.yaml", f"data.store={brats_store}", f"run.output_root={tmp_path}", "run.name=slurm",
             "data.patch_size=[32, 32, 32]", "train.steps=4", "train.val_every=4", "checkpoint.every=4"]
@@ -70,7 +71,7 @@ def test_slurm_script_launches_one_deepspeed_per_node_and_passes_overrides_intac
 
 
 @pytest.mark.slow
-def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes(brats_store, tmp_path: Path):
+def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes(brats_store, tmp_path: Path, no_leftovers):
     """`#SBATCH --signal=B:USR1@N` sends SIGUSR1 to the batch shell: every rank saves, the job exits 4 and asks
     `scontrol requeue` for itself; the requeued job (the same script again) resumes and finishes."""
     env = _slurm_env(tmp_path)

@@ -126,26 +126,15 @@ def newest_complete(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
     return (found[-1][1], found[-1][2]) if found else None
 
 
-def check_world_size(marker: dict[str, Any], tag_dir: Path, world_size: int) -> None:
-    """Refuse to resume ZeRO shards written by another number of ranks, saying how to carry on."""
-    saved = int(marker["world_size"])
-    if saved != world_size:
-        raise CheckpointError(
-            f"checkpoint {tag_dir} was written by {saved} ranks but this run has {world_size}; ZeRO optimizer "
-            f"shards are per rank. Either relaunch with {saved} ranks (e.g. deepspeed --num_gpus {saved} ...), or "
-            f"start a NEW run from its weights: python -m distseg.checkpoint export {tag_dir} <weights.pt> "
-            f"(consolidates the ZeRO shards with DeepSpeed's zero_to_fp32), then set model.init_weights=<weights.pt> "
-            f"and a new run.name (the optimizer state starts fresh)"
-        )
-
-
 # ------------------------------------------------------------------------------------------------ save/load
-def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: int, keep_best: bool) -> str:
+def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: int, keep_best: bool,
+         layout: dict[str, int] | None = None) -> str:
     """Save tag ``step_<step>`` on EVERY rank (collective), mark it complete, move `latest`, prune old tags.
 
     `state`: the trainer's JSON-able counters and config (identical on all ranks); ``state["val_dice"]`` (mean
     validation Dice) and ``state["val_step"]`` (the step that Dice was measured at) decide `best`: only a Dice
-    measured at this very step makes the checkpoint a candidate.
+    measured at this very step makes the checkpoint a candidate. `layout` (grad_accum, batch_size, zero_stage) goes
+    into the marker beside world_size: an elastic resume keeps the global batch from it (`distseg.elastic`).
     """
     rank = dist.rank()
     tag = tag_for(step)
@@ -165,6 +154,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
         marker = {
             "step": step,
             "world_size": dist.world_size(),
+            **(layout or {}),
             "val_dice": state.get("val_dice"),
             "val_step": state.get("val_step"),
             "time": time.time(),
@@ -202,17 +192,24 @@ def prune(ckpt_dir: Path, keep_last: int, keep_best: bool) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """Load tag `tag` into `engine` on every rank (collective); restore this rank's RNG; return trainer state."""
+def load(engine, ckpt_dir: Path, tag: str, universal: str | None = None, restore_rng: bool = True) -> dict[str, Any]:
+    """Load tag `tag` into `engine` on every rank (collective); restore this rank's RNG; return trainer state.
+
+    `universal`: the name of the tag's universal-format subfolder to load instead of the per-rank shards (elastic
+    resume on another rank count; the engine must have been built with ``checkpoint.load_universal``).
+    `restore_rng=False` leaves the RNG states alone (on another rank count they belong to the old ranks).
+    """
     tag_dir = ckpt_dir / tag
+    load_dir, load_tag = (tag_dir, universal) if universal else (ckpt_dir, tag)
     load_path, _ = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
     state = json.loads((tag_dir / STATE_FILE).read_text(encoding="utf-8"))
-    rng_path = tag_dir / f"rng_rank{dist.rank():05d}.pt"
-    set_rng_state(torch.load(rng_path, weights_only=True))
+    if restore_rng:
+        rng_path = tag_dir / f"rng_rank{dist.rank():05d}.pt"
+        set_rng_state(torch.load(rng_path, weights_only=True))
     return state
 
 

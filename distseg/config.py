@@ -22,8 +22,8 @@ from distseg.losses import LossConfig
 from distseg.monitor import MonitorConfig
 from distseg.typed_config import ConfigError, apply_override, from_dict, to_dict
 
-__all__ = ["ConfigError", "ExperimentConfig", "apply_override", "dump_yaml", "from_dict", "load_config", "to_dict",
-           "write_resolved"]
+__all__ = ["ConfigError", "ExperimentConfig", "apply_override", "dump_yaml", "from_dict", "load_config",
+           "make_run_dir", "to_dict", "write_resolved"]
 
 
 @dataclass
@@ -35,7 +35,10 @@ class RunConfig:
     output_root: str = "outputs"
     """Root folder on shared storage (relative paths are relative to the working directory)."""
     seed: int = 0
-    """Base seed: model init, sampling and augmentation derive from (seed, rank, step)."""
+    """Base seed: model init, sampling and augmentation derive from (seed, global sample position)."""
+    owner_only: bool = True
+    """Create the run folder readable and writable by its owner only (0700). DeepSpeed unpickles checkpoint files
+    on resume, so anyone who can write into the run folder can run code in the next resumed job."""
 
 
 @dataclass
@@ -144,6 +147,18 @@ class EngineConfig:
 
 
 @dataclass
+class DistConfig:
+    """The process group (distseg.dist) and what happens when a rank is lost (distseg.lost_rank)."""
+
+    timeout_s: float = 600.0
+    """Seconds a collective (gradient reduction, the per-step stop flag, a checkpoint barrier) waits for the other
+    ranks before failing. A rank that dies is noticed at once; one that hangs, after this long. The survivors then
+    name the lost rank and the step and exit with status 5; rerun the command to resume. It must exceed the
+    longest legitimate wait: a slow checkpoint save or a validation pass on another rank, and the conversion of a
+    checkpoint to the universal format on an elastic resume."""
+
+
+@dataclass
 class DebugConfig:
     """Fault-injection switches for tests. Never set these in a real run."""
 
@@ -173,6 +188,8 @@ class ExperimentConfig:
     """Checkpoint cadence, retention and resume policy."""
     deepspeed: EngineConfig = field(default_factory=EngineConfig)
     """ZeRO stage, precision, offload, optional JSON preset."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Process group timeout (lost ranks)."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """TensorBoard logging (distseg.monitor)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -194,6 +211,7 @@ class ExperimentConfig:
         _check_optim(self.optim)
         _check_train(self.train, self.checkpoint, self.debug)
         _check_engine(self.deepspeed, self.optim)
+        _need(self.dist.timeout_s > 0, "dist.timeout_s", "seconds > 0", self.dist.timeout_s)
 
 
 # ------------------------------------------------------------------------------------- value checks
@@ -299,6 +317,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def make_run_dir(cfg: ExperimentConfig) -> Path:
+    """Create the run folder (0700 when `run.owner_only`); warn when an existing one is writable by others."""
+    import logging
+    import stat
+
+    run_dir = cfg.run_dir
+    if not run_dir.exists():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(exist_ok=True)
+        if cfg.run.owner_only:
+            run_dir.chmod(0o700)
+    elif run_dir.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        logging.getLogger(__name__).warning(
+            "run folder %s is writable by other users; its checkpoints are unpickled on resume, so only trusted "
+            "users may write there (chmod 700 it)", run_dir)
+    return run_dir
 
 
 def write_resolved(cfg: ExperimentConfig, run_dir: Path) -> Path:

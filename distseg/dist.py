@@ -56,18 +56,32 @@ def set_cpu_threads() -> int:
     return threads
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """Join the process group with the accelerator's backend (nccl on GPUs, gloo on CPU).
 
-    Works without a launcher too: a single process then forms a world of one.
+    `timeout_s` (`dist.timeout_s`): how long a collective waits for the other ranks before failing (gloo raises
+    in the waiting rank; NCCL's watchdog aborts it). Works without a launcher too: a world of one.
     """
+    import datetime
+
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one on loopback
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    kwargs = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = timeout = datetime.timedelta(seconds=timeout_s)
+        # torch's new_group() does not inherit the world group's timeout: it defaults to these module constants
+        # (30 min gloo, 10 min NCCL), and DeepSpeed builds its data-parallel groups with new_group(ranks). Found by
+        # tests/train/test_fault.py: a hung rank left the others waiting in ZeRO's gradient all-reduce for 30 min.
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = timeout
+        if distributed_c10d.default_pg_nccl_timeout is not None:
+            distributed_c10d.default_pg_nccl_timeout = timeout
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), **kwargs)
         release_shm_allreduce_buffer()
 
 
@@ -88,12 +102,32 @@ def release_shm_allreduce_buffer() -> None:
     # Missing: no shared-memory op was built on this machine (or another naming), so nothing leaked.
     Path("/dev/shm", name).unlink(missing_ok=True)
 
+_CONTROL: dict[str, object] = {}
+
+
+def control_group(timeout_s: float | None = None):
+    """A process group for small host-side control messages (the per-step stop flag): the default group when it is
+    gloo already (CPU), else a gloo group over all ranks, so agreeing on a flag never waits for the GPU.
+
+    Collective the first time (every rank must call it, in the same order as other collectives); cached after.
+    """
+    if "group" not in _CONTROL:
+        group = None
+        if torch_dist.is_initialized() and torch_dist.get_backend() != "gloo":
+            import datetime
+
+            kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+            group = torch_dist.new_group(backend="gloo", **kwargs)
+        _CONTROL["group"] = group
+    return _CONTROL["group"]
+
 
 def shutdown() -> None:
     """Leave the process group. Without this the backend's threads are torn down at interpreter exit, which
     occasionally aborted a finished CPU rank ("terminate called without an active exception", exit -6)."""
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    _CONTROL.clear()
 
 
 def rank() -> int:

@@ -5,7 +5,9 @@
     trainer.close()
 
 Step = one optimizer step = `train.grad_accum` micro-batches per rank. Everything random derives from
-(seed, rank, sample index), so a run resumed from step N continues exactly like an uninterrupted one.
+(seed, global sample position), so a run resumed from step N continues exactly like an uninterrupted one, and on
+another rank count with the same samples per step (`distseg.elastic`). A stop signal ends the run after the
+current step with a checkpoint (`distseg.preemption`); a lost rank ends it with a message (`distseg.lost_rank`).
 Collectives (all-reduces, forwards under ZeRO-3, checkpoint saves) happen on every rank in the same order.
 
 Host-device syncs: the micro-step itself has none of ours (the loss for logging accumulates on the device and is
@@ -30,9 +32,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distseg import checkpoint, dist
+from distseg import checkpoint, dist, elastic, lost_rank
 from distseg.budget import CostEstimate, WallClockBudget, describe
-from distseg.config import ConfigError, ExperimentConfig, to_dict, write_resolved
+from distseg.config import ConfigError, ExperimentConfig, make_run_dir, to_dict, write_resolved
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets, num_targets, target_names
@@ -43,6 +45,7 @@ from distseg.models import build_model
 from distseg.monitor import build_monitor, memory_stats
 from distseg.optim import ScheduleLength, refresh_lr
 from distseg.predictor import ModelIO
+from distseg.preemption import StopRequest
 from distseg.validation import WholeCaseValidator
 
 logger = logging.getLogger(__name__)
@@ -61,7 +64,9 @@ class TrainState:
     step: int = 0
     """Optimizer steps done."""
     micro_batches: int = 0
-    """Micro-batches drawn from the loader on each rank (= the loader position to resume from)."""
+    """Micro-batches drawn from the loader on each rank since `stream_base` (= the loader position to resume from)."""
+    stream_base: int = 0
+    """Global micro-batches drawn before this rank count took over (changes only on an elastic resume)."""
     samples_seen: int = 0
     """Samples (all ranks) that went into an optimizer update."""
     nonfinite_skipped: int = 0
@@ -106,12 +111,18 @@ def build_seeded_model(cfg: ExperimentConfig, in_channels: int, out_channels: in
 class Trainer:
     """Builds the model, engine, loss, augmentation and monitor for this rank; `train()` runs the loop."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ExperimentConfig, stop: StopRequest | None = None) -> None:
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.device = dist.device()
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.stop = stop if stop is not None else StopRequest()  # launch/train.py installs its signal handlers
+        self.stopped = False
+        """True when the run ended early on a stop signal (checkpoint saved): the caller exits EXIT_REQUEUE."""
+        # Rank 0 picks the checkpoint (collective); on another rank count the accumulation changes to keep the
+        # global batch, so the plan comes before anything that reads cfg.train.grad_accum.
+        self.plan = elastic.plan_resume(self.ckpt_dir, cfg, self.world_size)
+        self.cfg = cfg = elastic.with_grad_accum(cfg, self.plan)
         store = open_store(cfg.data)
         self.regions = store.regions
         # What a predictor needs besides the weights; saved in every checkpoint (see distseg.predictor).
@@ -123,16 +134,21 @@ class Trainer:
         self.channel_names = target_names(cfg.data.target, store.regions)
         self.train_cases = len(store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True))
         if self.rank == 0:
+            make_run_dir(cfg)
             write_resolved(cfg, self.run_dir)
+        if self.plan.universal:
+            elastic.ensure_universal(self.ckpt_dir / str(self.plan.tag))  # collective: rank 0 converts
         model = build_seeded_model(cfg, *model_channels(cfg, store))
         self.schedule_length = ScheduleLength(cfg.train.steps)
-        self.engine = initialize(model, cfg, build_ds_config(cfg, self.world_size), self.schedule_length)
+        ds_config = {**build_ds_config(cfg, self.world_size), **elastic.universal_ds_config(self.plan)}
+        self.engine = initialize(model, cfg, ds_config, self.schedule_length)
         # DeepSpeed's ZeRO and bf16/fp16 optimizers expose `overflow` and skip steps whose global gradient norm
         # is not finite; a plain (ZeRO 0 fp32) optimizer would apply it, so there we check each micro-batch.
         self.skip_check = "step" if hasattr(self.engine.optimizer, "overflow") else "micro_batch"
+        self.control = dist.control_group(cfg.dist.timeout_s)  # collective; the stop flag's gloo group
         self.dtype = _DTYPES[cfg.deepspeed.precision]
         self.loss_fn = build_loss(cfg.loss)
-        self.augment = build_device_augment(cfg.data, cfg.run.seed, self.rank)
+        self.augment = build_device_augment(cfg.data, cfg.run.seed)
         self.monitor = build_monitor(cfg.monitor, self.run_dir, self.rank)
         self.state = TrainState()
         self.resumed_from: str | None = None
@@ -147,25 +163,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- resume
     def _resume(self) -> CostEstimate | None:
-        """Load the newest complete checkpoint, if any; returns the wall-clock budget's saved timings."""
-        found = checkpoint.newest_complete(self.ckpt_dir)
-        if found is None:
+        """Load the checkpoint rank 0 chose (`distseg.elastic.plan_resume`), if any; returns the wall-clock
+        budget's saved timings."""
+        plan = self.plan
+        if plan.tag is None or plan.saved is None:
             return None
-        if self.cfg.checkpoint.resume == "never":
-            raise checkpoint.CheckpointError(
-                f"{self.ckpt_dir} already holds checkpoints and checkpoint.resume=never; pick a new run.name"
-            )
-        tag, marker = found
-        checkpoint.check_world_size(marker, self.ckpt_dir / tag, self.world_size)
-        saved = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        same_layout = plan.saved.world_size == self.world_size
+        saved = checkpoint.load(self.engine, self.ckpt_dir, plan.tag, universal=elastic.UNIVERSAL if plan.universal
+                                else None, restore_rng=same_layout)
         self.state = TrainState(**saved["counters"])
+        if not same_layout:  # the stream continues after every micro-batch the old ranks drew (distseg.elastic)
+            self.state.stream_base += self.state.micro_batches * plan.saved.world_size
+            self.state.micro_batches = 0
         # The latest validation result travels with the checkpoint, so a rerun of a finished run still reports it.
         self.last_dice = dict(saved.get("val_dice_regions", {}))
-        self.resumed_from = tag
+        self.resumed_from = plan.tag
         if self.state.planned_steps is not None:
             # The optimizer's LR was saved under this plan; the remaining steps follow the same schedule.
             self.schedule_length.total = self.state.planned_steps
-        logger.info("resumed from checkpoint %s (step %d)", tag, self.state.step)
+        logger.info("resumed from checkpoint %s (step %d, written by %d ranks%s)", plan.tag, self.state.step,
+                    plan.saved.world_size, ", universal format" if plan.universal else "")
         return CostEstimate(**saved["budget"]) if saved.get("budget") else None
 
     def _save(self) -> None:
@@ -178,7 +195,9 @@ class Trainer:
                  "config": to_dict(self.cfg), "epoch": self.epoch,
                  "budget": asdict(self.budget.costs) if self.budget else None, "io": self.io.to_dict()}
         c = self.cfg.checkpoint
-        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best)
+        layout = {"grad_accum": self.cfg.train.grad_accum, "batch_size": self.cfg.data.batch_size,
+                  "zero_stage": self.cfg.deepspeed.zero_stage}
+        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best, layout)
 
     @property
     def epoch(self) -> float:
@@ -269,7 +288,8 @@ class Trainer:
     def train(self) -> TrainState:
         cfg, state = self.cfg, self.state
         self._injected = 0
-        loader = build_train_loader(cfg.data, self.rank, self.world_size, cfg.run.seed, start_step=state.micro_batches)
+        loader = build_train_loader(cfg.data, self.rank, self.world_size, cfg.run.seed, start_step=state.micro_batches,
+                                    stream_base=state.stream_base)
         batches = iter(loader)
         voxels = math.prod(cfg.data.patch_size)
         window = _Window()
@@ -287,6 +307,13 @@ class Trainer:
                     if self.skip_check == "step" else "per micro-batch (all-reduced flag, one host sync each)")
         try:
             self._loop(batches, window, voxels, bar)
+        except Exception as e:
+            if not lost_rank.is_collective_failure(e):
+                raise
+            newest = checkpoint.newest_complete(self.ckpt_dir)
+            hint = ("rerun the same command to resume from " +
+                    (str(self.ckpt_dir / newest[0]) if newest else "the start (no complete checkpoint yet)"))
+            raise lost_rank.report(e, self.rank, self.world_size, state.step, cfg.dist.timeout_s, hint) from e
         finally:
             batches.close()  # shuts the loader's (persistent) workers down now, not at interpreter exit
         bar.close()
@@ -346,7 +373,13 @@ class Trainer:
                 # every log step), its validation and checkpoint do not (they are budgeted at their own cadence).
                 self.budget.step_done(now - t_step - self._event_s)
             self._event_s, t_step = 0.0, now
-            self._after_step(window, voxels, bar, lr)
+            stop = self.stop.agree(self.control)  # one all-reduce of a flag per step: every rank stops together
+            window.flag_time += time.perf_counter() - now
+            self._after_step(window, voxels, bar, lr, stop)
+            if stop and state.step < self.schedule_length.total:
+                self.stopped = True
+                logger.warning("stopped after step %d on request; checkpoint saved, rerun to resume", state.step)
+                return
 
     def _loss_scale_overflow(self) -> bool:
         """After DeepSpeed skipped a step: True when that is fp16 loss scaling at work (every rank's losses were
@@ -356,19 +389,22 @@ class Trainer:
         self._step_finite.fill_(True)
         return all_finite and self.cfg.deepspeed.precision == "fp16"
 
-    def _after_step(self, window: _Window, voxels: int, bar: tqdm, lr: float) -> None:
-        """Log, (re)plan the budget, validate and checkpoint as due after optimizer step `state.step`."""
+    def _after_step(self, window: _Window, voxels: int, bar: tqdm, lr: float, stop: bool) -> None:
+        """Log, (re)plan the budget, validate and checkpoint as due after optimizer step `state.step`. On a stop
+        request only the checkpoint is made (the grace period is for it), no validation or re-plan."""
         cfg, state = self.cfg, self.state
         log_due = state.step % cfg.monitor.log_every == 0
-        if self.budget is not None and self.budget.ready and (log_due or state.planned_steps is None):
+        if self.budget is not None and self.budget.ready and not stop and (log_due or state.planned_steps is None):
             self._plan()
         last = state.step >= self.schedule_length.total
         if log_due or last:
             self._log(window, voxels, bar, lr)
         # (A first budget plan may already have validated / saved at this step.)
-        if cfg.train.val_every and (state.step % cfg.train.val_every == 0 or last) and state.val_step != state.step:
+        if (cfg.train.val_every and not stop and (state.step % cfg.train.val_every == 0 or last)
+                and state.val_step != state.step):
             self._timed(self.validate, "validation")
-        if ((cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last) and self._saved != state.step:
+        due = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stop
+        if due and self._saved != state.step:
             self._timed(self._save, "checkpoint")
 
     def _timed(self, fn, what: str) -> None:
@@ -424,6 +460,7 @@ class Trainer:
             "elapsed_s": self.state.elapsed_s,
             "resumed_from": self.resumed_from,
             "world_size": self.world_size,
+            "stopped_on_signal": self.stopped,
         }
         if self.budget is not None:
             summary["budget"] = {
@@ -453,6 +490,8 @@ class Trainer:
             "perf/voxels_per_s": samples * voxels / window.time,
             "perf/data_wait_fraction": window.data_time / window.time,
             "perf/step_time_s": window.time * self.cfg.train.grad_accum / max(1, window.count),
+            # the stop-flag all-reduce, per optimizer step (its cost: see .notes/fault.md)
+            "perf/stop_flag_ms": 1e3 * window.flag_time / max(1, window.count / self.cfg.train.grad_accum),
             **memory_stats(self.device),
         }
         grad_norm = self.engine.get_global_grad_norm()
@@ -479,6 +518,7 @@ class _Window:
     def reset(self) -> None:
         self.time = 0.0
         self.data_time = 0.0
+        self.flag_time = 0.0
         self.count = 0
 
     def add(self, seconds: float, data_seconds: float) -> None:

@@ -3,20 +3,25 @@
     deepspeed [--num_gpus N | --hostfile H ...] launch/train.py --config configs/X.yaml [key=value ...]
 
 Config errors, a missing or wrong-version store and an unresumable checkpoint stop every rank BEFORE distributed
-init, with a message naming the key/path. Exit status: 0 done, 2 bad input, 3 stopped on non-finite losses.
+init, with a message naming the key/path. Exit status: 0 done, 2 bad input, 3 stopped on non-finite losses,
+4 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue / rerun to resume; `distseg.preemption`),
+5 another rank died or hung (rerun to resume; `distseg.lost_rank`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from distseg import checkpoint, dist
+from distseg import checkpoint, dist, elastic
 from distseg.config import ConfigError, load_config
 from distseg.data.loader import open_store
 from distseg.data.store import StoreError
 from distseg.engine import build_ds_config, check_accelerator_support
+from distseg.lost_rank import EXIT_LOST_RANK, LostRankError
+from distseg.preemption import EXIT_REQUEUE, StopRequest
 from distseg.trainer import NonFiniteLossError, Trainer, model_channels
 
 logger = logging.getLogger("launch.train")
@@ -42,6 +47,7 @@ def setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopRequest().install()  # first thing: a stop signal during start-up must not be lost
     args = parse_args(argv)
     rank, world_size = dist.env_rank(), dist.env_world_size()
     setup_logging(rank)
@@ -52,24 +58,36 @@ def main(argv: list[str] | None = None) -> int:
         model_channels(cfg, open_store(cfg.data))
         build_ds_config(cfg, world_size)
         check_accelerator_support(cfg)
-        found = checkpoint.newest_complete(cfg.run_dir / "checkpoints")
-        if found and cfg.checkpoint.resume == "auto":
-            checkpoint.check_world_size(found[1], cfg.run_dir / "checkpoints" / found[0], world_size)
+        elastic.precheck(cfg, world_size)
     except (ConfigError, StoreError, checkpoint.CheckpointError, ValueError) as e:
         logger.error("%s", e)
         return 2
 
     dist.set_cpu_threads()
-    dist.init_distributed()
-    trainer = Trainer(cfg)
+    dist.init_distributed(cfg.dist.timeout_s)
+    try:
+        trainer = Trainer(cfg, stop)
+    except checkpoint.CheckpointError as e:  # rank 0's resume plan, shared by every rank
+        logger.error("%s", e)
+        dist.shutdown()
+        return 2
     try:
         trainer.train()
     except NonFiniteLossError as e:
         logger.error("%s", e)
         return 3
+    except LostRankError:  # already logged with the lost ranks and the step
+        trainer.close()
+        # Leave at once: tearing down a process group whose peer is gone can block (NCCL) or abort.
+        logging.shutdown()
+        os._exit(EXIT_LOST_RANK)
     finally:
         trainer.close()
         dist.shutdown()
+    if trainer.stopped:
+        logger.warning("stopped at step %d by %s; exit %d = requeue / rerun the same command to resume",
+                       trainer.state.step, "a signal", EXIT_REQUEUE)
+        return EXIT_REQUEUE
     logger.info("done: %d steps, run folder %s", trainer.state.step, cfg.run_dir)
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from distseg.data.store import StoreError
+from distseg.data.store import StoreError, remove_index, write_index
 from preprocess.common import FOLD_ASSIGNMENT, case_fold
 from preprocess.discover import apply_subject_regex
 from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest
@@ -68,6 +68,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     except StoreError as e:
         logger.error("%s", e)
         return EXIT_USAGE
+    remove_index(store_path)  # cases are about to change: readers list them until the new index is written
     clean_temp(store_path)
     jobs = [(c.case_id, (c, store_path, case_fold(c, args.folds), layout, *extra, args.force)) for c in cases]
     logger.info("%d %s cases under %s -> %s", len(cases), args.command, src, store_path)
@@ -80,5 +81,6 @@ def run_dataset(args: argparse.Namespace) -> int:
         if case is not None:
             row.update(subject=case.subject, slice_index=case.slice_index)
     write_manifest(manifest, rows)
+    write_index(store_path)
     return summarize(rows, store_path, manifest)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import CASES_GROUP, FORMAT_VERSION, TMP_DIR, StoreError
+from distseg.data.store import CASES_GROUP, FORMAT_VERSION, OMITTED_CHUNKS, TMP_DIR, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -173,24 +173,28 @@ def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...
 
     Same bytes zarr would write (C-order little-endian chunks, edge chunks padded with the fill value 0, all-fill
     chunks omitted, Blosc with the same parameters) without zarr's per-chunk async overhead (~1/3 of the write time
-    of a BraTS case). Files are plain `c.<i>.<j>...` under the array folder (flat chunk key encoding).
+    of a BraTS case). Files are plain `c.<i>.<j>...` under the array folder (flat chunk key encoding). The omitted
+    chunks are listed in the array's `omitted_chunks` attribute, so the reader can tell them from lost files.
     """
     import numcodecs
 
+    grid = [-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]
+    boxes = {idx: tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, chunks, data.shape, strict=True))
+             for idx in np.ndindex(*grid)}
+    omitted = [list(idx) for idx, box in boxes.items() if not data[box].any()]
     group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                        compressors=_compressors(layout, shuffle), fill_value=0, dimension_names=dims,
-                       chunk_key_encoding=CHUNK_KEY_ENCODING)
+                       chunk_key_encoding=CHUNK_KEY_ENCODING, attributes={OMITTED_CHUNKS: omitted})
     shuffle_id = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
                   "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[shuffle]
     codec = numcodecs.Blosc(cname=layout.cname, clevel=layout.clevel, shuffle=shuffle_id, blocksize=0)
     data = data.astype(data.dtype.newbyteorder("<"), copy=False)
     folder = Path(group.store.root) / group.path / name if group.path else Path(group.store.root) / name
-    grid = [-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]
-    for idx in np.ndindex(*grid):
-        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, chunks, data.shape, strict=True))
-        block = data[box]
-        if not block.any():  # all fill value: never written, like zarr's write_empty_chunks=False
+    skip = {tuple(idx) for idx in omitted}
+    for idx, box in boxes.items():
+        if idx in skip:  # all fill value: never written, like zarr's write_empty_chunks=False
             continue
+        block = data[box]
         if block.shape != chunks:
             padded = np.zeros(chunks, dtype=data.dtype)
             padded[tuple(slice(0, n) for n in block.shape)] = block

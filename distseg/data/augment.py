@@ -6,7 +6,8 @@ The work is split by cost:
 * `DeviceAugment` (batched torch, normally on the accelerator inside the training step): rotation +
   scaling as ONE `affine_grid` + `grid_sample` over the whole batch (image trilinear/bilinear, label nearest), the
   context margin cropped away in the same resampling, then per-channel intensity scale/shift, gamma and Gaussian
-  noise. Its random draws come from (seed, rank, sample index), so a resumed run augments exactly as before.
+  noise. Its random draws come from (seed, global sample position), so a resumed run augments exactly as before, on
+  any number of ranks.
 """
 
 from __future__ import annotations
@@ -54,26 +55,26 @@ class DeviceAugment:
     """Batched spatial + intensity augmentation; call as ``image, label = aug(image, label, sample_index)``.
 
     image: float (B, C, *(patch + 2*margin)); label: uint8 (B, *(patch + 2*margin)) or None;
-    sample_index: int64 (B,) rank-local sample indices (the loader's ``batch["sample_index"]``).
+    sample_index: int64 (B,) global sample positions (the loader's ``batch["sample_index"]``).
     Returns image float32 (B, C, *patch) and label uint8 (B, *patch) on the input's device. With augmentation
     disabled it only crops the margin. Not an nn.Module: it holds no parameters and no state besides its config.
     """
 
     def __init__(
-        self, cfg: AugmentConfig, patch_size: Sequence[int], margin: int, seed: int, rank: int, enabled: bool = True
+        self, cfg: AugmentConfig, patch_size: Sequence[int], margin: int, seed: int, enabled: bool = True
     ) -> None:
         self.cfg = cfg
         self.patch_size = tuple(int(p) for p in patch_size)
         self.nd = len(self.patch_size)
         self.margin = int(margin)
-        self.seed, self.rank = int(seed), int(rank)
+        self.seed = int(seed)
         self.enabled = bool(enabled and cfg.enabled)
 
     # ---- parameter draws (host, tiny) ----------------------------------------------------------------------
     def draw(self, index: int, channels: int) -> dict[str, np.ndarray | float | None]:
-        """All random parameters of one sample, from (seed, rank, index) only."""
+        """All random parameters of the sample at global position `index`, from (seed, index) only."""
         c = self.cfg
-        rng = sample_rng(self.seed, STREAM_DEVICE_AUG, self.rank, index)
+        rng = sample_rng(self.seed, STREAM_DEVICE_AUG, index)
         # Draw every value unconditionally so each parameter's stream position never depends on the others.
         n_angles = 1 if self.nd == 2 else 3
         rot_on, angles = rng.random() < c.rotate_prob, rng.uniform(-1, 1, n_angles) * math.radians(c.rotate_deg)

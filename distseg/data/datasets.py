@@ -59,21 +59,32 @@ def crop_or_pad(image: np.ndarray, label: np.ndarray | None, start: tuple[int, .
 
 
 class TrainBatches(torch.utils.data.Dataset):
-    """Item `s` is training batch `s` of this rank: samples ``s*B .. s*B+B-1`` of the `TrainSampler`.
+    """Item `s` is training batch `s` of rank `rank` of `world_size`: global micro-batch ``m = stream_base + s *
+    world_size + rank``, i.e. the samples at global positions ``m*B .. m*B+B-1`` of the `TrainSampler`.
 
-    Returns ``{"image": float32 (B, C, *P'), "label": uint8 (B, *P'), "case_id": list[str],
-    "sample_index": int64 (B,), "foreground": bool (B,)}`` where ``P' = patch + 2*margin`` (`P' = patch` when
-    `worker_augment` is given: it resamples and crops here, on CPU).
+    `stream_base` counts the global micro-batches drawn before this rank count took over (0 unless the run was
+    resumed on another number of ranks, see `distseg.elastic`). Returns ``{"image": float32 (B, C, *P'), "label":
+    uint8 (B, *P'), "case_id": list[str], "sample_index": int64 (B,) global positions, "foreground": bool (B,)}``
+    where ``P' = patch + 2*margin`` (`P' = patch` when `worker_augment` is given: it resamples and crops here, on
+    CPU).
     """
 
     def __init__(
-        self, store_path: str, sampler: TrainSampler, batch_size: int, worker_augment: DeviceAugment | None = None,
+        self,
+        store_path: str,
+        sampler: TrainSampler,
+        batch_size: int,
+        worker_augment: DeviceAugment | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        stream_base: int = 0,
         pooled_cache_bytes: int = 512 << 20,
     ) -> None:
         self.store = _StoreHandle(store_path)
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.worker_augment = worker_augment
+        self.rank, self.world_size, self.stream_base = int(rank), int(world_size), int(stream_base)
         self.pooled_cache_bytes = int(pooled_cache_bytes)
         self._pooled: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
@@ -102,11 +113,15 @@ class TrainBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:  # effectively infinite; the step sampler decides what is read
         return 2**62
 
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str, bool]:
-        """One sample: image float32 (C, *P'), label uint8 (*P') (flipped views, maybe non-contiguous), case id,
-        whether foreground-centred."""
+    def first_position(self, step: int) -> int:
+        """Global position of the first sample of this rank's batch `step`."""
+        return (self.stream_base + int(step) * self.world_size + self.rank) * self.batch_size
+
+    def sample(self, position: int) -> tuple[np.ndarray, np.ndarray, str, bool]:
+        """The sample at global `position`: image float32 (C, *P'), label uint8 (*P') (flipped views, maybe
+        non-contiguous), case id, whether foreground-centred."""
         store = self.store.get()
-        plan = self.sampler.plan(store, index)
+        plan = self.sampler.plan(store, position)
         if self.sampler.downsample > 1:
             image, label = crop_or_pad(*self._pooled_case(store, plan.case_id), plan.start, plan.size)
         else:
@@ -119,7 +134,7 @@ class TrainBatches(torch.utils.data.Dataset):
         return image, label, plan.case_id, plan.foreground
 
     def __getitem__(self, step: int) -> dict:
-        first = int(step) * self.batch_size
+        first = self.first_position(step)
         image = label = None
         case_ids, fg = [], []
         for j in range(self.batch_size):

@@ -3,13 +3,14 @@
 Typical step (all ranks)::
 
     loader = build_train_loader(cfg.data, rank, world_size, seed, start_step)   # batch s = step s
-    augment = build_device_augment(cfg.data, seed, rank)
+    augment = build_device_augment(cfg.data, seed)
     for batch in loader:
         image, label = augment(batch["image"].to(dev), batch["label"].to(dev), batch["sample_index"])
         target = labels_to_targets(label, cfg.data.target, store.regions)     # (B, K, *patch) float
 
-Resume: pass the number of optimizer-visible loader steps already consumed as `start_step` (or keep
-`TrainLoaderState` in the checkpoint's client state); batch `s` depends only on (seed, rank, s).
+Resume: pass the number of loader batches this rank already consumed as `start_step` (or keep `TrainLoaderState`
+in the checkpoint's client state); batch `s` depends only on (seed, rank, world size, stream base, s). On another
+number of ranks, `stream_base` (global micro-batches drawn before) continues the same global sample stream.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from distseg.data.config import DataConfig
 from distseg.data.datasets import TrainBatches, ValReader, validation_samples
 from distseg.data.sampling import TrainSampler
 from distseg.data.store import Store
+from distseg.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,9 @@ def _train_val_cases(store: Store, cfg: DataConfig) -> tuple[list[str], list[str
 
 
 def worker_init(worker_id: int) -> None:
-    """One decompression/compute thread per loader worker: parallelism comes from the workers themselves."""
+    """One decompression/compute thread per loader worker: parallelism comes from the workers themselves. Stop
+    signals are ignored: the rank finishes its step and shuts its workers down (`distseg.preemption`)."""
+    ignore_stop_signals()
     torch.set_num_threads(1)
     try:
         import zarr
@@ -123,10 +127,13 @@ def _margin(cfg: DataConfig) -> int:
     return cfg.context_margin if cfg.augment.enabled else 0
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, start_step: int = 0) -> TrainLoader:
+def build_train_loader(
+    cfg: DataConfig, rank: int, world_size: int, seed: int, start_step: int = 0, stream_base: int = 0
+) -> TrainLoader:
     """Training batches of `rank`: ``{"image": float32 (B, C, *P'), "label": uint8 (B, *P'), "case_id": list[str],
-    "sample_index": int64 (B,), "foreground": bool (B,)}`` with ``P' = patch_size + 2*context_margin`` when
-    augmenting on the device (`build_device_augment` crops it to `patch_size`), else ``P' = patch_size``."""
+    "sample_index": int64 (B,) global sample positions, "foreground": bool (B,)}`` with ``P' = patch_size +
+    2*context_margin`` when augmenting on the device (`build_device_augment` crops it to `patch_size`), else ``P' =
+    patch_size``. Batch `s` is global micro-batch ``stream_base + s*world_size + rank`` (see `TrainBatches`)."""
     store = open_store(cfg)
     train_cases, _ = _train_val_cases(store, cfg)
     margin = _margin(cfg)
@@ -136,8 +143,6 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, s
         cfg.foreground_fraction,
         tuple(cfg.augment.flip_axes) if cfg.augment.enabled else (),
         seed,
-        rank,
-        world_size,
         margin,
         batch_size=cfg.batch_size,
         fg_cache_bytes=cfg.foreground_cache_mb << 20,
@@ -145,20 +150,21 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, seed: int, s
     )
     worker_aug = None
     if cfg.augment.enabled and not cfg.augment.on_device:
-        worker_aug = DeviceAugment(cfg.augment, cfg.patch_size, margin, seed, rank)
+        worker_aug = DeviceAugment(cfg.augment, cfg.patch_size, margin, seed)
     logger.info(
-        "train loader rank %d/%d: %d cases, mode %s, patch %s (+%d margin), start step %d",
-        rank, world_size, len(train_cases), cfg.mode, tuple(cfg.patch_size), margin, start_step,
+        "train loader rank %d/%d: %d cases, mode %s, patch %s (+%d margin), start step %d, stream base %d",
+        rank, world_size, len(train_cases), cfg.mode, tuple(cfg.patch_size), margin, start_step, stream_base,
     )
-    return TrainLoader(TrainBatches(cfg.store, sampler, cfg.batch_size, worker_aug), cfg, start_step)
+    batches = TrainBatches(cfg.store, sampler, cfg.batch_size, worker_aug, rank, world_size, stream_base)
+    return TrainLoader(batches, cfg, start_step)
 
 
-def build_device_augment(cfg: DataConfig, seed: int, rank: int) -> DeviceAugment:
+def build_device_augment(cfg: DataConfig, seed: int) -> DeviceAugment:
     """The batch transform the trainer applies to every training batch on its device: rotation/scaling +
     intensity augmentation and the margin crop; a no-op when augmentation ran in the workers or is disabled."""
     if cfg.augment.enabled and cfg.augment.on_device:
-        return DeviceAugment(cfg.augment, cfg.patch_size, _margin(cfg), seed, rank)
-    return DeviceAugment(cfg.augment, cfg.patch_size, 0, seed, rank, enabled=False)
+        return DeviceAugment(cfg.augment, cfg.patch_size, _margin(cfg), seed)
+    return DeviceAugment(cfg.augment, cfg.patch_size, 0, seed, enabled=False)
 
 
 def val_patch_size(cfg: DataConfig, store: Store, val_cases: list[str]) -> tuple[int, ...]:

@@ -1,16 +1,18 @@
-"""Where each training sample comes from: a pure function of (seed, rank, sample index).
+"""Where each training sample comes from: a pure function of (seed, global sample position).
 
-Sample `i` of rank `r` (rank-local index; batch `s` holds samples `s*B .. s*B+B-1`) is drawn as:
+The run draws one global stream of samples at positions ``p = 0, 1, 2, ...``; micro-batches are consecutive
+blocks of B positions (global micro-batch ``m`` holds ``m*B .. m*B+B-1``), and the ranks deal the micro-batches
+among themselves (`distseg.data.datasets.TrainBatches`: batch `s` of rank `r` of `W` is global micro-batch
+``base + s*W + r``). Sample `p` is drawn as:
 
-* case: a global shuffle sharded across ranks. Global position ``g = i * world_size + r`` falls in epoch
-  ``g // n_cases``, whose permutation is drawn from ``(seed, epoch)``; every case is seen once per epoch over all
-  ranks, and no two ranks draw the same position.
-* foreground or not (nnU-Net-style oversampling, forced per batch): with batch size B >= 2, the last
-  ``n = round(B * foreground_fraction)`` samples of every batch (at least one when the fraction is > 0) are
-  foreground samples; with B = 1, sample i is one when ``floor((i + 1) * p + phase) > floor(i * p + phase)``
-  (phase drawn from (seed, rank)), so any run of consecutive samples holds the fraction p to within one sample.
-  A foreground sample centres its patch on a stored voxel of a random class present in the case (a case with no
-  foreground falls back to a random patch).
+* case: a global shuffle. Position `p` falls in epoch ``p // n_cases``, whose permutation is drawn from
+  ``(seed, epoch)``; every case is seen once per epoch over all ranks, and no two ranks draw the same position.
+* foreground or not (nnU-Net-style oversampling, forced per micro-batch): with batch size B >= 2, the last
+  ``n = round(B * foreground_fraction)`` samples of every micro-batch (``p % B >= B - n``; at least one when the
+  fraction is > 0) are foreground samples; with B = 1, position p is one when
+  ``floor((p + 1) * f + phase) > floor(p * f + phase)`` (phase drawn from the seed), so any run of consecutive
+  samples holds the fraction f to within one sample. A foreground sample centres its patch on a stored voxel of a
+  random class present in the case (a case with no foreground falls back to a random patch).
 * position (as nnU-Net bounds it): along every axis where the case is at least as long as the patch, the patch
   lies inside the case: random patches start uniformly over all valid starts ``[0, D - P]``, foreground patches
   are centred on their voxel and then clamped into that range (the voxel stays inside). Along an axis where the
@@ -22,8 +24,10 @@ Sample `i` of rank `r` (rank-local index; batch `s` holds samples `s*B .. s*B+B-
   keep the patch `margin` voxels away from every border, so border tissue would be seen less often.)
 * flips: each configured spatial axis flipped with probability 1/2.
 
-Nothing depends on worker ids or on what was drawn before, so resuming at batch `s` (start sample ``s*B``) replays
-exactly the batches an uninterrupted run would have seen, for any number of loader workers.
+Nothing depends on the rank, worker ids or on what was drawn before, so resuming at batch `s` replays exactly the
+batches an uninterrupted run would have seen, for any number of loader workers; and an optimizer step (``accum *
+W`` consecutive micro-batches) holds the same samples, grouped into the same micro-batches, for every rank count
+with the same global batch: a run resumed on another number of ranks continues the same stream (`distseg.elastic`).
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ STREAM_EPOCH = 3
 STREAM_PHASE = 4
 
 
-def sample_rng(seed: int, stream: int, rank: int, index: int) -> np.random.Generator:
-    """The generator for one sample's draws in one stream (independent of everything else in the run)."""
-    return np.random.default_rng([int(seed), int(stream), int(rank), int(index)])
+def sample_rng(seed: int, stream: int, position: int) -> np.random.Generator:
+    """The generator for the draws of the sample at global `position` in one stream (independent of everything
+    else in the run). The key keeps the fixed [seed, stream, 0, position] layout of the epoch permutations."""
+    return np.random.default_rng([int(seed), int(stream), 0, int(position)])
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class SamplePlan:
 
 
 class TrainSampler:
-    """Deterministic per-sample plans over the training cases of a store.
+    """Deterministic plans for global sample positions over the training cases of a store.
 
     `spatial_dims` is 3 (patch (Z, Y, X) read as is) or 2 (patch (Y, X) read as a (1, Y, X) box from one axial
     slice: slices of 3D cases, or the single slice of a Z = 1 image case). `margin` voxels of context are added on
@@ -80,8 +85,6 @@ class TrainSampler:
         foreground_fraction: float,
         flip_axes: tuple[int, ...],
         seed: int,
-        rank: int,
-        world_size: int,
         margin: int = 0,
         batch_size: int = 1,
         fg_cache_bytes: int = 64 << 20,
@@ -94,28 +97,29 @@ class TrainSampler:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.foreground_fraction = float(foreground_fraction)
         self.flip_axes = tuple(a for a in flip_axes if a < self.spatial_dims)
-        self.seed, self.rank, self.world_size, self.margin = int(seed), int(rank), int(world_size), int(margin)
+        self.seed, self.margin = int(seed), int(margin)
         self.batch_size = int(batch_size)
         self.downsample = int(downsample)
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
         self._fg_cache = ForegroundCache(fg_cache_bytes)
-        # B >= 2: the last n of every batch; B = 1: a per-(seed, rank) phase spreads them evenly over samples.
+        # B >= 2: the last n of every micro-batch; B = 1: a per-seed phase spreads them evenly over positions.
         p = self.foreground_fraction
         n = math.floor(self.batch_size * p + 0.5)
         self._fg_per_batch = min(self.batch_size, max(1, n) if p > 0 else 0)
-        self._phase = float(np.random.default_rng([self.seed, STREAM_PHASE, self.rank, 0]).random())
+        self._phase = float(np.random.default_rng([self.seed, STREAM_PHASE, 0, 0]).random())
 
-    def is_foreground(self, index: int) -> bool:
-        """Whether rank-local sample `index` is a (forced) foreground sample: a pure function of (seed, rank, index)."""
+    def is_foreground(self, position: int) -> bool:
+        """Whether the sample at global `position` is a (forced) foreground sample: a pure function of (seed,
+        position); micro-batches are aligned blocks of B positions, so each holds its forced share."""
         if self.batch_size >= 2:
-            return index % self.batch_size >= self.batch_size - self._fg_per_batch
+            return position % self.batch_size >= self.batch_size - self._fg_per_batch
         p = self.foreground_fraction
-        return math.floor((index + 1) * p + self._phase) > math.floor(index * p + self._phase)
+        return math.floor((position + 1) * p + self._phase) > math.floor(position * p + self._phase)
 
-    def case_for(self, index: int) -> str:
-        """The case of rank-local sample `index` (global shuffle, sharded by rank)."""
-        g = int(index) * self.world_size + self.rank
+    def case_for(self, position: int) -> str:
+        """The case of the sample at global `position` (one permutation of the cases per epoch)."""
+        g = int(position)
         n = len(self.case_ids)
         epoch = g // n
         if epoch != self._perm_epoch:
@@ -133,15 +137,15 @@ class TrainSampler:
             self._fg_cache.put(case_id, fg)
         return fg
 
-    def plan(self, store: Store, index: int) -> SamplePlan:
-        """The plan for rank-local sample `index`; reads only cached case metadata from `store`."""
-        case_id = self.case_for(index)
-        rng = sample_rng(self.seed, STREAM_SAMPLE, self.rank, index)
+    def plan(self, store: Store, position: int) -> SamplePlan:
+        """The plan for the sample at global `position`; reads only cached case metadata from `store`."""
+        case_id = self.case_for(position)
+        rng = sample_rng(self.seed, STREAM_SAMPLE, position)
         shape = store.case(case_id).shape[1:]  # (Z, Y, X)
         f = self.downsample
         if f > 1:  # plan in the pooled frame (data.downsample): shape and foreground voxels divided by f
             shape = pooled_shape(shape, f, self.spatial_dims)
-        fg = self._foreground(store, case_id) if self.is_foreground(index) else []
+        fg = self._foreground(store, case_id) if self.is_foreground(position) else []
         if self.spatial_dims == 3:
             patch = self.patch_size
             margin = (self.margin,) * 3

@@ -10,6 +10,11 @@ Layout written by `preprocess` (see `.notes/preprocess.md` for the measured choi
         cases/<case_id>/label          (Z, Y, X) uint8, canonical label values (absent for unlabelled cases)
         cases/<case_id>/foreground     (N, 3) int16 (z, y, x) sampled voxel coords; rows per class in attrs
         .tmp/                          cases being written; renamed into `cases/` only when complete
+        index.json                     every complete case's attrs, written by a preprocessing run that finished
+                                       (removed when the next one starts): one read instead of one per case
+
+Opening a store with an index reads one file; without one (older stores, or a preprocessing run in progress or
+killed) the reader lists `cases/` and reads each case's zarr.json lazily, as before.
 
 Images are stored as the cropped *original* intensities (lossless, compresses far better than normalised floats);
 the z-score is applied here on read: ``(raw - mean[c]) / std[c]`` inside the normalisation mask, 0 outside.
@@ -36,6 +41,10 @@ FORMAT_VERSION: int = 1
 
 CASES_GROUP = "cases"
 TMP_DIR = ".tmp"
+INDEX_FILE = "index.json"
+OMITTED_CHUNKS = "omitted_chunks"
+"""Array attribute: chunk indices the writer left out because they were all fill value. With it, any other
+missing chunk file is damage (an error); arrays from older writers lack it and read missing chunks as fill."""
 
 BRATS_CHANNELS = ["t1", "t1ce", "t2", "flair"]
 BRATS_LABEL_VALUES = {"0": "background", "1": "necrosis", "2": "edema", "3": "enhancing"}
@@ -103,8 +112,11 @@ class _ChunkReader:
     costs ~1/3 of a 4x128^3 patch read (see .notes/preprocess.md); anything else goes through zarr.
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], what: str = "") -> None:
         self.path = path
+        self.what = what or str(path)  # "case 'X' array 'image'", for error messages
+        omitted = meta.get("attributes", {}).get(OMITTED_CHUNKS)
+        self.omitted = None if omitted is None else {tuple(int(i) for i in idx) for idx in omitted}
         self.shape = tuple(meta["shape"])
         self.chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
@@ -153,8 +165,13 @@ class _ChunkReader:
             key = self.prefix + self.sep.join(str(i) for i in cidx)
             try:
                 blob = (self.path / key).read_bytes()
-            except FileNotFoundError:  # chunk never written: all fill value
-                out[tuple(dst)] = self.fill
+            except FileNotFoundError:
+                if self.omitted is not None and tuple(cidx) not in self.omitted:
+                    raise StoreError(
+                        f"{self.what}: chunk file {self.path / key} is missing but the writer wrote it (truncated or "
+                        "damaged store); re-run `python -m preprocess ... --force` for this case"
+                    ) from None
+                out[tuple(dst)] = self.fill  # never written because it was all fill value (or an older writer)
                 continue
             chunk = np.frombuffer(self.decode(blob), dtype=self.dtype).reshape(self.chunks)
             out[tuple(dst)] = chunk[tuple(src)]
@@ -171,8 +188,26 @@ class Store:
         self.channels: list[str] = list(attrs["channels"])
         self.regions: dict[str, list[int]] = {k: list(v) for k, v in attrs["regions"].items()}
         self._case_attrs: dict[str, dict[str, Any]] = {}
+        self._indexed = False
         self._arrays: dict[tuple[str, str], Any] = {}
         self._pid = os.getpid()
+        self._load_index()
+
+    def _load_index(self) -> None:
+        """Take every case's attrs from `index.json` when a finished preprocessing run left one."""
+        try:
+            index = _read_json(self.path / INDEX_FILE)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            logger.warning("%s: unreadable %s (%s); reading each case's metadata instead", self.path, INDEX_FILE, e)
+            return
+        if index.get("format_version") != FORMAT_VERSION or not isinstance(index.get("cases"), dict):
+            logger.warning("%s: %s is not a version-%d case index; reading each case's metadata instead",
+                           self.path, INDEX_FILE, FORMAT_VERSION)
+            return
+        self._case_attrs = dict(index["cases"])
+        self._indexed = True
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are per process; a pickled Store (spawned loader worker) reopens them lazily.
@@ -205,6 +240,8 @@ class Store:
 
     # ---- case listing and metadata -------------------------------------------------------------------------
     def _all_case_ids(self) -> list[str]:
+        if self._indexed:
+            return sorted(self._case_attrs)
         cases_dir = self.path / CASES_GROUP
         if not cases_dir.is_dir():
             return []
@@ -320,7 +357,7 @@ class Store:
             except FileNotFoundError:
                 raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (expected {p})") from None
             if _ChunkReader.supports(meta):
-                arr = _ChunkReader(p, meta)
+                arr = _ChunkReader(p, meta, f"{self.path}: case {case_id!r} array {name!r}")
             else:
                 import zarr  # deferred: keeps `Store.open` cheap
 
@@ -426,6 +463,28 @@ def normalise(raw: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
             if mask is not None:
                 o[c] *= mask
     return out
+
+
+def write_index(store_path: Path) -> int:
+    """Write `<store>/index.json` with every complete case's attrs (atomically); returns the number of cases.
+    Called by the preprocessing driver once all its cases are written (`remove_index` when a run starts)."""
+    cases_dir = store_path / CASES_GROUP
+    cases = {}
+    for cid in sorted(os.listdir(cases_dir)) if cases_dir.is_dir() else []:
+        try:
+            cases[cid] = _read_json(cases_dir / cid / "zarr.json").get("attributes", {})
+        except (FileNotFoundError, NotADirectoryError):  # the group's own zarr.json, or not a complete case
+            continue
+    tmp = store_path / f".{INDEX_FILE}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format_version": FORMAT_VERSION, "cases": cases}, f, separators=(",", ":"))
+    tmp.replace(store_path / INDEX_FILE)
+    return len(cases)
+
+
+def remove_index(store_path: Path) -> None:
+    """Drop the case index before cases change, so readers never trust a stale one."""
+    (store_path / INDEX_FILE).unlink(missing_ok=True)
 
 
 def to_source_convention(label: np.ndarray, convention: str) -> np.ndarray:

@@ -54,7 +54,7 @@ def loader_rate(cfg: DataConfig, batches: int) -> float:
 
 def device_ms_per_patch(cfg: DataConfig, batches: int, device: torch.device) -> float:
     """Milliseconds per patch of the batched device augmentation (spatial + intensity + margin crop)."""
-    aug: DeviceAugment = build_device_augment(cfg, seed=0, rank=0)
+    aug: DeviceAugment = build_device_augment(cfg, seed=0)
     it = iter(build_train_loader(replace(cfg, num_workers=0), rank=0, world_size=1, seed=0))
     data = [next(it) for _ in range(min(batches, 4))]
     data = [(b["image"].to(device), b["label"].to(device), b["sample_index"]) for b in data]

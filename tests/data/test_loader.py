@@ -43,27 +43,27 @@ def test_foreground_oversampling_is_forced_per_batch(brats_store: Path) -> None:
     store = Store.open(brats_store)
     cases = store.case_ids(exclude_folds=[0])
     for batch, p, per_batch in [(2, 0.33, 1), (2, 0.2, 1), (4, 0.33, 1), (5, 0.5, 3), (3, 1.0, 3), (4, 0.0, 0)]:
-        sampler = TrainSampler(cases, (8, 8, 8), p, (), seed=11, rank=1, world_size=2, batch_size=batch)
+        sampler = TrainSampler(cases, (8, 8, 8), p, (), seed=11, batch_size=batch)
         for step in range(50):
             flags = [sampler.is_foreground(step * batch + j) for j in range(batch)]
             assert sum(flags) == per_batch, (batch, p, step, flags)
     for p in (0.33, 0.5, 0.1):
-        sampler = TrainSampler(cases, (8, 8, 8), p, (), seed=3, rank=0, world_size=1, batch_size=1)
+        sampler = TrainSampler(cases, (8, 8, 8), p, (), seed=3, batch_size=1)
         flags = [sampler.is_foreground(i) for i in range(400)]
         for window in (10, 37, 100):  # any consecutive run holds the fraction to within one sample
             counts = [sum(flags[i : i + window]) for i in range(len(flags) - window)]
             assert all(abs(c - p * window) < 1 + 1e-9 for c in counts), (p, window, min(counts), max(counts))
     # pure function of the index: order of calls and a fresh sampler do not matter
-    a = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=5, rank=0, world_size=1, batch_size=1)
-    b = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=5, rank=0, world_size=1, batch_size=1)
+    a = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=5, batch_size=1)
+    b = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=5, batch_size=1)
     assert [a.plan(store, i) for i in range(30)] == [b.plan(store, i) for i in reversed(range(30))][::-1]
 
 
 def test_foreground_samples_contain_their_class(brats_store: Path) -> None:
     store = Store.open(brats_store)
     cases = store.case_ids(exclude_folds=[0])
-    sampler = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=11, rank=0, world_size=1, batch_size=2)
-    random_ = TrainSampler(cases, (8, 8, 8), 0.0, (), seed=11, rank=0, world_size=1, batch_size=2)
+    sampler = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=11, batch_size=2)
+    random_ = TrainSampler(cases, (8, 8, 8), 0.0, (), seed=11, batch_size=2)
     fg_ds, rnd_ds = TrainBatches(str(brats_store), sampler, 2), TrainBatches(str(brats_store), random_, 2)
     with_fg = sum(bool(fg_ds.sample(i)[1].any()) for i in range(100))
     assert all(fg_ds.sample(i)[3] for i in range(20))
@@ -79,7 +79,7 @@ def test_patches_stay_inside_the_case_and_reach_its_borders(brats_store: Path, f
     cid = "case01"  # stored (4, 22, 28, 31)
     shape = store.case(cid).shape[1:]
     patch = (8, 30, 16)  # Y is longer than the case: padded along Y only
-    sampler = TrainSampler([cid], patch, fraction, (), seed=0, rank=0, world_size=1, batch_size=1)
+    sampler = TrainSampler([cid], patch, fraction, (), seed=0, batch_size=1)
     ds = TrainBatches(str(brats_store), sampler, batch_size=1)
     image, label = store.read_case(cid)
     starts = {0: set(), 2: set()}
@@ -105,7 +105,7 @@ def test_patches_stay_inside_the_case_and_reach_its_borders(brats_store: Path, f
 def test_context_margin_surrounds_the_bounded_patch(brats_store: Path) -> None:
     """The margin is read around the in-case patch (zero past the border) and cropped away by the augmentation."""
     store = Store.open(brats_store)
-    sampler = TrainSampler(["case01"], (8, 8, 8), 0.0, (), seed=0, rank=0, world_size=1, margin=3, batch_size=1)
+    sampler = TrainSampler(["case01"], (8, 8, 8), 0.0, (), seed=0, margin=3, batch_size=1)
     shape = store.case("case01").shape[1:]
     seen_border = False
     for i in range(100):
@@ -125,7 +125,7 @@ def test_a_2d_patch_the_size_of_the_image_is_exactly_the_image(brats_store: Path
     shape = store.case(cid).shape[1:]  # (Z, Y, X)
     image, label = store.read_case(cid)
     for fraction in (0.0, 1.0):
-        sampler = TrainSampler([cid], shape[1:], fraction, (), seed=1, rank=0, world_size=1, batch_size=1)
+        sampler = TrainSampler([cid], shape[1:], fraction, (), seed=1, batch_size=1)
         ds = TrainBatches(str(path), sampler, batch_size=1)
         for i in range(10):
             z = sampler.plan(store, i).start[0]
@@ -139,7 +139,7 @@ def test_foreground_cache_keeps_int16_within_its_bound(brats_store: Path) -> Non
     cases = store.case_ids()
     per_case = {c: sum(store.foreground(c, k).shape[0] * 6 for k in (1, 2, 3)) for c in cases}
     bound = sum(sorted(per_case.values())[-2:])  # room for about two cases
-    sampler = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=0, rank=0, world_size=1, batch_size=1,
+    sampler = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=0, batch_size=1,
                            fg_cache_bytes=bound)
     for i in range(3 * len(cases)):
         sampler.plan(store, i)
@@ -148,7 +148,7 @@ def test_foreground_cache_keeps_int16_within_its_bound(brats_store: Path) -> Non
         assert all(a.dtype == np.int16 for v in cache._items.values() for a in v)
     assert 1 <= len(sampler._fg_cache) < len(cases)
     # evicted cases are re-read on demand and give the same plans
-    fresh = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=0, rank=0, world_size=1, batch_size=1)
+    fresh = TrainSampler(cases, (8, 8, 8), 1.0, (), seed=0, batch_size=1)
     assert [sampler.plan(store, i) for i in range(20)] == [fresh.plan(store, i) for i in range(20)]
 
 
@@ -172,7 +172,7 @@ def test_resume_reproduces_uninterrupted_run(brats_store: Path, workers: int) ->
     assert all(_same(x, y) for x, y in zip(full[4:], resumed, strict=True))
     assert resumed_loader.state_dict() == {"next_step": 7}
     # the device augmentation of the resumed batches matches too (draws keyed by sample index)
-    aug = build_device_augment(cfg, seed=3, rank=1)
+    aug = build_device_augment(cfg, seed=3)
     for x, y in zip(full[4:], resumed, strict=True):
         xa, ya = aug(x["image"], x["label"], x["sample_index"]), aug(y["image"], y["label"], y["sample_index"])
         assert torch.equal(xa[0], ya[0]) and torch.equal(xa[1], ya[1])
@@ -190,16 +190,30 @@ def test_global_shuffle_shards_each_epoch(brats_store: Path) -> None:
     """Over one epoch (n_train samples across all ranks) every training case is drawn exactly once."""
     store = Store.open(brats_store)
     cases = store.case_ids(exclude_folds=[0])
+    sampler = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=2)
     for world in (1, 2, 4):
         for epoch in range(2):
             drawn = []
             for r in range(world):
-                sampler = TrainSampler(cases, (8, 8, 8), 0.33, (), seed=2, rank=r, world_size=world)
+                ds = TrainBatches(str(brats_store), sampler, batch_size=1, rank=r, world_size=world)
                 drawn += [
-                    sampler.case_for(i) for i in range(len(cases) * 3)
-                    if epoch * len(cases) <= i * world + r < (epoch + 1) * len(cases)
+                    sampler.case_for(ds.first_position(s)) for s in range(len(cases) * 3)
+                    if epoch * len(cases) <= ds.first_position(s) < (epoch + 1) * len(cases)
                 ]
             assert sorted(drawn) == sorted(cases)
+
+
+def test_the_stream_is_the_same_on_any_rank_count(brats_store: Path) -> None:
+    """Global micro-batch m holds the same samples whichever rank of however many ranks draws it, and a rank count
+    taking over at `stream_base` continues the stream where the previous one stopped (elastic resume)."""
+    cfg = _cfg(brats_store)
+    one = _take(build_train_loader(cfg, rank=0, world_size=1, seed=4), 6)  # micro-batches 0..5
+    two = [_take(build_train_loader(cfg, rank=r, world_size=2, seed=4), 3) for r in range(2)]
+    assert all(_same(one[2 * s + r], two[r][s]) for s in range(3) for r in range(2))
+    # 2 ranks drew 2 batches each (micro-batches 0..3); 3 ranks continue at micro-batch 4
+    three = [_take(build_train_loader(cfg, rank=r, world_size=3, seed=4, stream_base=4), 1)[0] for r in range(3)]
+    assert _same(three[0], one[4]) and _same(three[1], one[5])
+    assert three[2]["sample_index"].tolist() == [12, 13]
 
 
 def test_workers_open_their_own_store(brats_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

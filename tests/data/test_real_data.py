@@ -19,7 +19,7 @@ def test_real_patches_targets_and_validation(real_brats_store: Path) -> None:
     folds = sorted({store.case(c).fold for c in store.case_ids()})
     cfg = DataConfig(store=str(real_brats_store), patch_size=(32, 32, 32), batch_size=3, foreground_fraction=0.5,
                      val_folds=(folds[0],), num_workers=0, context_margin=4)
-    aug = build_device_augment(cfg, seed=0, rank=0)
+    aug = build_device_augment(cfg, seed=0)
     fg_hits = 0
     for batch in itertools.islice(build_train_loader(cfg, 0, 1, seed=0), 4):
         assert batch["image"].shape == (3, 4, 40, 40, 40)

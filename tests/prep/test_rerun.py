@@ -55,7 +55,9 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_redone(brats_src, tmp_path, r
     assert run_cli(*args) == 0
     store_path = dst / "k.zarr"
     victim = Store.open(store_path).case_ids()[0]
-    # Simulate a run killed mid-write: debris in .tmp/, and an incomplete case dir (no group metadata).
+    # Simulate a run killed mid-write: it removed the case index when it started (store.remove_index), then left
+    # debris in .tmp/ and an incomplete case dir (no group metadata).
+    (store_path / "index.json").unlink()
     (store_path / ".tmp" / f"{victim}.deadbeef" / "image").mkdir(parents=True)
     (store_path / ".tmp" / f"{victim}.deadbeef" / "image" / "c").write_bytes(b"partial")
     (store_path / "cases" / victim / "zarr.json").unlink()
@@ -65,6 +67,7 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_redone(brats_src, tmp_path, r
     rows = manifest(dst / "k.manifest.parquet")
     assert rows[victim]["status"] == "ok"
     assert os.listdir(store_path / ".tmp") == []
+    assert (store_path / "index.json").is_file()  # the finished rerun indexed the store again
     s = Store.open(store_path)
     assert victim in s.case_ids()
     image, label = s.read_case(victim)

@@ -194,3 +194,54 @@ def test_both_codecs_store_the_same_data(store_path, brats_src, tmp_path, run_cl
         (ia, la), (ib, lb) = a.read_case(case_id), b.read_case(case_id)
         np.testing.assert_array_equal(ia, ib)
         np.testing.assert_array_equal(la, lb)
+
+
+def test_a_lost_chunk_file_is_an_error_naming_the_case_but_an_omitted_one_reads_as_zeros(store_path):
+    s = Store.open(store_path)
+    cid = s.case_ids()[0]
+    label_dir = store_path / "cases" / cid / "label"
+    omitted = json.loads((label_dir / "zarr.json").read_text())["attributes"]["omitted_chunks"]
+    written = sorted(p.name for p in label_dir.glob("c.*"))
+    assert written, "the synthetic case has tumour, so some label chunks are written"
+    image, label = Store.open(store_path).read_case(cid)  # every omitted chunk reads as zeros
+    chunks = json.loads((label_dir / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"]
+    for idx in omitted:
+        box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks, strict=True))
+        assert not label[box].any()
+    assert len(omitted) + len(written) == int(np.prod([-(-n // c) for n, c in zip(label.shape, chunks,
+                                                                                   strict=True)]))
+
+    (label_dir / written[0]).unlink()  # truncated store: a chunk the writer wrote is gone
+    with pytest.raises(StoreError, match=rf"case '{cid}' array 'label': chunk file .*{written[0]} is missing"):
+        Store.open(store_path).read_case(cid)
+    image_dir = store_path / "cases" / cid / "image"
+    next(image_dir.glob("c.*")).unlink()
+    with pytest.raises(StoreError, match=rf"case '{cid}' array 'image'"):
+        Store.open(store_path).read_patch(cid, (0, 0, 0), tuple(image.shape[1:]))
+
+    # an array from an older writer (no omitted_chunks attribute) keeps reading missing chunks as zeros
+    meta = json.loads((label_dir / "zarr.json").read_text())
+    del meta["attributes"]["omitted_chunks"]
+    (label_dir / "zarr.json").write_text(json.dumps(meta))
+    assert Store.open(store_path).read_patch(cid, (0, 0, 0), (4, 4, 4))[1] is not None
+
+
+def test_the_case_index_replaces_reading_every_case(store_path):
+    """A finished preprocessing run leaves index.json; readers then never open a case's zarr.json for metadata."""
+    index = json.loads((store_path / "index.json").read_text())
+    listed = sorted(p.name for p in (store_path / "cases").iterdir() if (p / "zarr.json").is_file())
+    assert sorted(index["cases"]) == listed and index["format_version"] == FORMAT_VERSION
+    fresh = Store.open(store_path)
+    before = {c: fresh.case(c).attrs for c in fresh.case_ids()}
+    for cid in listed:  # make every case's own metadata unreadable: the index alone must serve
+        (store_path / "cases" / cid / "zarr.json").write_text("{not json")
+    s = Store.open(store_path)
+    assert s.case_ids() == listed and s.case_ids(folds=[0]) == fresh.case_ids(folds=[0])
+    assert {c: s.case(c).attrs for c in listed} == before
+    assert s.read_patch(listed[0], (0, 0, 0), (8, 8, 8))[0].shape == (4, 8, 8, 8)
+    # without the index (a preprocessing run has started) the reader goes back to each case's own file
+    from distseg.data.store import remove_index
+
+    remove_index(store_path)
+    with pytest.raises(ValueError):
+        Store.open(store_path).case_ids()

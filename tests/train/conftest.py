@@ -114,6 +114,30 @@ def _first_last_mean(values: list[tuple[int, float]], k: int = 3) -> tuple[float
     return sum(ordered[:k]) / k, sum(ordered[-k:]) / k
 
 
+def kill_leftovers(marker: str) -> list[str]:
+    """SIGKILL every process whose command line mentions `marker` (a test's tmp_path): what a test started but
+    could not reach by process group, e.g. jobs under launch/supervise.py (their own group). Returns what it hit."""
+    import psutil
+
+    hit = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
+                hit.append(" ".join(p.info["cmdline"])[:120])
+                p.kill()
+        except psutil.Error:
+            continue
+    return hit
+
+
+@pytest.fixture
+def no_leftovers(tmp_path):
+    """After the test (passed or failed), no process of it may still run; kill any and fail if there were."""
+    yield
+    left = kill_leftovers(str(tmp_path))
+    assert not left, f"processes left running by the test (killed now): {left}"
+
+
 class Runner:
     """Helpers handed to tests through the `runner` fixture (tests/ directories are not importable packages)."""
 

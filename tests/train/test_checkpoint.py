@@ -68,15 +68,23 @@ def test_a_dice_from_another_step_never_makes_a_checkpoint_best(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000008"]
 
 
-def test_world_size_mismatch_says_how_to_continue(tmp_path: Path):
-    tag_dir = fake_tag(tmp_path, 4, 0.5)
+def test_another_rank_count_keeps_the_global_batch_or_says_what_would(tmp_path: Path):
+    from distseg import elastic
+
+    tag_dir = fake_tag(tmp_path, 4, 0.5)  # 2 ranks; its trainer_state.json has no config: the marker must say
     marker = checkpoint.read_marker(tag_dir)
-    checkpoint.check_world_size(marker, tag_dir, 2)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot tell the saved batch layout"):
+        elastic.saved_layout(tag_dir, marker)
+    saved = elastic.saved_layout(tag_dir, {**marker, "grad_accum": 3, "batch_size": 2, "zero_stage": 2})
+    assert saved.global_batch == 12
+    assert [elastic.grad_accum_for(saved, w, 2, tag_dir) for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    assert elastic.grad_accum_for(saved, 4, 1, tag_dir) == 3  # a smaller micro-batch works too
     with pytest.raises(checkpoint.CheckpointError) as err:
-        checkpoint.check_world_size(marker, tag_dir, 3)
+        elastic.grad_accum_for(saved, 4, 2, tag_dir)
     msg = str(err.value)
-    assert "written by 2 ranks but this run has 3" in msg
-    assert "--num_gpus 2" in msg and "python -m distseg.checkpoint export" in msg and "model.init_weights" in msg
+    assert "global batch of 12 samples (2 ranks x train.grad_accum=3 x data.batch_size=2)" in msg
+    assert "a rank count in [1, 2, 3, 6] with data.batch_size=2" in msg and "data.batch_size in [1, 3]" in msg
+    assert "python -m distseg.checkpoint export" in msg and "model.init_weights" in msg
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):
@@ -88,3 +96,41 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):
     checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def _plan_on_rank(rank: int, port: int, dirs: list[str], out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as torch_dist
+
+    from distseg import elastic
+    from distseg.config import ExperimentConfig
+
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    plan = elastic.plan_resume(Path(dirs[rank]), ExperimentConfig(), 2)
+    Path(out, f"rank{rank}.json").write_text(json.dumps([plan.tag, plan.saved.world_size]))
+    torch_dist.destroy_process_group()
+
+
+def test_every_rank_resumes_the_tag_rank_0_chose(tmp_path: Path):
+    """Rank 1 sees a newer complete tag than rank 0 (as NFS attribute caching can show after a killed save):
+    both must load rank 0's choice, never a mix of steps."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    seen_by = [tmp_path / "rank0_view", tmp_path / "rank1_view"]
+    for view in seen_by:
+        fake_tag(view, 4, 0.5)
+    fake_tag(seen_by[1], 8, 0.6)
+    for view in seen_by:
+        for tag_dir in view.glob("step_*"):
+            marker = json.loads((tag_dir / checkpoint.MARKER).read_text())
+            marker.update(grad_accum=1, batch_size=2, zero_stage=2)
+            (tag_dir / checkpoint.MARKER).write_text(json.dumps(marker))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_plan_on_rank, args=(port, [str(v) for v in seen_by], str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [["step_00000004", 2]] * 2

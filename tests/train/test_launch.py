@@ -121,7 +121,7 @@ def test_exact_resume_after_sigkill_ignores_an_interrupted_save(runner, brats_st
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
     out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, common(brats_store, tmp_path, "resumed", *args))))
-    assert "resumed from checkpoint step_00000004 (step 4)" in out
+    assert "resumed from checkpoint step_00000004 (step 4, written by 2 ranks)" in out
     assert not debris.exists(), "the incomplete tag should be pruned once a newer checkpoint is complete"
 
     a, b = fp32_weights(ref_ckpt, "step_00000008"), fp32_weights(ckpt, "step_00000008")
@@ -148,7 +148,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_keeping_the_last_good_checkpoint
     assert last < first, f"ZeRO-3 bf16 loss did not fall: {first:.4f} -> {last:.4f}"
 
 
-def test_two_simulated_nodes_train_together_and_a_one_rank_restart_is_refused(runner, brats_store, tmp_path):
+def test_two_simulated_nodes_train_together_and_a_one_rank_restart_resumes(runner, brats_store, tmp_path):
     """`deepspeed --hostfile H --no_ssh --node_rank R` twice on this machine = a 2-node job (ZeRO-2 fp32)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -179,15 +179,20 @@ def test_two_simulated_nodes_train_together_and_a_one_rank_restart_is_refused(ru
     first, last = runner.first_last_mean(read_events(tmp_path / "runs" / "nodes" / "tb")["train/loss"])
     assert last < first, f"ZeRO-2 fp32 loss did not fall: {first:.4f} -> {last:.4f}"
 
-    # restarting this 2-rank run as 1 rank is refused before distributed init, saying how to carry on
-    res = runner.run(runner.single_cmd(DEBUG, [*overrides, "train.steps=12"]))
-    assert res.returncode == 2
-    assert "was written by 2 ranks but this run has 1" in res.stdout
-    assert "zero_to_fp32" in res.stdout and "--num_gpus 2" in res.stdout
+    # restarting this 2-rank run as 1 rank resumes it (universal checkpoint, accumulation doubled)
+    out = runner.ok(runner.run(runner.single_cmd(DEBUG, [*overrides, "train.steps=10"])))
+    assert "resumed from checkpoint step_00000008 (step 8, written by 2 ranks, universal format)" in out
+    assert "train.grad_accum 1 -> 2 keeps the global batch of 4 samples" in out
+    done = markers(tmp_path / "runs" / "nodes" / "checkpoints")
+    assert done["step_00000010"]["world_size"] == 1 and done["step_00000010"]["grad_accum"] == 2
+    # a rank count that cannot keep the global batch is refused before distributed init, naming what would
+    res = runner.run(runner.launcher_cmd(DEBUG, [*overrides, "train.steps=12"], num_gpus=3))
+    assert res.returncode != 0
+    assert "a rank count in [1, 2] with data.batch_size=2" in res.stdout
+    # exporting the weights of a checkpoint for a NEW run still works
+    tag_dir = tmp_path / "runs" / "nodes" / "checkpoints" / "step_00000008"
     # ...and the way out it names works: consolidate the shards, start a 1-rank run from those weights
     weights = tmp_path / "export" / "weights.pt"
-    tag_dir = tmp_path / "runs" / "nodes" / "checkpoints" / "step_00000008"
-    assert f"python -m distseg.checkpoint export {tag_dir}" in res.stdout
     runner.ok(runner.run([sys.executable, "-m", "distseg.checkpoint", "export", str(tag_dir), str(weights)]))
     init = [*overrides, "run.name=from_nodes", f"model.init_weights={weights}", "train.steps=2",
             "train.val_every=0", "checkpoint.every=0"]

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "## With the connected-component postprocessing chosen on the same cases", "",
                   "(chosen and scored on the same held-out cases, so optimistic; shown for reference)", "", post_table]
     lines += ["", "## Runs", ""]
-    keys = ("step", "planned_steps", "max_minutes", "train_seconds", "seconds_per_step", "world_size")
+    keys = ("step", "elapsed_s", "seconds_per_step", "world_size", "val_dice", "budget")
     for name, s in summaries.items():
         lines.append(f"- {name}: {json.dumps({k: s[k] for k in keys if k in s})}")
     lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in timings.items()]

@@ -97,7 +97,7 @@ def _meta(model: LoadedModel, store: Store, folds: Sequence[int] | None, regions
     minutes = None
     if run and (Path(run) / "summary.json").is_file():
         summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
-        seconds = summary.get("train_seconds") or summary.get("elapsed_seconds")
+        seconds = summary.get("elapsed_s")  # training-loop seconds over every run of the job (distseg.trainer)
         minutes = float(seconds) / 60.0 if seconds else None
     info = ModelInfo(name=model.config.model.name, parameters=model.parameters, run=run, tag=model.meta.get("tag"),
                      training_minutes=minutes)

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: venv demo test lint bench gpu-check clean
+.PHONY: venv demo test lint bench gpu-check reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,9 +33,14 @@ bench: venv
 	$(PY) tests/benchmarks/bench_train.py
 	$(PY) tests/benchmarks/bench_inference.py
 
+# The results tables on the shared real data (../shared/data): convert, train the budget configs, evaluate (~1 h on
+# 2 cores). Output: reproduce_out/results.md.
+reproduce: venv
+	$(PY) -m launch.reproduce
+
 # GPU benchmarks (inference, training step, models) on one CUDA GPU; says so and exits 0 without one.
 gpu-check: venv
 	$(PY) tests/benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo_out
+	rm -rf $(VENV) .pytest_cache demo_out reproduce_out

@@ -319,7 +319,7 @@ def test_a_resumed_budget_run_spends_only_what_is_left_on_the_same_schedule(runn
     shutil.rmtree(run_dir / "tb")  # keep only the rerun's events (the killed run logged steps past 10 too)
 
     out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, common(brats_store, tmp_path, "resumed", *BUDGET))))
-    assert "resumed from checkpoint step_00000010 (step 10)" in out
+    assert "resumed from checkpoint step_00000010 (step 10," in out
     summary = budget_checks(run_dir)  # the total over both runs stays within the budget
     assert summary["resumed_from"] == "step_00000010"
     # the schedule continued unchanged: until the rerun has timed its own steps (2 warm-up + 3), its updates use

@@ -159,22 +159,18 @@ def checkpoint_identity(run_dir: Path) -> dict[str, Any]:
     return {"checkpoint": str(tag_dir), "saved": marker.get("time")}
 
 
-def held_out_case(manifest: Path, kind: str, folds: list[int]) -> tuple[str, Path]:
-    """The first (by id) converted case of the held-out folds and its raw input: the BraTS case folder, or the image
-    file of a 2D case."""
-    import pyarrow.parquet as pq
+def held_out_case(store_path: Path, folds: list[int]) -> tuple[str, Path]:
+    """The first (by id) labelled case of the held-out folds and the raw input it was converted from: the BraTS
+    case folder, or the image file of a 2D case (both recorded in the store's case attributes)."""
+    from distseg.data.store import Store
 
-    rows = pq.read_table(manifest, columns=["case_id", "status", "source", "fold"]).to_pylist()
-    held = sorted((r["case_id"], r["source"]) for r in rows if r["status"] != "failed" and r["fold"] in folds)
+    store = Store.open(store_path)
+    held = store.case_ids(folds=folds, labelled_only=True)
     if not held:
-        raise SystemExit(f"demo: {manifest}: no converted case in the held-out folds {folds}; expected some")
-    case_id, source = held[0]
-    if kind == "brats":
-        return case_id, Path(source)
-    images = sorted(Path(source).glob(f"{case_id}.*"))
-    if not images:
-        raise SystemExit(f"demo: {source}: no image file for case {case_id}; expected {case_id}.png there")
-    return case_id, images[0]
+        raise SystemExit(f"demo: {store_path}: no labelled case in the held-out folds {folds}; expected some")
+    attrs = store.case_attrs(held[0])
+    source = Path(attrs["source_dir"])
+    return held[0], source / attrs["source_image"] if "source_image" in attrs else source
 
 
 def prediction_files(pred_dir: Path, kind: str, case_id: str) -> dict[str, Path]:
@@ -285,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
               train(cfg, config, overrides, args.ranks, env)]
     eval_dir, pred_dir = out / "evaluation", out / "prediction"
     stages.append(evaluate(run_dir, store, folds, eval_dir, state, env))
-    case_id, case_input = held_out_case(stores / f"{demo.store_name}.manifest.parquet", demo.kind, folds)
+    case_id, case_input = held_out_case(store, folds)
     files = prediction_files(pred_dir, demo.kind, case_id)
     stages.append(predict(run_dir, case_input, files, pred_dir, state, env))
 

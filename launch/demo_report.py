@@ -30,25 +30,34 @@ class StageResult:
         return asdict(self)
 
 
-def held_out_metrics(eval_dir: Path) -> dict[str, Any]:
-    """Per-region Dice and HD95 (mean, std over cases) from the evaluator's summary.json / evaluation.json."""
-    summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
-    meta = json.loads((eval_dir / "evaluation.json").read_text(encoding="utf-8"))
+def _dice_hd95(summary_json: Path) -> dict[str, dict[str, float]]:
+    """{region: {dice, dice_std, hd95, hd95_std}} from an evaluator's summary.json (statistics over cases)."""
     regions: dict[str, dict[str, float]] = {}
-    for row in summary["cases"]:
+    for row in json.loads(summary_json.read_text(encoding="utf-8"))["cases"]:
         if row["metric"] in ("dice", "hd95"):
             regions.setdefault(row["region"], {})[row["metric"]] = row["mean"]
             regions[row["region"]][f"{row['metric']}_std"] = row["std"]
-    post = eval_dir / "postprocessing.json"
+    return regions
+
+
+def held_out_metrics(eval_dir: Path) -> dict[str, Any]:
+    """Per-region Dice and HD95 (mean, std over cases) from the evaluator's files, without and (when a rule was
+    chosen) with the connected-component postprocessing that `launch/predict.py --postprocess` applies."""
+    summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
+    meta = json.loads((eval_dir / "evaluation.json").read_text(encoding="utf-8"))
     rules: dict[str, str] = {}
+    post = eval_dir / "postprocessing.json"  # rewritten by every evaluation, so never stale
     if post.is_file():
         from distseg.inference import Postprocessing
 
         chosen = Postprocessing.from_dict(json.loads(post.read_text(encoding="utf-8"))["rules"])
         rules = {region: rule.describe() for region, rule in chosen.rules.items()}
-    return {"regions": regions, "n_cases": summary["n_cases"], "n_failed": summary["n_failed"],
-            "hd95_unit": meta.get("hd95_unit", "mm"), "folds": meta.get("sources", {}).get("folds"),
-            "postprocessing": rules}
+    # The postprocessed scores exist only when a rule was chosen; an older folder's would be stale otherwise.
+    post_summary = eval_dir / "postprocessed" / "summary.json"
+    return {"regions": _dice_hd95(eval_dir / "summary.json"), "n_cases": summary["n_cases"],
+            "n_failed": summary["n_failed"], "hd95_unit": meta.get("hd95_unit", "mm"),
+            "folds": meta.get("sources", {}).get("folds"), "postprocessing": rules,
+            "postprocessed": _dice_hd95(post_summary) if rules and post_summary.is_file() else {}}
 
 
 def write_summary(path: Path, report: dict[str, Any]) -> None:
@@ -76,6 +85,14 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _metric_rows(regions: dict[str, dict[str, float]]) -> list[str]:
+    rows = []
+    for region, m in regions.items():
+        dice = f"{_num(m.get('dice'), '.3f')} ({_num(m.get('dice_std'), '.3f')})"
+        rows.append(f"    {region:<8} {dice:<16} {_num(m.get('hd95'), '.2f')} ({_num(m.get('hd95_std'), '.2f')})")
+    return rows
+
+
 def summary_text(report: dict[str, Any], make_target: str) -> str:
     """The block printed at the end of the demo (paths relative to the working directory where possible)."""
     paths = report["paths"]
@@ -86,17 +103,14 @@ def summary_text(report: dict[str, Any], make_target: str) -> str:
         status = "skipped" if s["skipped"] else "ran"
         note = s["note"].replace(paths["out"], _short(paths["out"]))
         lines.append(f"  {s['name']:<14} {s['seconds']:>7.1f}  {status:<7}  {note}")
-    unit = ev["hd95_unit"]
     lines += ["", f"  Held-out cases (folds {ev['folds']}, {ev['n_cases']} cases, {ev['n_failed']} failed), scored "
                   "whole by launch/evaluate.py; mean (std) over cases:",
-              f"    {'region':<8} {'Dice':<16} HD95 ({unit})"]
-    for region, m in ev["regions"].items():
-        dice = f"{_num(m.get('dice'), '.3f')} ({_num(m.get('dice_std'), '.3f')})"
-        lines.append(f"    {region:<8} {dice:<16} {_num(m.get('hd95'), '.2f')} ({_num(m.get('hd95_std'), '.2f')})")
+              f"    {'region':<8} {'Dice':<16} HD95 ({ev['hd95_unit']})", *_metric_rows(ev["regions"])]
     rules = ev.get("postprocessing") or {}
     if rules:
-        lines.append(f"    postprocessing chosen on these cases (applied by predict.py --postprocess): "
-                     f"{', '.join(f'{k}: {v}' for k, v in rules.items())}")
+        chosen = "; ".join(f"{k}: {v}" for k, v in rules.items())
+        lines.append(f"  With the postprocessing chosen on them ({chosen}; what launch/predict.py --postprocess does):")
+        lines += _metric_rows(ev.get("postprocessed") or {})
     evaluation = Path(paths["evaluation"])
     checkpoint = Path(report["checkpoint"]).name
     first = "nifti" if "nifti" in paths else "mask"

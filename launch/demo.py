@@ -263,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("demo: expected --cases >= 2 and --ranks >= 1")
     raw, stores = out / "raw", out / "stores"
     store = stores / f"{demo.store_name}.zarr"
-    out.mkdir(parents=True, exist_ok=True)
     env = _env()
     state = DemoState(out / STATE_FILE)
     t0 = time.perf_counter()
@@ -275,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, overrides)
     except ConfigError as e:
         raise SystemExit(f"demo: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)
     folds = list(cfg.data.val_folds)
     run_dir = cfg.run_dir
     stages = [synthesise(demo, raw, n_cases, state, env), preprocess(demo, raw, stores, env),

@@ -1,11 +1,11 @@
-# Two set-up commands (see README): `make demo` and `make test`. Each creates .venv when missing.
+# Two set-up commands (see README): `make demo` (or `make demo2d`) and `make test`. Each creates .venv when missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Single-machine Ray and gloo stay on loopback.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: venv demo test lint bench gpu-check reproduce clean
+.PHONY: venv demo demo2d test lint bench gpu-check reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m launch.demo
+
+demo2d: venv
+	$(PY) -m launch.demo --kind images2d
 
 test: venv
 	$(PY) -m ruff check .
@@ -43,4 +46,4 @@ gpu-check: venv
 	$(PY) tests/benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo_out reproduce_out
+	rm -rf $(VENV) .pytest_cache demo_out demo2d_out reproduce_out

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="", help="comma list of config names (default: every budget config)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks per training run")
     p.add_argument("--skip-train", action="store_true", help="evaluate the runs already in --out")
+    p.add_argument("--tta", choices=("none", "mirror"), default="none",
+                   help="test-time augmentation of the evaluation (mirror: every flip, as nnU-Net); with mirror the "
+                        "evaluations go to <out>/eval-mirror and the tables to <out>/results-mirror.md")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = p.parse_args(argv)
     data, out = args.data.resolve(), args.out.resolve()
@@ -141,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                  logs / f"train_{name}.log")
             timings[f"train {name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        eval_dir = out / "eval" / name
-        _run([py, "launch/evaluate.py", "--model", str(run_dir), "--store", str(store), "--output", str(eval_dir)],
-             env, logs / f"evaluate_{name}.log")
+        eval_dir = out / ("eval" if args.tta == "none" else f"eval-{args.tta}") / name
+        _run([py, "launch/evaluate.py", "--model", str(run_dir), "--store", str(store), "--output", str(eval_dir),
+              "--tta", args.tta], env, logs / f"evaluate_{name}.log")
         timings[f"evaluate {name}"] = time.perf_counter() - t0
         evals.append(eval_dir)
     table = subprocess.run([py, "launch/evaluate.py", "compare", *map(str, evals)], cwd=REPO, env=env,
@@ -162,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python -m launch.reproduce {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         "Held out (never trained on): BraTS fold 2 of 4 (4 cases), LGG fold 0 of 4 (3 patients, every slice).",
-        "Whole cases / whole slices, sliding window, no test-time augmentation; metrics in the source grid.",
+        "Whole cases / whole slices, sliding window, "
+        + ("no test-time augmentation" if args.tta == "none" else "mirror test-time augmentation (every flip)")
+        + "; metrics in the source grid.",
         "",
         table,
     ]
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summaries.items():
         lines.append(f"- {name}: {json.dumps({k: s[k] for k in keys if k in s})}")
     lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in timings.items()]
-    results = out / "results.md"
+    results = out / ("results.md" if args.tta == "none" else f"results-{args.tta}.md")
     results.write_text("\n".join(lines) + "\n", encoding="utf-8")
     sys.stdout.write("\n".join(lines) + "\n")
     logger.info("wrote %s", results)

@@ -364,7 +364,10 @@ def write_evaluation(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, met
     summary = summarise(rows, meta.regions)
     subject_summary = summarise(subjects, meta.regions, SUBJECT_METRICS) if subjects else []
     n_subjects = len({r["subject"] for r in subjects})
-    markdown = summary_markdown(meta, summary, subject_summary, failed, n_subjects)
+    # The per-subject table repeats the per-case one when every subject is one case (BraTS); show it only when
+    # some subject stacks several cases (2D slices of a patient, BraTS 2023 timepoints). The files keep it anyway.
+    stacked = any(r["n_cases"] > 1 for r in subjects)
+    markdown = summary_markdown(meta, summary, subject_summary if stacked else [], failed, n_subjects)
     files = write_table(rows, case_schema(), out_dir, "metrics")
     if subjects:
         files += write_table(subjects, subject_schema(), out_dir, "subjects")

@@ -243,3 +243,12 @@ def test_boxplot_png_decodes_from_bytes(tmp_path: Path, rng: np.random.Generator
     data = (tmp_path / "boxplot_hd95.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert np.asarray(Image.open(io.BytesIO(data))).ndim == 3
+
+
+def test_summary_skips_the_subject_table_when_each_subject_is_one_case(tmp_path: Path,
+                                                                       rng: np.random.Generator) -> None:
+    cases = [ScoredCase(f"s{i}", rng.random((1, 6, 6)) < 0.4, rng.random((1, 6, 6)) < 0.4, None,
+                        subject=f"patient{i}") for i in range(3)]
+    result = evaluate_arrays(cases, tmp_path, EvaluationMeta(kind="images2d", regions=["tumour"], hd95_unit="px"))
+    assert "## Per subject" not in result.markdown  # it would repeat the per-case table
+    assert len(pq.read_table(tmp_path / "subjects.parquet").to_pylist()) == 3  # the file is still written

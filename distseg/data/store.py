@@ -24,6 +24,7 @@ its own (zarr array handles are cached per process id, so an inherited object is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -465,9 +466,15 @@ def normalise(raw: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
     return out
 
 
+PREVIOUS_INDEX = ".index.json.previous"
+"""Where `remove_index` parks the index during a preprocessing run (readers never open it)."""
+
+
 def write_index(store_path: Path) -> int:
     """Write `<store>/index.json` with every complete case's attrs (atomically); returns the number of cases.
-    Called by the preprocessing driver once all its cases are written (`remove_index` when a run starts)."""
+    Called by the preprocessing driver once all its cases are written (`remove_index` when a run starts). When the
+    content equals the index parked by `remove_index` (a rerun that changed nothing), that file is put back as it
+    was, so an unchanged store stays byte- and timestamp-identical."""
     cases_dir = store_path / CASES_GROUP
     cases = {}
     for cid in sorted(os.listdir(cases_dir)) if cases_dir.is_dir() else []:
@@ -475,16 +482,27 @@ def write_index(store_path: Path) -> int:
             cases[cid] = _read_json(cases_dir / cid / "zarr.json").get("attributes", {})
         except (FileNotFoundError, NotADirectoryError):  # the group's own zarr.json, or not a complete case
             continue
+    data = json.dumps({"format_version": FORMAT_VERSION, "cases": cases}, separators=(",", ":")).encode("utf-8")
+    previous = store_path / PREVIOUS_INDEX
+    try:
+        if previous.read_bytes() == data:
+            previous.replace(store_path / INDEX_FILE)
+            return len(cases)
+    except FileNotFoundError:
+        pass
     tmp = store_path / f".{INDEX_FILE}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format_version": FORMAT_VERSION, "cases": cases}, f, separators=(",", ":"))
+    with open(tmp, "wb") as f:
+        f.write(data)
     tmp.replace(store_path / INDEX_FILE)
+    previous.unlink(missing_ok=True)
     return len(cases)
 
 
 def remove_index(store_path: Path) -> None:
-    """Drop the case index before cases change, so readers never trust a stale one."""
-    (store_path / INDEX_FILE).unlink(missing_ok=True)
+    """Take the case index away before cases change, so readers never trust a stale one (it is parked under
+    `PREVIOUS_INDEX` for `write_index` to compare with)."""
+    with contextlib.suppress(FileNotFoundError):
+        (store_path / INDEX_FILE).replace(store_path / PREVIOUS_INDEX)
 
 
 def to_source_convention(label: np.ndarray, convention: str) -> np.ndarray:

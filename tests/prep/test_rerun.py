@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from distseg.data.store import Store
+from distseg.data.store import PREVIOUS_INDEX, Store
 from preprocess.common import fold_of
 
 
@@ -44,9 +44,15 @@ def test_rerun_skips_unchanged_and_redoes_changed(brats_src, tmp_path, run_cli, 
             assert _mtimes(store_path / "cases" / cid) == before[cid]  # data untouched
     _, label = Store.open(store_path).read_case(changed)
     assert not (label == 2).any()  # the new content is what readers see
+    index = store_path / "index.json"
+    index_before = (index.read_bytes(), index.stat().st_mtime_ns)
     # The third run does not even re-hash the touched case: its new mtime was recorded.
     assert run_cli(*args) == 0
     assert {r["status"] for r in manifest(dst / "r.manifest.parquet").values()} == {"skipped"}
+    # Nothing changed, so the case index is the same file, untouched (a rerun redoes nothing), and nothing is left
+    # parked beside it.
+    assert (index.read_bytes(), index.stat().st_mtime_ns) == index_before
+    assert not (store_path / PREVIOUS_INDEX).exists()
 
 
 def test_leftovers_of_a_killed_run_are_cleaned_and_redone(brats_src, tmp_path, run_cli, manifest):

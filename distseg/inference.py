@@ -186,11 +186,13 @@ def sliding_window(
             y = torch.flip(y, dims) if dims else y
             logits = y if logits is None else logits + y
         assert logits is not None
-        logits = (logits / len(flip_sets)).to(acc_device)
+        if len(flip_sets) > 1:
+            logits = logits / len(flip_sets)
+        logits = logits.to(acc_device)
         if out is None:
             out = torch.zeros((logits.shape[1], *spatial), dtype=torch.float32, device=acc_device)
         for k, box in enumerate(boxes):
-            out[(slice(None), *box)] += logits[k] * weight
+            out[(slice(None), *box)].addcmul_(logits[k], weight)  # in place: no (K, *window) temporary
             norm[box] += weight
     assert out is not None
     out /= norm

@@ -342,9 +342,13 @@ class Predictor:
             raise ValueError(f"image has {image.shape[0]} channels; the model expects {self.io.in_channels} "
                              f"({', '.join(self.io.channels)})")
         predict = window_predictor(self._forward(), self.io.mode)
-        return case_logits(predict, torch.as_tensor(image), self.sw, self.io.downsample,
-                           3 if self.io.mode == "patch3d" else 2, device=self.device,
-                           accumulate_device=self.accumulate_device, autocast_dtype=self.autocast)
+        # inference_mode (a plain module here, never a training engine): no autograd bookkeeping at all, as MONAI's
+        # inferers are used; the result is cloned outside it so callers get an ordinary tensor.
+        with torch.inference_mode():
+            out = case_logits(predict, torch.as_tensor(image), self.sw, self.io.downsample,
+                              3 if self.io.mode == "patch3d" else 2, device=self.device,
+                              accumulate_device=self.accumulate_device, autocast_dtype=self.autocast)
+        return out.clone()
 
     def check_case(self, case: CaseArrays) -> None:
         """Refuse a case that does not fit the model (channels, 2D vs 3D), naming the case."""

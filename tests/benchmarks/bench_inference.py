@@ -9,9 +9,10 @@ absent: time depends only on the shape). Both sides run the same `unet3d` (rando
 window, overlap, batch of windows and Gaussian importance (sigma 1/8 of the window), with and without mirror TTA
 (MONAI has no built-in mirroring: its predictor is wrapped the usual way, flipping the whole image and running the
 sliding window once per flip combination, 8x; distseg flips each window batch, the same 8x forwards). Each
-configuration runs in a fresh subprocess (so peak memory is its own): CPU peak = growth of the RSS high-water mark,
-CUDA peak = max_memory_allocated. Time = the fastest of `--repeats` runs after a warm-up run; outputs of the two are
-compared (max |logit difference| within the window-placement differences of the two libraries).
+configuration runs in a fresh subprocess (so peak memory is its own): CPU peak = growth of the RSS high-water mark
+over the runs (warm-up included), CUDA peak = max_memory_allocated. Time = the fastest of `--repeats` runs after a
+warm-up run; outputs of the two are compared (max |logit difference| within the window-placement differences of
+the two libraries).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.impl == "distseg":
         sw = SlidingWindow(window=window, overlap=args.overlap, window_batch=args.window_batch, mirror_axes=mirror)
 
+        @torch.inference_mode()  # as distseg.predictor.Predictor runs it (and as MONAI's side runs below)
         def infer() -> torch.Tensor:
             return sliding_window(model, x, sw, device=device, autocast_dtype=autocast)
     else:
@@ -98,12 +100,13 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
+    # CPU: the RSS high-water mark can only grow, so its base is taken before the warm-up (model and case already
+    # loaded): the peak is what inference itself added. CUDA: the allocator's peak after the warm-up.
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     timed()  # warm-up: allocator, kernels, importance map caches
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times, out = [], None
     for _ in range(args.repeats):
         t, out = timed()

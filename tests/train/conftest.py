@@ -64,15 +64,20 @@ def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
+def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = LAUNCH_TIMEOUT) -> None:
+    """Poll `predicate` until true; fail when `proc` exits first or after `timeout` (then kill its group)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not predicate():
         if proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode} before {path} appeared")
+            pytest.fail(f"process exited with {proc.returncode} while waiting for {what}")
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"{path} did not appear within {timeout}s")
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
+    wait_until(path.exists, proc, f"{path} to appear", timeout)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
@@ -148,6 +153,7 @@ class Runner:
     run = staticmethod(run)
     start = staticmethod(start)
     wait_for = staticmethod(wait_for)
+    wait_until = staticmethod(wait_until)
     ok = staticmethod(ok)
     first_last_mean = staticmethod(_first_last_mean)
 

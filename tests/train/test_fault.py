@@ -69,17 +69,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return dict(read_events(run_dir / "tb")["train/loss"])
 
 
-def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode} before {what}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"{what} did not happen within {timeout}s")
-        time.sleep(0.05)
-
-
 def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     """The training process of global `rank` among the launcher's descendants (found by its RANK variable)."""
     deadline = time.monotonic() + 120
@@ -124,7 +113,7 @@ def test_sigterm_to_the_supervised_launcher_saves_exits_4_and_the_rerun_matches(
 
     # A second signal kills at once; whatever it interrupted, the newest complete checkpoint stays usable.
     proc = runner.start(supervised(runner, DEBUG, args), tmp_path / "killed.log")
-    wait_until(lambda: "resumed from checkpoint" in (tmp_path / "killed.log").read_text(), proc, "the resume")
+    runner.wait_until(lambda: "resumed from checkpoint" in (tmp_path / "killed.log").read_text(), proc, "the resume")
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -215,7 +204,8 @@ def test_a_killed_rank_stops_the_others_with_a_message_and_a_rerun_resumes(runne
                *args]
         procs.append(runner.start(cmd, tmp_path / f"hang{node}.log", OMP_NUM_THREADS="1"))
     try:
-        wait_until(lambda: "resumed from checkpoint" in (tmp_path / "hang0.log").read_text(), procs[0], "the resume")
+        runner.wait_until(lambda: "resumed from checkpoint" in (tmp_path / "hang0.log").read_text(), procs[0],
+                          "the resume")
         hung = rank_process(procs[1], 1)
         time.sleep(2)
         hung.suspend()  # SIGSTOP: alive, holding its sockets, answering nothing

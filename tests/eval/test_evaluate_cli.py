@@ -19,12 +19,10 @@ from scipy import ndimage
 
 from distseg.evaluation.report import case_schema
 from distseg.evaluation.scoring import METRICS
+from tests.conftest import readme_label_counts
 
 medpy_binary = pytest.importorskip("medpy.metric.binary", reason="medpy is a test-only dependency ([dev] extra)")
 
-# Source label voxel counts from ../shared/data/README.md (an independent check of the volumes).
-COUNTS = {"Brats18_CBICA_ABM_1": {1: 3398, 2: 30215, 4: 6159}, "Brats18_2013_3_1": {1: 10430, 2: 67269, 4: 23187},
-          "Brats18_CBICA_AOP_1": {1: 6589, 2: 23598, 4: 10937}}
 OUTPUTS = {"metrics.parquet", "metrics.csv", "summary.md", "summary.json", "evaluation.json",
            *(f"boxplot_{m}.png" for m in METRICS)}
 
@@ -88,8 +86,9 @@ def test_brats_identity_perturbed_and_wrong_grid(shared_data: Path, tmp_path: Pa
     assert failed["status"] == "failed"
     assert "Brats18_CBICA_AMH_1.nii.gz: shape (240, 240, 150) differs" in failed["error"]
     assert "Brats18_CBICA_AMH_1_seg.nii.gz" in failed["error"]
+    counts = readme_label_counts(shared_data)  # an independent check of the volumes
     for case in ("Brats18_CBICA_ABM_1", "Brats18_2013_3_1"):
-        c = COUNTS[case]
+        c = counts[case]
         expected = {"WT": c[1] + c[2] + c[4], "TC": c[1] + c[4], "ET": c[4]}
         for region in ("WT", "TC", "ET"):
             r = rows[(case, region)]
@@ -108,7 +107,8 @@ def test_brats_identity_perturbed_and_wrong_grid(shared_data: Path, tmp_path: Pa
 
     meta = json.loads((out / "evaluation.json").read_text())
     assert meta["kind"] == "brats3d" and meta["n_cases"] == 4 and meta["n_failed"] == 1
-    assert len(meta["notes"]["no_prediction"]) == 7  # the other GT cases: not scored, recorded
+    n_gt = sum(1 for p in (shared_data / "brats2018").iterdir() if p.is_dir())
+    assert len(meta["notes"]["no_prediction"]) == n_gt - 4  # the other GT cases: not scored, recorded
     assert _tree(pred) == before  # nothing written into --pred
 
 
@@ -216,7 +216,8 @@ def test_bad_usage_exits_2(shared_data: Path, tmp_path: Path, caplog: pytest.Log
     code, err = run("--pred", pred, "--gt", tmp_path / "missing", "--output", tmp_path / "o1")
     assert code == 2 and "--gt" in err and "missing: no such folder" in err
     code, err = run("--pred", pred, "--gt", shared_data / "brats2018", "--output", tmp_path / "o2")
-    assert code == 2 and "no prediction pairs with the 11 ground-truth cases" in err and "<case_id>.nii.gz" in err
+    n_gt = sum(1 for p in (shared_data / "brats2018").iterdir() if p.is_dir())
+    assert code == 2 and f"no prediction pairs with the {n_gt} ground-truth cases" in err and "<case_id>.nii.gz" in err
     code, err = run("--pred", pred, "--gt", tmp_path / "pred", "--output", tmp_path / "o3")
     assert code == 2 and "no ground truth found" in err
     code, err = run("--pred", pred, "--gt", shared_data / "brats2018", "--output", pred / "out")

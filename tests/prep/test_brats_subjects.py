@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from distseg.data.store import Store
 from preprocess.common import FOLD_ASSIGNMENT, fold_of
 from preprocess.discover import brats_subject
+from tests.conftest import require_shared_data
 
 
 def test_brats_subject_rule():
@@ -17,9 +16,7 @@ def test_brats_subject_rule():
 
 
 def test_2023_timepoints_share_a_fold(shared_data, tmp_path, run_cli, manifest):
-    real = shared_data / "brats2023-naming" / "BraTS-GLI-00001-000"
-    if not real.is_dir():
-        pytest.skip(f"BraTS 2023-named case not found at {real}")
+    real = require_shared_data("brats2023-naming/BraTS-GLI-00001-000")
     src = tmp_path / "src"
     # Two timepoints of subject 00001 and one of subject 00002: links to the one real 2023-named case.
     for case in ("BraTS-GLI-00001-000", "BraTS-GLI-00001-001", "BraTS-GLI-00002-000"):

@@ -11,6 +11,7 @@ import pytest
 
 from preprocess.discover import discover_brats, parse_brats_name
 from preprocess.synth import synth_brats_case, write_synth
+from tests.conftest import readme_label_counts
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,7 @@ def test_parse_brats_names(name, expected):
 def test_discover_groups_real_cases(shared_data):
     cases = {c.case_id: c for c in discover_brats(shared_data)}
     brats18 = sorted(p.name for p in (shared_data / "brats2018").iterdir() if p.name.startswith("Brats18_"))
-    assert len(brats18) == 11
+    assert len(brats18) == len([c for c in readme_label_counts(shared_data) if c.startswith("Brats18_")]) > 0
     assert sorted(cases) == sorted(["BraTS-GLI-00001-000", "BraTS2021_00006", *brats18])
     assert set(cases["Brats18_2013_3_1"].files) == {"t1", "t1ce", "t2", "flair", "seg"}
     assert set(cases["BraTS2021_00006"].files) == {"t1", "t1ce", "t2", "flair", "seg"}

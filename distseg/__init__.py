@@ -1,3 +1,9 @@
-"""distseg: brain-tumour segmentation training at cluster scale (the library; never imports `preprocess` or Ray)."""
+"""distseg: brain-tumour segmentation training at cluster scale (the library; never imports `preprocess` or Ray).
+
+Rooms, lowest first (each imports only from rooms below it):
+`core` (dist, fileio, checkpoint, signals, overlay) < `data`, `models`, and the shared modules beside them
+(`typed_config`, `config`, `losses`, `metrics`) < `inference` < `train` < `evaluation`.
+See docs/architecture.md.
+"""
 
 __version__ = "0.1.0"

@@ -19,11 +19,31 @@ import yaml
 
 from distseg.data.config import DataConfig
 from distseg.losses import LossConfig
-from distseg.monitor import MonitorConfig
 from distseg.typed_config import ConfigError, apply_override, from_dict, to_dict
 
 __all__ = ["ConfigError", "ExperimentConfig", "apply_override", "dump_yaml", "from_dict", "load_config",
            "make_run_dir", "to_dict", "write_resolved"]
+
+
+@dataclass
+class MonitorConfig:
+    """What is logged and how often."""
+
+    enabled: bool = True
+    """False: every rank gets a NullMonitor (no event files)."""
+    log_every: int = 10
+    """Log training scalars every N optimizer steps."""
+    image_every: int = 200
+    """Log a GT-vs-prediction overlay every N optimizer steps (0 = never)."""
+
+    def validate(self, prefix: str = "monitor") -> None:
+        """Raise ValueError naming ``<prefix>.<field>`` for the first invalid field."""
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"{prefix}.enabled: expected true/false, got {self.enabled!r}")
+        for key, low in (("log_every", 1), ("image_every", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{prefix}.{key}: expected an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -103,7 +123,7 @@ class TrainConfig:
     """Windows per forward call in whole-case validation."""
     max_nonfinite_in_row: int = 5
     """Stop with an error after this many consecutive skipped optimizer steps (non-finite gradients or loss on
-    some rank; see `distseg.trainer` for what is skipped)."""
+    some rank; see `distseg.train.trainer` for what is skipped)."""
     max_minutes: float | None = None
     """Wall-clock budget of training time in minutes (None = off). The run times its steps after warm-up, lays
     the LR schedule over the steps that fit (validations and checkpoints at their cadence included), stops there
@@ -131,7 +151,7 @@ class CheckpointConfig:
 
 @dataclass
 class EngineConfig:
-    """The DeepSpeed engine; its JSON config is derived from this and the sections above (see distseg.engine)."""
+    """The DeepSpeed engine; its JSON config is derived from this and the sections above (see distseg.train.engine)."""
 
     preset: str = ""
     """Optional DeepSpeed JSON preset (e.g. configs/deepspeed/zero.json) for tuning knobs; values derived from this
@@ -148,7 +168,7 @@ class EngineConfig:
 
 @dataclass
 class DistConfig:
-    """The process group (distseg.dist) and what happens when a rank is lost (distseg.lost_rank)."""
+    """The process group (distseg.core.dist) and what happens when a rank is lost (distseg.train.lost_rank)."""
 
     timeout_s: float = 600.0
     """Seconds a collective (gradient reduction, the per-step stop flag, a checkpoint barrier) waits for the other
@@ -191,7 +211,7 @@ class ExperimentConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     """Process group timeout (lost ranks)."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    """TensorBoard logging (distseg.monitor)."""
+    """TensorBoard logging (distseg.train.monitor)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection for tests."""
 

@@ -138,7 +138,7 @@ class DemoState:
 
     def record(self, stage: str, record: dict[str, Any]) -> None:
         """Written after the stage succeeded (atomically), never before."""
-        from distseg.fileio import atomic_write
+        from distseg.core.fileio import atomic_write
 
         self.data[stage] = record
         text = json.dumps(self.data, indent=1)
@@ -148,8 +148,8 @@ class DemoState:
 def checkpoint_identity(run_dir: Path) -> dict[str, Any]:
     """The checkpoint `--model RUN` loads (best complete, else newest) and when it was saved: two checkpoints with
     the same tag (a run deleted and trained again) still differ."""
-    from distseg.checkpoint import read_marker
-    from distseg.predictor import ModelLoadError, resolve_checkpoint
+    from distseg.core.checkpoint import read_marker
+    from distseg.inference.predictor import ModelLoadError, resolve_checkpoint
 
     try:
         tag_dir = resolve_checkpoint(run_dir)
@@ -174,7 +174,7 @@ def held_out_case(store_path: Path, folds: list[int]) -> tuple[str, Path]:
 
 
 def prediction_files(pred_dir: Path, kind: str, case_id: str) -> dict[str, Path]:
-    """What `launch/predict.py` writes for one case (see distseg.outputs)."""
+    """What `launch/predict.py` writes for one case (see distseg.inference.outputs)."""
     first = {"nifti": pred_dir / f"{case_id}.nii.gz"} if kind == "brats" else {"mask": pred_dir / f"{case_id}_mask.png"}
     return {**first, "overlay": pred_dir / f"{case_id}_overlay.png"}
 
@@ -203,7 +203,7 @@ def preprocess(demo: DemoKind, raw: Path, stores: Path, env: dict[str, str]) -> 
 
 
 def train(cfg: Any, config: Path, overrides: list[str], ranks: int, env: dict[str, str]) -> StageResult:
-    from distseg import checkpoint
+    from distseg.core import checkpoint
 
     newest = checkpoint.complete_checkpoints(cfg.run_dir / "checkpoints")
     done = newest[-1][0] if newest else 0
@@ -223,7 +223,7 @@ def train(cfg: Any, config: Path, overrides: list[str], ranks: int, env: dict[st
 
 def evaluate(run_dir: Path, store: Path, folds: list[int], eval_dir: Path, state: DemoState,
              env: dict[str, str]) -> StageResult:
-    from distseg.predictor import POSTPROCESSING_FILE
+    from distseg.inference.predictor import POSTPROCESSING_FILE
 
     record = {**checkpoint_identity(run_dir), "store": str(store), "folds": folds, "output": str(eval_dir)}
     complete = all((eval_dir / f).is_file() for f in ("summary.json", "evaluation.json", "metrics.parquet"))

@@ -48,7 +48,7 @@ def held_out_metrics(eval_dir: Path) -> dict[str, Any]:
     rules: dict[str, str] = {}
     post = eval_dir / "postprocessing.json"  # rewritten by every evaluation, so never stale
     if post.is_file():
-        from distseg.inference import Postprocessing
+        from distseg.inference.postprocess import Postprocessing
 
         chosen = Postprocessing.from_dict(json.loads(post.read_text(encoding="utf-8"))["rules"])
         rules = {region: rule.describe() for region, rule in chosen.rules.items()}
@@ -61,7 +61,7 @@ def held_out_metrics(eval_dir: Path) -> dict[str, Any]:
 
 
 def write_summary(path: Path, report: dict[str, Any]) -> None:
-    from distseg.fileio import atomic_write
+    from distseg.core.fileio import atomic_write
 
     text = json.dumps(report, indent=1)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -25,8 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
+from distseg.core.fileio import atomic_write
 from distseg.evaluation import BRATS_HD95_ONE_EMPTY, EvaluationMeta, compare, evaluate_arrays
-from distseg.fileio import atomic_write
 from preprocess.label_files import KIND_REGIONS, PairingError, PairLoader, pair_label_files
 
 logger = logging.getLogger("launch.evaluate")
@@ -84,10 +84,11 @@ def run_model(args: argparse.Namespace) -> int:
     """--model RUN --store STORE [--fold K]: predict the fold's cases, score them, choose the postprocessing."""
     import torch
 
-    from distseg.data.store import Store, StoreError
+    from distseg.data.layout import StoreError
+    from distseg.data.store import Store
     from distseg.evaluation.model import PredictSettings, evaluate_model
-    from distseg.outputs import OutputError, check_output_dir
-    from distseg.predictor import ModelLoadError, load_model
+    from distseg.inference.outputs import OutputError, check_output_dir
+    from distseg.inference.predictor import ModelLoadError, load_model
 
     device = args.device
     if device == "auto":

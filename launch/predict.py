@@ -1,4 +1,4 @@
-"""Segment whole cases with a trained model (thin entry point; the work is in distseg.predictor / distseg.outputs).
+"""Segment whole cases with a trained model (thin entry point; the work is in `distseg.inference`).
 
     python launch/predict.py --model RUN_DIR|CHECKPOINT_TAG|model.pt|model.onnx --input PATH... --output DIR
         [--fold K] [--cases ID,ID] [--overlap 0.5] [--tta mirror] [--window-batch 4] [--precision auto]
@@ -8,8 +8,8 @@
 Inputs: BraTS case folders in every naming the converter accepts (or folders of them), Zarr stores written by
 `python -m preprocess` (all cases, `--fold`, `--cases`), 2D image files or folders (PNG/JPEG/TIFF). Raw inputs go
 through the converter's own per-case functions (checks, crop, normalisation statistics), so a prediction from raw
-NIfTI equals one from the store. Outputs (see distseg.outputs): `<case>.nii.gz` in the input's geometry and label
-convention + `<case>_overlay.png` for 3D; `<case>_mask.png` + `<case>_overlay.png` for 2D.
+NIfTI equals one from the store. Outputs (see distseg.inference.outputs): `<case>.nii.gz` in the input's geometry
+and label convention + `<case>_overlay.png` for 3D; `<case>_mask.png` + `<case>_overlay.png` for 2D.
 
 Exit status: 0 every case predicted; 2 bad input (the model, the output folder, no inputs; or some cases failed,
 each named with the reason on stderr, the others predicted).
@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def discover_inputs(paths: list[Path], kind: str, channels: list[str], resize: int | None,
                     folds: list[int] | None, only: set[str]) -> tuple[list[InputCase], list[str]]:
     """Every case under `paths` for a model of store `kind`; returns (cases sorted by id, problems)."""
-    from distseg.data.store import Store, StoreError
+    from distseg.data.layout import StoreError
+    from distseg.data.store import Store
     from preprocess.discover import IMAGE_EXTS, SourceCase, discover_brats, discover_images2d
 
     cases: dict[str, InputCase] = {}
@@ -154,7 +155,7 @@ def pick_device(arg: str, local_rank: int) -> str:
 def predict_cases(predictor, cases: list[InputCase], out_dir: Path, save_probabilities: bool,
                   rank: int = 0) -> Iterator[tuple[InputCase, object, object, str]]:
     """Predict and write each case; yields (input, CaseArrays or None, Prediction or None, error text)."""
-    from distseg.outputs import write_prediction
+    from distseg.inference.outputs import write_prediction
 
     bar = tqdm(cases, desc=f"predict[rank {rank}]", unit="case", dynamic_ncols=True, disable=not cases)
     for item in bar:
@@ -177,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = rank_and_world()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from distseg.outputs import OutputError, check_output_dir
-    from distseg.predictor import ModelLoadError, Predictor, load_model
+    from distseg.inference.outputs import OutputError, check_output_dir
+    from distseg.inference.predictor import ModelLoadError, Predictor, load_model
 
     device = pick_device(args.device, local_rank)
     try:

@@ -5,14 +5,14 @@
 SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to this process: every rank finishes its step, saves a checkpoint and exits 4;
 this process then exits 4 too ("stopped to be requeued"). A second signal kills the job at once. Use it wherever a
 scheduler signals the launcher: Kubernetes (SIGTERM to the container's first process), SLURM (`--signal`),
-or a terminal. See `distseg.preemption` for why the plain `deepspeed` launcher is not enough.
+or a terminal. See `distseg.train.preemption` for why the plain `deepspeed` launcher is not enough.
 """
 
 from __future__ import annotations
 
 import sys
 
-from distseg.preemption import supervise
+from distseg.train.preemption import supervise
 
 
 def main(argv: list[str] | None = None) -> int:

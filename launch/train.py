@@ -1,11 +1,11 @@
-"""Train a segmentation model with DeepSpeed (thin entry point; the loop lives in `distseg.trainer`).
+"""Train a segmentation model with DeepSpeed (thin entry point; the loop lives in `distseg.train.trainer`).
 
     deepspeed [--num_gpus N | --hostfile H ...] launch/train.py --config configs/X.yaml [key=value ...]
 
 Config errors, a missing or wrong-version store and an unresumable checkpoint stop every rank BEFORE distributed
 init, with a message naming the key/path. Exit status: 0 done, 2 bad input, 3 stopped on non-finite losses,
-4 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue / rerun to resume; `distseg.preemption`),
-5 another rank died or hung (rerun to resume; `distseg.lost_rank`).
+4 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue / rerun to resume; `distseg.train.preemption`),
+5 another rank died or hung (rerun to resume; `distseg.train.lost_rank`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import logging
 import os
 import sys
 
-from distseg import checkpoint, dist, elastic
 from distseg.config import ConfigError, load_config
+from distseg.core import checkpoint, dist
+from distseg.data.layout import StoreError
 from distseg.data.loader import open_store
-from distseg.data.store import StoreError
-from distseg.engine import build_ds_config, check_accelerator_support
-from distseg.lost_rank import EXIT_LOST_RANK, LostRankError
-from distseg.preemption import EXIT_REQUEUE, StopRequest
-from distseg.trainer import NonFiniteLossError, Trainer, model_channels
+from distseg.train import elastic
+from distseg.train.engine import build_ds_config, check_accelerator_support
+from distseg.train.lost_rank import EXIT_LOST_RANK, LostRankError
+from distseg.train.preemption import EXIT_REQUEUE, StopRequest
+from distseg.train.setup import model_channels
+from distseg.train.state import NonFiniteLossError
+from distseg.train.trainer import Trainer
 
 logger = logging.getLogger("launch.train")
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import BRATS_CHANNELS, BRATS_LABEL_VALUES, BRATS_REGIONS, CaseArrays
+from distseg.data.labels import BRATS_CHANNELS, BRATS_LABEL_VALUES, BRATS_REGIONS
+from distseg.data.store import CaseArrays
 from preprocess.common import CaseError, placement, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import MODALITIES, SourceCase
 from preprocess.nifti import SourceError, Volume, load_nifti

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import BINARY_LABEL_VALUES, BINARY_REGIONS, CaseArrays
+from distseg.data.labels import BINARY_LABEL_VALUES, BINARY_REGIONS
+from distseg.data.store import CaseArrays
 from preprocess.common import CaseError, placement, precheck, result_row, sample_foreground, source_fingerprints
 from preprocess.discover import SourceCase
 from preprocess.nifti import sha256_file

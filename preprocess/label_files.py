@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distseg.data.store import BINARY_REGIONS, BRATS_REGIONS
+from distseg.data.labels import BINARY_REGIONS, BRATS_REGIONS
 from distseg.evaluation import CaseFailure, ScoredCase, infer_brats_convention, region_masks
 from preprocess.common import CaseError
 from preprocess.discover import IMAGE_EXTS, discover_brats, discover_images2d, parse_brats_name

@@ -6,7 +6,8 @@ import argparse
 import logging
 from typing import Any
 
-from distseg.data.store import StoreError, remove_index, write_index
+from distseg.data.index import remove_index, write_index
+from distseg.data.layout import StoreError
 from preprocess.common import FOLD_ASSIGNMENT, case_fold
 from preprocess.discover import apply_subject_regex
 from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest

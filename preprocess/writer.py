@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import CASES_GROUP, FORMAT_VERSION, OMITTED_CHUNKS, TMP_DIR, StoreError
+from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, OMITTED_CHUNKS, TMP_DIR, StoreError
 
 logger = logging.getLogger(__name__)
 

@@ -49,10 +49,10 @@ def _check_common(out: Path, summary: dict, text: str, store_name: str, n_cases:
     paths of the summary."""
     import pyarrow.parquet as pq
 
-    from distseg import checkpoint
+    from distseg.core import checkpoint
     from distseg.data.store import Store
     from distseg.evaluation import read_table
-    from distseg.monitor import read_events
+    from distseg.train.monitor import read_events
 
     paths = summary["paths"]
     # store + manifest

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from distseg.monitor import read_events
+from distseg.train.monitor import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

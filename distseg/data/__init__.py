@@ -1,12 +1,7 @@
-"""Data: the preprocessed-dataset store contract (`store`), plus datasets, sampling and augmentation built on it."""
+"""Data: the preprocessed-dataset store contract shared with `preprocess` (`layout`, `store`, `chunks`, `index`,
+`normalise`, `labels`, `geometry`), and the training side built on it (`config`, `sampling`, `datasets`, `loader`,
+`augment`, `targets`, `resample`).
 
-from distseg.data.store import (
-    FORMAT_VERSION,
-    CaseInfo,
-    Store,
-    StoreError,
-    restore_to_source_geometry,
-    to_source_convention,
-)
-
-__all__ = ["FORMAT_VERSION", "CaseInfo", "Store", "StoreError", "restore_to_source_geometry", "to_source_convention"]
+Imports: `distseg.core` and other `distseg.data` modules only; never `models`, `train`, `inference`, `evaluation`,
+`preprocess` or Ray.
+"""

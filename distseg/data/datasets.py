@@ -63,7 +63,7 @@ class TrainBatches(torch.utils.data.Dataset):
     world_size + rank``, i.e. the samples at global positions ``m*B .. m*B+B-1`` of the `TrainSampler`.
 
     `stream_base` counts the global micro-batches drawn before this rank count took over (0 unless the run was
-    resumed on another number of ranks, see `distseg.elastic`). Returns ``{"image": float32 (B, C, *P'), "label":
+    resumed on another number of ranks, see `distseg.train.elastic`). Returns ``{"image": float32 (B, C, *P'), "label":
     uint8 (B, *P'), "case_id": list[str], "sample_index": int64 (B,) global positions, "foreground": bool (B,)}``
     where ``P' = patch + 2*margin`` (`P' = patch` when `worker_augment` is given: it resamples and crops here, on
     CPU).

@@ -23,12 +23,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from distseg.core.signals import ignore_stop_signals
 from distseg.data.augment import DeviceAugment
 from distseg.data.config import DataConfig
 from distseg.data.datasets import TrainBatches, ValReader, validation_samples
 from distseg.data.sampling import TrainSampler
 from distseg.data.store import Store
-from distseg.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _train_val_cases(store: Store, cfg: DataConfig) -> tuple[list[str], list[str
 
 def worker_init(worker_id: int) -> None:
     """One decompression/compute thread per loader worker: parallelism comes from the workers themselves. Stop
-    signals are ignored: the rank finishes its step and shuts its workers down (`distseg.preemption`)."""
+    signals are ignored: the rank finishes its step and shuts its workers down (`distseg.train.preemption`)."""
     ignore_stop_signals()
     torch.set_num_threads(1)
     try:

@@ -3,7 +3,7 @@
 Images are average-pooled; labels are pooled per region (each region's voxel fraction > 0.5) and painted back
 into canonical labels in region order, so the pooled label decodes to the same nested regions (BraTS WT/TC/ET).
 Each pooled axis is zero-padded at its high end to a multiple of f first. 3D models pool (Z, Y, X); 2D models
-(slice2d / image2d) pool in-plane only. `distseg.inference.case_logits` interpolates predictions back.
+(slice2d / image2d) pool in-plane only. `distseg.inference.window.case_logits` interpolates predictions back.
 """
 
 from __future__ import annotations

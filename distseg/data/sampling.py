@@ -27,7 +27,8 @@ among themselves (`distseg.data.datasets.TrainBatches`: batch `s` of rank `r` of
 Nothing depends on the rank, worker ids or on what was drawn before, so resuming at batch `s` replays exactly the
 batches an uninterrupted run would have seen, for any number of loader workers; and an optimizer step (``accum *
 W`` consecutive micro-batches) holds the same samples, grouped into the same micro-batches, for every rank count
-with the same global batch: a run resumed on another number of ranks continues the same stream (`distseg.elastic`).
+with the same global batch: a run resumed on another number of ranks continues the same stream
+(`distseg.train.elastic`).
 """
 
 from __future__ import annotations

@@ -23,15 +23,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from distseg.data.store import Store, paste_to_source, restore_to_source_geometry, to_source_convention
+from distseg.core.fileio import atomic_write
+from distseg.data.geometry import paste_to_source, restore_to_source_geometry
+from distseg.data.labels import to_source_convention
+from distseg.data.store import Store
 from distseg.data.targets import regions_to_labels
 from distseg.evaluation.report import EvaluationMeta, EvaluationResult, ModelInfo, log_evaluation
 from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import ScoredCase, region_masks
-from distseg.fileio import atomic_write
-from distseg.inference import Postprocessing, RegionRule, postprocess
+from distseg.inference.postprocess import Postprocessing, RegionRule, postprocess
+from distseg.inference.predictor import POSTPROCESSING_FILE, LoadedModel, Predictor
 from distseg.metrics import mask_counts
-from distseg.predictor import POSTPROCESSING_FILE, LoadedModel, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def _meta(model: LoadedModel, store: Store, folds: Sequence[int] | None, regions
     minutes = None
     if run and (Path(run) / "summary.json").is_file():
         summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
-        seconds = summary.get("elapsed_s")  # training-loop seconds over every run of the job (distseg.trainer)
+        seconds = summary.get("elapsed_s")  # training-loop seconds over every run of the job (distseg.train.trainer)
         minutes = float(seconds) / 60.0 if seconds else None
     info = ModelInfo(name=model.config.model.name, parameters=model.parameters, run=run, tag=model.meta.get("tag"),
                      training_minutes=minutes)
@@ -146,7 +148,7 @@ def evaluate_model(model: LoadedModel, store: Store, case_ids: Sequence[str], ou
                    choose_pp: bool = True, write_predictions: bool = True, tensorboard: bool = True
                    ) -> ModelEvaluation:
     """Predict, write and score `case_ids` of `store` with `model`; choose and store the postprocessing rule."""
-    from distseg.outputs import write_prediction
+    from distseg.inference.outputs import write_prediction
 
     settings = settings or PredictSettings()
     predictor = Predictor(model, overlap=settings.overlap, tta=settings.tta, window_batch=settings.window_batch,

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from distseg.core.fileio import atomic_write
 from distseg.evaluation.scoring import BRATS_HD95_ONE_EMPTY, METRICS, SUBJECT_METRICS, subject_metrics
-from distseg.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def log_evaluation(tb_dir: str | Path, summary_rows: Sequence[Mapping[str, Any]]
     """Scalars ``<prefix>/<metric>/<region>`` (the means of `summary_rows`, e.g. `EvaluationResult.summary`) and,
     when given, `text` (e.g. summary.md) as ``<prefix>/summary`` into the TensorBoard folder `tb_dir` (a run's tb/),
     at `step` (e.g. the checkpoint's optimizer step)."""
-    from distseg.monitor import TensorBoardMonitor
+    from distseg.train.monitor import TensorBoardMonitor
 
     monitor = TensorBoardMonitor(tb_dir)
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import BINARY_REGIONS, BRATS_REGIONS, LABEL_CONVENTIONS
+from distseg.data.labels import BINARY_REGIONS, BRATS_REGIONS, LABEL_CONVENTIONS
 from distseg.metrics import COUNT_COLUMNS, hausdorff95, mask_counts, ratios_from_counts
 
 log = logging.getLogger(__name__)

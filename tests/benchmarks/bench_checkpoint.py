@@ -3,11 +3,11 @@
     GLOO_SOCKET_IFNAME=lo python tests/benchmarks/bench_checkpoint.py [--device cpu|cuda] [--world 2]
 
 For the 65M `res_inception_unet` and `unet3d` (default presets, bf16) at ZeRO 2 and 3, each of `--world` ranks
-builds the real engine (`distseg.engine`), takes one optimizer step (so the Adam moments exist), then times:
+builds the real engine (`distseg.train.engine`), takes one optimizer step (so the Adam moments exist), then times:
 
-* save: `distseg.checkpoint.save` (DeepSpeed's save_checkpoint on every rank + RNG + trainer state + the
+* save: `distseg.core.checkpoint.save` (DeepSpeed's save_checkpoint on every rank + RNG + trainer state + the
   COMPLETE.json marker after a barrier), the slowest rank, median of `--repeats`;
-* resume: `distseg.checkpoint.load` into a freshly built engine;
+* resume: `distseg.core.checkpoint.load` into a freshly built engine;
 * baselines in the same run: plain `torch.save` / `torch.load` of the same state each rank holds (its module
   state dict and its optimizer partition), so the ratio is DeepSpeed's and the marker's overhead over serialising.
 
@@ -45,8 +45,8 @@ def _bytes(path: Path) -> int:
 
 
 def _engine(name: str, cfg, world: int):
-    from distseg.engine import build_ds_config, initialize
     from distseg.models import build_model
+    from distseg.train.engine import build_ds_config, initialize
 
     torch.manual_seed(0)
     model = build_model(name, "default", in_channels=4, out_channels=3)
@@ -56,8 +56,8 @@ def _engine(name: str, cfg, world: int):
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, result_path: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from distseg import checkpoint, dist
     from distseg.config import EngineConfig, ExperimentConfig, ModelConfig
+    from distseg.core import checkpoint, dist
 
     dist.set_cpu_threads()
     dist.init_distributed(600)

@@ -26,7 +26,7 @@ import numpy as np
 
 
 def write_store(path: Path, n_cases: int, per_class: int) -> None:
-    from distseg.data.store import BRATS_LABEL_VALUES, BRATS_REGIONS
+    from distseg.data.labels import BRATS_LABEL_VALUES, BRATS_REGIONS
     from preprocess.writer import Layout, init_store, root_attrs_base, write_case
 
     if (path / "zarr.json").is_file() and len(list((path / "cases").glob("*/zarr.json"))) >= n_cases:

@@ -51,7 +51,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from distseg.inference import SlidingWindow, sliding_window
+    from distseg.inference.window import SlidingWindow, sliding_window
     from distseg.models import build_model
 
     device = torch.device(args.device)
@@ -67,7 +67,7 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.impl == "distseg":
         sw = SlidingWindow(window=window, overlap=args.overlap, window_batch=args.window_batch, mirror_axes=mirror)
 
-        @torch.inference_mode()  # as distseg.predictor.Predictor runs it (and as MONAI's side runs below)
+        @torch.inference_mode()  # as distseg.inference.predictor.Predictor runs it (and as MONAI's side runs below)
         def infer() -> torch.Tensor:
             return sliding_window(model, x, sw, device=device, autocast_dtype=autocast)
     else:

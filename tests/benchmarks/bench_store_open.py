@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from distseg.data.store import Store, remove_index, write_index
+from distseg.data.index import remove_index, write_index
+from distseg.data.store import Store
 
 
 def fabricate(dst: Path, n: int) -> Path:

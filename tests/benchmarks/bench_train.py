@@ -59,9 +59,9 @@ def _set_dist_env(rank: int, world_size: int, port: int) -> None:
 def bench_step_time(args: argparse.Namespace) -> list[Row]:
     import deepspeed
 
-    from distseg.engine import mixed_precision_batchnorm
     from distseg.losses import LossConfig, build_loss
     from distseg.models import build_model
+    from distseg.train.engine import mixed_precision_batchnorm
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -90,7 +90,7 @@ def bench_step_time(args: argparse.Namespace) -> list[Row]:
                  "zero_optimization": {"stage": args.step_zero}, "steps_per_print": 10**9,
                  "wall_clock_breakdown": False, "bf16": {"enabled": bf16}}
     if bf16:
-        mixed_precision_batchnorm(ds_model)  # what distseg.engine.initialize does: BatchNorm statistics stay fp32
+        mixed_precision_batchnorm(ds_model)  # what distseg.train.engine.initialize does: BatchNorm statistics stay fp32
     engine, *_ = deepspeed.initialize(model=ds_model, config=ds_config,
                                       optimizer=torch.optim.AdamW(ds_model.parameters(), lr=1e-4, **fused))
 
@@ -189,11 +189,11 @@ def bench_syncs(args: argparse.Namespace) -> list[Row]:
         return [("(s) host syncs", "needs --device cuda (torch.cuda.set_sync_debug_mode)", "-", "-", "-", "skipped")]
     from distseg.data.augment import DeviceAugment
     from distseg.data.config import AugmentConfig
-    from distseg.data.store import BRATS_REGIONS
+    from distseg.data.labels import BRATS_REGIONS
     from distseg.data.targets import labels_to_targets
-    from distseg.engine import mixed_precision_batchnorm
     from distseg.losses import LossConfig, build_loss
     from distseg.models import build_model
+    from distseg.train.engine import mixed_precision_batchnorm
 
     device = torch.device("cuda")
     patch, margin, batch = (args.sync_size,) * 3, 8, 2
@@ -264,7 +264,7 @@ def _memory_worker(rank: int, world_size: int, port: int, stage: int, dtype: str
 
     from distseg.losses import LossConfig, build_loss
     from distseg.models import build_model
-    from distseg.monitor import memory_stats
+    from distseg.train.monitor import memory_stats
 
     args = json.loads(args_json)
     torch.set_num_threads(1)
@@ -275,9 +275,9 @@ def _memory_worker(rank: int, world_size: int, port: int, stage: int, dtype: str
     torch.manual_seed(0)
     model = build_model(args["mem_model"])
     if dtype == "bf16":
-        from distseg.engine import mixed_precision_batchnorm
+        from distseg.train.engine import mixed_precision_batchnorm
 
-        mixed_precision_batchnorm(model)  # as distseg.engine.initialize: BatchNorm statistics stay fp32
+        mixed_precision_batchnorm(model)  # as distseg.train.engine.initialize: BatchNorm statistics stay fp32
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     bucket = int(args["bucket"])
@@ -411,7 +411,7 @@ def bench_demo_data_wait(args: argparse.Namespace) -> list[Row]:
     written by `make demo`). Target: data wait < 5 % of step time."""
     from distseg.config import load_config
     from distseg.data.loader import build_train_loader
-    from distseg.monitor import read_events
+    from distseg.train.monitor import read_events
 
     run = Path(args.demo_run)
     tb = run / "tb"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distseg.data.store import BINARY_LABEL_VALUES, BINARY_REGIONS, BRATS_LABEL_VALUES, BRATS_REGIONS
+from distseg.data.labels import BINARY_LABEL_VALUES, BINARY_REGIONS, BRATS_LABEL_VALUES, BRATS_REGIONS
 from preprocess.writer import Layout, init_store, root_attrs_base, write_case
 
 # Keep tests lean on a shared 2-core machine.

@@ -187,7 +187,7 @@ def test_the_training_data_path_never_stalls_the_host(patch: tuple[int, ...]) ->
     """Per micro-step on the device: batch copies (pinned, non-blocking), augmentation with every transform drawn
     (one non-blocking copy of all its parameters), region targets (a cached table) -> no scalar read, no blocking
     copy. (Gaussian noise needs a device generator, which `meta` lacks; it adds no host traffic on CUDA.)"""
-    from distseg.data.store import BRATS_REGIONS
+    from distseg.data.labels import BRATS_REGIONS
     from distseg.data.targets import labels_to_targets
 
     margin, batch, dev = 4, 3, torch.device("meta")

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from distseg.data.config import DataConfig
+from distseg.data.labels import BRATS_REGIONS
 from distseg.data.loader import build_train_loader
 from distseg.data.resample import downsample_image, downsample_label, pooled_shape
-from distseg.data.store import BRATS_REGIONS, Store
+from distseg.data.store import Store
 
 
 def _brute_pool(a: np.ndarray, f: int, axes: tuple[int, ...]) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distseg.data.store import BINARY_REGIONS, BRATS_REGIONS
+from distseg.data.labels import BINARY_REGIONS, BRATS_REGIONS
 from distseg.data.targets import labels_to_targets, num_targets, target_names
 
 

@@ -30,7 +30,7 @@ from distseg.evaluation import (
 )
 from distseg.evaluation.report import case_schema
 from distseg.evaluation.scoring import METRICS
-from distseg.monitor import read_events
+from distseg.train.monitor import read_events
 
 BRATS = ["WT", "TC", "ET"]
 

@@ -77,7 +77,7 @@ def evaluate_cli():
 
 @pytest.fixture(scope="session")
 def export_cli():
-    return lambda *args, timeout=600: run_cmd([PYTHON, "-m", "distseg.export", *map(str, args)], timeout)
+    return lambda *args, timeout=600: run_cmd([PYTHON, "-m", "distseg.inference.export", *map(str, args)], timeout)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Sliding-window inference, regions -> labels and postprocessing on arrays (distseg.inference)."""
+"""Sliding-window inference, regions -> labels and postprocessing on arrays (distseg.inference.window)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from distseg.data.store import BRATS_REGIONS
+from distseg.data.labels import BRATS_REGIONS
 from distseg.data.targets import labels_to_targets, region_paint_values, regions_to_labels
-from distseg.inference import (
-    Postprocessing,
-    RegionRule,
+from distseg.inference.postprocess import Postprocessing, RegionRule, apply_rule, postprocess
+from distseg.inference.window import (
     SlidingWindow,
-    apply_rule,
     forward_calls,
     importance_map,
-    postprocess,
     sliding_window,
     window_grid,
     window_starts,
@@ -147,7 +144,7 @@ def test_postprocessing_rules_and_nesting():
 def test_downsampled_prediction_returns_the_original_grid(spatial_dims, shape):
     """`data.downsample`: pool by f, tile at that resolution, interpolate logits back to the case's own grid."""
     from distseg.data.resample import downsample_image
-    from distseg.inference import case_logits
+    from distseg.inference.window import case_logits
 
     image = torch.zeros(shape)
     image[:, :, 8:20, 4:14] = 1.0  # a block: pooled and interpolated back, its interior stays 1

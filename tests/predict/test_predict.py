@@ -1,4 +1,5 @@
-"""`launch/predict.py`, `python -m distseg.export` and `launch/evaluate.py --model` end to end, as a user runs them."""
+"""`launch/predict.py`, `python -m distseg.inference.export` and `launch/evaluate.py --model` end to end, as a user
+runs them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distseg.monitor import read_events
+from distseg.train.monitor import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +191,7 @@ def test_zero0_bf16_checkpoint_exports_the_fp32_master_weights(images_run):
     """ZeRO 0 + bf16 keeps bf16 module weights and fp32 masters in the optimizer: the export must take the masters."""
     import torch
 
-    from distseg.checkpoint import consolidated_fp32_state
+    from distseg.core.checkpoint import consolidated_fp32_state
 
     tag = sorted((images_run / "checkpoints").glob("step_*"))[-1]
     state = consolidated_fp32_state(tag)

@@ -1,4 +1,5 @@
-"""Whole-case validation (distseg.validation): symmetric forward counts across ranks, same numbers as prediction."""
+"""Whole-case validation (distseg.train.validation): symmetric forward counts across ranks, same numbers as
+prediction."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import torch
 from distseg.config import load_config
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets
+from distseg.inference.predictor import LoadedModel, ModelIO, Predictor
 from distseg.metrics import confusion_counts_from_masks
 from distseg.models import build_model
-from distseg.predictor import LoadedModel, ModelIO, Predictor
-from distseg.validation import WholeCaseValidator
+from distseg.train.validation import WholeCaseValidator
 
 
 def _cfg(store, **over):

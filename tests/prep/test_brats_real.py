@@ -10,26 +10,16 @@ import numpy as np
 import pytest
 import zarr
 
-from distseg.data.store import Store, restore_to_source_geometry
+from distseg.data.geometry import restore_to_source_geometry
+from distseg.data.store import Store
 from preprocess.brats import convert_brats_case
 from preprocess.discover import discover_brats
 from preprocess.writer import Layout, init_store
+from tests.conftest import SHARED_DATA, readme_label_counts
 
-# From ../shared/data/README.md (source convention: 4 = enhancing, stored as 3): every case in brats2018/.
-README_COUNTS = {
-    "Brats18_2013_3_1": {"0": 8827114, "1": 10430, "2": 67269, "4": 23187},
-    "Brats18_CBICA_ABM_1": {"0": 8888228, "1": 3398, "2": 30215, "4": 6159},
-    "Brats18_TCIA01_201_1": {"0": 8773492, "1": 25394, "2": 84003, "4": 45111},
-    "Brats18_CBICA_AMH_1": {"0": 8802713, "1": 8675, "2": 107610, "4": 9002},
-    "Brats18_CBICA_AOP_1": {"0": 8886876, "1": 6589, "2": 23598, "4": 10937},
-    "Brats18_CBICA_AOZ_1": {"0": 8832373, "1": 5200, "2": 67155, "4": 23272},
-    "Brats18_CBICA_APR_1": {"0": 8854563, "1": 19476, "2": 36528, "4": 17433},
-    "Brats18_CBICA_APY_1": {"0": 8747382, "1": 11237, "2": 145705, "4": 23676},
-    "Brats18_CBICA_APZ_1": {"0": 8861352, "1": 8653, "2": 41235, "4": 16760},
-    "Brats18_CBICA_AQO_1": {"0": 8805344, "1": 8346, "2": 98301, "4": 16009},
-    "Brats18_CBICA_AQP_1": {"0": 8836427, "1": 20555, "2": 46588, "4": 24430},
-    "BraTS2021_00006": {"0": 8790089, "1": 25506, "2": 85957, "4": 26448},
-}
+# From ../shared/data/README.md (source convention: 4 = enhancing, stored as 3): every labelled case it lists.
+README_COUNTS = {case: {str(k): v for k, v in c.items()} for case, c in readme_label_counts(SHARED_DATA).items()} \
+    if SHARED_DATA.is_dir() else {}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +34,10 @@ def real_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return store_path, rows
 
 
-def test_all_real_cases_convert(real_store):
+def test_all_real_cases_convert(real_store, shared_data):
     _, rows = real_store
+    listed = {p.name for d in ("brats2018", "brats2021") for p in (shared_data / d).iterdir() if p.is_dir()}
+    assert sorted(README_COUNTS) == sorted(listed)  # the README lists every labelled case on disk
     assert sorted(rows) == ["BraTS-GLI-00001-000", *sorted(README_COUNTS)]
     assert {r["status"] for r in rows.values()} == {"ok"}, {k: r["error"] for k, r in rows.items()}
 

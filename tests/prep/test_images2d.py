@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distseg.data.store import Store, restore_to_source_geometry
+from distseg.data.geometry import restore_to_source_geometry
+from distseg.data.store import Store
 from preprocess.discover import discover_images2d
 from preprocess.synth import write_synth
 

@@ -14,19 +14,17 @@ import pytest
 import tifffile
 import zarr
 
-from distseg.data.store import Store, StoreError
+from distseg.data.store import Store
 from preprocess.__main__ import main
 from preprocess.common import FOLD_ASSIGNMENT, fold_of
 from preprocess.discover import discover_images2d, slice_index_of
+from tests.conftest import require_shared_data
 
 FOLDS = 5
 
 
 def _lgg(shared_data: Path) -> Path:
-    src = shared_data / "seg2d" / "lgg-kaggle3m"
-    if not src.is_dir():
-        pytest.skip(f"LGG kaggle_3m sample not found at {src}")
-    return src
+    return require_shared_data("seg2d/lgg-kaggle3m")
 
 
 def _source_slices(src: Path) -> dict[str, dict[int, Path]]:
@@ -52,7 +50,7 @@ def test_every_slice_is_paired_and_converted(lgg):
     src, store, rows = lgg
     slices = _source_slices(src)
     n = sum(len(v) for v in slices.values())
-    assert n == 360
+    assert n == len(list(src.glob("*/*_mask.tif"))) > 0  # every image has its mask (the data grows: counted)
     assert len(rows) == n and {r["status"] for r in rows.values()} == {"ok"}
     assert len(store.case_ids()) == n
     for cid in store.case_ids():
@@ -67,7 +65,7 @@ def test_subjects_are_the_patient_folders_with_slices_in_order(lgg):
     src, store, rows = lgg
     slices = _source_slices(src)
     subjects = store.subjects()
-    assert len(subjects) == 10 and sorted(subjects) == sorted(slices)
+    assert len(subjects) == len([d for d in src.iterdir() if d.is_dir()]) and sorted(subjects) == sorted(slices)
     for patient, ids in subjects.items():
         # Numeric order (1, 2, ..., 10), not the lexicographic order of the ids (1, 10, 11, ...).
         assert ids == [f"{patient}_{i}" for i in sorted(slices[patient])]
@@ -116,15 +114,19 @@ def test_tiff_pixels_and_masks_are_stored_exactly(lgg):
     # uint8 images are stored bit-shuffled (byte shuffle is a no-op on 1 byte): 1.14x the deflate TIFFs, not 1.40x.
     stored = sum(f.stat().st_size for f in store.path.glob("cases/*/image/c.*"))
     assert stored < 1.2 * sum(p.stat().st_size for v in _source_slices(src).values() for p in v.values())
-    # Empty masks (210 of these 360 slices) stay empty labels; the tumour slices keep every pixel.
-    assert 0 < empty < 360 and sum(json.loads(r["label_counts"])["1"] == 0 for r in rows.values()) == empty
+    # Empty masks (most slices) stay empty labels; the tumour slices keep every pixel.
+    assert 0 < empty < len(rows) and sum(json.loads(r["label_counts"])["1"] == 0 for r in rows.values()) == empty
 
 
 def test_one_patient_stacks_back_into_its_volume(lgg):
     src, store, _ = lgg
     patient = "TCGA_HT_7694_19950404"
     by_index = _source_slices(src)[patient]
-    image, label = store.read_subject(patient)
+    # The subject's slices in slice order, read as evaluation stacks them (per-subject metrics).
+    slices = store.subjects()[patient]
+    assert [store.case(cid).slice_index for cid in slices] == sorted(by_index)
+    image = np.concatenate([store.read_case(cid)[0] for cid in slices], axis=1)
+    label = np.concatenate([store.read_case(cid)[1] for cid in slices], axis=0)
     n = len(by_index)
     assert image.shape == (3, n, 256, 256) and image.dtype == np.float32 and label.shape == (n, 256, 256)
     raw = np.stack([tifffile.imread(by_index[i]) for i in sorted(by_index)])  # (S, H, W, 3)
@@ -137,8 +139,6 @@ def test_one_patient_stacks_back_into_its_volume(lgg):
     expected = np.where(std > 0, (src_f - mean) / np.where(std > 0, std, 1), src_f - mean)
     np.testing.assert_allclose(image, np.moveaxis(expected, 3, 0), atol=1e-4)
     assert label.any()  # a patient with tumour: per-patient Dice is meaningful
-    with pytest.raises(StoreError, match="no cases for subject 'nobody'"):
-        store.read_subject("nobody")
 
 
 @pytest.fixture

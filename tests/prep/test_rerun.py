@@ -8,7 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from distseg.data.store import PREVIOUS_INDEX, Store
+from distseg.data.layout import PREVIOUS_INDEX
+from distseg.data.store import Store
 from preprocess.common import fold_of
 
 

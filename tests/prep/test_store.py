@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-from distseg.data.store import FORMAT_VERSION, Store, StoreError, restore_to_source_geometry
+from distseg.data.geometry import restore_to_source_geometry
+from distseg.data.layout import FORMAT_VERSION, StoreError
+from distseg.data.store import Store
 from preprocess.common import fold_of
 
 
@@ -161,7 +163,7 @@ def test_direct_chunk_reader_matches_zarr(store_path):
     for cid in s.case_ids():
         for name in ("image", "label", "foreground"):
             fast = s._array(cid, name)
-            assert type(fast).__name__ == "_ChunkReader"
+            assert type(fast).__name__ == "ChunkReader"
             ref = zarr.open_array(str(store_path / "cases" / cid / name), mode="r")
             np.testing.assert_array_equal(fast[...], ref[...])
             for _ in range(25):
@@ -240,7 +242,7 @@ def test_the_case_index_replaces_reading_every_case(store_path):
     assert {c: s.case(c).attrs for c in listed} == before
     assert s.read_patch(listed[0], (0, 0, 0), (8, 8, 8))[0].shape == (4, 8, 8, 8)
     # without the index (a preprocessing run has started) the reader goes back to each case's own file
-    from distseg.data.store import remove_index
+    from distseg.data.index import remove_index
 
     remove_index(store_path)
     with pytest.raises(ValueError):

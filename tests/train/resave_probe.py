@@ -14,9 +14,9 @@ import logging
 import sys
 from dataclasses import asdict
 
-from distseg import checkpoint, dist
 from distseg.config import load_config
-from distseg.trainer import Trainer
+from distseg.core import checkpoint, dist
+from distseg.train.trainer import Trainer
 
 
 def main() -> int:

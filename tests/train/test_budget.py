@@ -1,11 +1,11 @@
-"""The wall-clock planner (`distseg.budget`) on made-up timings; the trainer's use of it runs through the real
+"""The wall-clock planner (`distseg.train.budget`) on made-up timings; the trainer's use of it runs through the real
 launcher in tests/train/test_launch.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from distseg.budget import CostEstimate, WallClockBudget
+from distseg.train.budget import CostEstimate, WallClockBudget
 
 
 def budget(minutes: float = 1.0, steps: int = 10_000, val_every: int = 10, ckpt_every: int = 20,

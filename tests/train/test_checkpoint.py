@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distseg import checkpoint
+from distseg.core import checkpoint
 
 
 def fake_tag(ckpt_dir: Path, step: int, val_dice: float | None, complete: bool = True,
@@ -69,7 +69,7 @@ def test_a_dice_from_another_step_never_makes_a_checkpoint_best(tmp_path: Path):
 
 
 def test_another_rank_count_keeps_the_global_batch_or_says_what_would(tmp_path: Path):
-    from distseg import elastic
+    from distseg.train import elastic
 
     tag_dir = fake_tag(tmp_path, 4, 0.5)  # 2 ranks; its trainer_state.json has no config: the marker must say
     marker = checkpoint.read_marker(tag_dir)
@@ -84,7 +84,7 @@ def test_another_rank_count_keeps_the_global_batch_or_says_what_would(tmp_path: 
     msg = str(err.value)
     assert "global batch of 12 samples (2 ranks x train.grad_accum=3 x data.batch_size=2)" in msg
     assert "a rank count in [1, 2, 3, 6] with data.batch_size=2" in msg and "data.batch_size in [1, 3]" in msg
-    assert "python -m distseg.checkpoint export" in msg and "model.init_weights" in msg
+    assert "python -m distseg.core.checkpoint export" in msg and "model.init_weights" in msg
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):
@@ -104,8 +104,8 @@ def _plan_on_rank(rank: int, port: int, dirs: list[str], out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as torch_dist
 
-    from distseg import elastic
     from distseg.config import ExperimentConfig
+    from distseg.train import elastic
 
     torch_dist.init_process_group("gloo", rank=rank, world_size=2)
     plan = elastic.plan_resume(Path(dirs[rank]), ExperimentConfig(), 2)

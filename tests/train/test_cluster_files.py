@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from distseg.preemption import EXIT_REQUEUE
+from distseg.train.preemption import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[2]
 

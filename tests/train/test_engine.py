@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from distseg.config import ConfigError, load_config
-from distseg.engine import build_ds_config, mixed_precision_batchnorm
-from distseg.optim import ScheduleLength, build_optimizer, build_scheduler, lr_lambda, param_groups, refresh_lr
+from distseg.train.engine import build_ds_config, mixed_precision_batchnorm
+from distseg.train.optim import ScheduleLength, build_optimizer, build_scheduler, lr_lambda, param_groups, refresh_lr
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,8 +19,8 @@ import psutil
 import pytest
 import torch
 
-from distseg import elastic
-from distseg.monitor import read_events
+from distseg.train import elastic
+from distseg.train.monitor import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +102,8 @@ def test_sigterm_to_the_supervised_launcher_saves_exits_4_and_the_rerun_matches(
     assert proc.wait(timeout=120) == 4
     log = (tmp_path / "stop.log").read_text()
     assert "supervise: SIGTERM: asking every rank to save" in log
-    assert "[rank 0] WARNING distseg.preemption: stop requested (SIGUSR1)" in log
-    assert "[rank 1] WARNING distseg.preemption: stop requested (SIGUSR1)" in log
+    assert "[rank 0] WARNING distseg.train.preemption: stop requested (SIGUSR1)" in log
+    assert "[rank 1] WARNING distseg.train.preemption: stop requested (SIGUSR1)" in log
     latest = (ckpt / "latest").read_text()
     stopped_at = int(latest.removeprefix("step_"))
     assert 2 < stopped_at < 6, f"expected a stop checkpoint between the periodic ones, got {latest}"
@@ -190,7 +190,7 @@ def test_a_killed_rank_stops_the_others_with_a_message_and_a_rerun_resumes(runne
     assert rc != 0
     assert elapsed < 20 + 30, f"the launcher took {elapsed:.0f}s to stop"
     # rank 0 names the lost rank and the step (deepspeed's launcher also SIGTERMs it; the message comes first)
-    assert "[rank 0] ERROR distseg.lost_rank: rank 0: a collective failed at step" in log, log[-3000:]
+    assert "[rank 0] ERROR distseg.train.lost_rank: rank 0: a collective failed at step" in log, log[-3000:]
     assert "rank(s) [1] did not answer the roll call" in log
 
     # hung rather than dead (two "nodes", so no launcher notices): the survivor waits dist.timeout_s, then names it

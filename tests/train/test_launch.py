@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from distseg.config import load_config, to_dict
-from distseg.monitor import read_events
+from distseg.train.monitor import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +193,7 @@ def test_two_simulated_nodes_train_together_and_a_one_rank_restart_resumes(runne
     tag_dir = tmp_path / "runs" / "nodes" / "checkpoints" / "step_00000008"
     # ...and the way out it names works: consolidate the shards, start a 1-rank run from those weights
     weights = tmp_path / "export" / "weights.pt"
-    runner.ok(runner.run([sys.executable, "-m", "distseg.checkpoint", "export", str(tag_dir), str(weights)]))
+    runner.ok(runner.run([sys.executable, "-m", "distseg.core.checkpoint", "export", str(tag_dir), str(weights)]))
     init = [*overrides, "run.name=from_nodes", f"model.init_weights={weights}", "train.steps=2",
             "train.val_every=0", "checkpoint.every=0"]
     out = runner.ok(runner.run(runner.single_cmd(DEBUG, init)))
@@ -305,7 +305,7 @@ def test_a_wall_clock_budget_plans_the_schedule_and_stops_with_a_final_checkpoin
 
 
 def test_a_resumed_budget_run_spends_only_what_is_left_on_the_same_schedule(runner, brats_store, tmp_path):
-    from distseg.optim import lr_lambda
+    from distseg.train.optim import lr_lambda
 
     run_dir = tmp_path / "runs" / "resumed"
     ckpt = run_dir / "checkpoints"

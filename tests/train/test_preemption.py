@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distseg import lost_rank, preemption
+from distseg.train import lost_rank, preemption
 
 # Stands in for a rank: installs the stop handler like launch/train.py, "finishes its step" and exits 4.
 RANK = """
 import sys, time
-from distseg.preemption import EXIT_REQUEUE, StopRequest
+from distseg.train.preemption import EXIT_REQUEUE, StopRequest
 stop = StopRequest().install()
 open(sys.argv[1], "w").close()
 while not stop.requested:

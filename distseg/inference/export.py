@@ -1,6 +1,6 @@
 """Export a trained model: consolidated fp32 weights + the YAML that rebuilds it, optionally ONNX.
 
-    python -m distseg.export RUN_OR_TAG --out DIR [--onnx] [--opset 17]
+    python -m distseg.inference.export RUN_OR_TAG --out DIR [--onnx] [--opset 17]
 
 Writes ``DIR/model.pt`` (a plain state dict, loadable with ``torch.load(..., weights_only=True)``), ``DIR/model.yaml``
 (format, the run's resolved experiment config, the data contract `io`, where it came from) and with ``--onnx``
@@ -24,14 +24,8 @@ import torch
 import yaml
 
 from distseg.config import to_dict
-from distseg.outputs import atomic_write
-from distseg.predictor import (
-    EXPORT_FORMAT,
-    POSTPROCESSING_FILE,
-    LoadedModel,
-    ModelLoadError,
-    load_model,
-)
+from distseg.inference.outputs import atomic_write
+from distseg.inference.predictor import EXPORT_FORMAT, POSTPROCESSING_FILE, LoadedModel, ModelLoadError, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +34,8 @@ ONNX_ATOL = 1e-3
 
 
 def sidecar(model: LoadedModel) -> dict[str, Any]:
-    """The YAML document that rebuilds `model` (what `distseg.predictor` reads beside model.pt / model.onnx)."""
+    """The YAML document that rebuilds `model` (what `distseg.inference.predictor` reads beside model.pt /
+    model.onnx)."""
     return {
         "format": EXPORT_FORMAT,
         "config": to_dict(model.config),
@@ -106,7 +101,7 @@ def export(model_path: Path, out_dir: Path, onnx: bool = False, opset: int = 17)
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m distseg.export", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m distseg.inference.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="run folder (best, else newest complete checkpoint) or checkpoint tag")
     p.add_argument("--out", required=True, type=Path, help="output folder")

@@ -23,16 +23,13 @@ import torch
 import yaml
 
 from distseg.config import ExperimentConfig, from_dict
-from distseg.data.store import CaseArrays, Store, StoreError, paste_to_source, to_source_convention
+from distseg.data.geometry import paste_to_source
+from distseg.data.labels import to_source_convention
+from distseg.data.layout import StoreError
+from distseg.data.store import CaseArrays, Store
 from distseg.data.targets import num_targets, regions_to_labels, target_names
-from distseg.inference import (
-    Postprocessing,
-    SlidingWindow,
-    case_logits,
-    postprocess,
-    window_for,
-    window_predictor,
-)
+from distseg.inference.postprocess import Postprocessing, postprocess
+from distseg.inference.window import SlidingWindow, case_logits, window_for, window_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +151,7 @@ def _io_for_checkpoint(state: dict[str, Any], cfg: ExperimentConfig, tag_dir: Pa
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a COMPLETE DeepSpeed checkpoint tag of any ZeRO stage and rank count (in memory)."""
-    from distseg import checkpoint
+    from distseg.core import checkpoint
 
     try:
         return checkpoint.consolidated_fp32_state(tag_dir)
@@ -185,7 +182,7 @@ def _read_postprocessing(folder: Path) -> Postprocessing | None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A run folder -> its best complete checkpoint tag (else the newest complete); a tag folder -> itself."""
-    from distseg import checkpoint
+    from distseg.core import checkpoint
 
     if (path / checkpoint.MARKER).is_file() or path.name.startswith(checkpoint.TAG_PREFIX):
         return path
@@ -211,7 +208,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
 
 def _load_checkpoint(tag_dir: Path, device: torch.device | str) -> LoadedModel:
-    from distseg import checkpoint
+    from distseg.core import checkpoint
 
     state_file = tag_dir / checkpoint.STATE_FILE
     try:
@@ -233,14 +230,16 @@ def _load_checkpoint(tag_dir: Path, device: torch.device | str) -> LoadedModel:
 def _read_sidecar(path: Path) -> dict[str, Any]:
     sidecar = path.with_suffix(".yaml")
     if not sidecar.is_file():
-        raise ModelLoadError(f"{path}: no {sidecar.name} beside it; expected the YAML that `python -m distseg.export` "
-                             "writes next to the weights (resolved config + data contract)")
+        raise ModelLoadError(f"{path}: no {sidecar.name} beside it; expected the YAML that "
+                             "`python -m distseg.inference.export` writes next to the weights (resolved config + "
+                             "data contract)")
     try:
         doc = yaml.safe_load(sidecar.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ModelLoadError(f"{sidecar}: not valid YAML ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
-        raise ModelLoadError(f"{sidecar}: expected format {EXPORT_FORMAT!r} (written by python -m distseg.export)")
+        raise ModelLoadError(f"{sidecar}: expected format {EXPORT_FORMAT!r} "
+                             "(written by python -m distseg.inference.export)")
     return doc
 
 
@@ -252,7 +251,7 @@ def _load_weights(path: Path, device: torch.device | str) -> LoadedModel:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, unsafe pickle: all refused the same way
         raise ModelLoadError(f"{path}: unreadable weights file ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                             "expected a state dict saved by python -m distseg.export") from e
+                             "expected a state dict saved by python -m distseg.inference.export") from e
     if not isinstance(state, dict):
         raise ModelLoadError(f"{path}: holds a {type(state).__name__}, expected a state dict")
     module = build_inference_model(cfg, io)

@@ -26,12 +26,13 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from distseg.core.signals import STOP_SIGNALS
+
 logger = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 4
 """Exit status of a run stopped by a signal after saving a complete checkpoint: requeue it / run it again."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
@@ -70,7 +71,7 @@ class StopRequest:
 
     def agree(self, group=None) -> bool:
         """Collective: True on every rank when any rank has been asked to stop. One all-reduce of a 1-element CPU
-        tensor over `group` (a gloo group: no device synchronisation; `distseg.dist.control_group`)."""
+        tensor over `group` (a gloo group: no device synchronisation; `distseg.core.dist.control_group`)."""
         import torch  # here, not at import: launch/supervise.py must start (and catch signals) fast
         import torch.distributed as torch_dist
 
@@ -83,14 +84,6 @@ class StopRequest:
             logger.warning("stop requested (%s): saving a checkpoint after this step, then exiting with status %d",
                            here, EXIT_REQUEUE)
         return self.agreed
-
-
-def ignore_stop_signals() -> None:
-    """For loader worker processes: the rank they serve decides when to stop and shuts them down itself. (Without
-    this the launcher's SIGTERM to the rank's whole process tree kills the workers, and the rank's DataLoader
-    raises "worker exited unexpectedly" in the middle of the step it was meant to finish.)"""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def supervise(cmd: Sequence[str]) -> int:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseg.config import ConfigError, ExperimentConfig
-from distseg.optim import ScheduleLength, build_optimizer, build_scheduler, param_groups
+from distseg.train.optim import ScheduleLength, build_optimizer, build_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
             if owned in preset:
                 raise ConfigError(
                     f"deepspeed.preset: {path} has an {owned!r} block; optimizers and schedules come from the "
-                    "experiment config's optim section (distseg.optim), remove it from the preset"
+                    "experiment config's optim section (distseg.train.optim), remove it from the preset"
                 )
     ds = _merge(preset, derived_values(cfg, world_size), "", f"deepspeed.preset ({cfg.deepspeed.preset})")
     leftover = _find_auto(ds)
@@ -114,7 +114,7 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
 
 def check_accelerator_support(cfg: ExperimentConfig) -> None:
     """Fail early (before distributed init) when this accelerator cannot run the configured precision."""
-    from distseg.dist import accelerator
+    from distseg.core.dist import accelerator
 
     acc = accelerator()
     supported = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}

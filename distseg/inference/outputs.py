@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.store import CaseArrays, paste_to_source
-from distseg.fileio import atomic_write
-from distseg.monitor import paint_masks
-from distseg.predictor import Prediction
+from distseg.core.fileio import atomic_write
+from distseg.core.overlay import paint_masks
+from distseg.data.geometry import paste_to_source
+from distseg.data.store import CaseArrays
+from distseg.inference.predictor import Prediction
 
 logger = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distseg import checkpoint, dist
-from distseg.checkpoint import CheckpointError
 from distseg.config import ExperimentConfig
+from distseg.core import checkpoint, dist
+from distseg.core.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ def grad_accum_for(saved: SavedLayout, world_size: int, batch_size: int, tag_dir
         f"ranks x train.grad_accum={saved.grad_accum} x data.batch_size={saved.batch_size}), which {world_size} "
         f"ranks x data.batch_size={batch_size} cannot keep with a whole train.grad_accum. Use "
         f"{' or '.join(options) if options else 'the original rank count'}; or start a NEW run from its weights: "
-        f"python -m distseg.checkpoint export {tag_dir} <weights.pt>, then model.init_weights=<weights.pt> and a new "
+        f"python -m distseg.core.checkpoint export {tag_dir} <weights.pt>, then model.init_weights=<weights.pt> and "
+        "a new "
         "run.name (the optimizer state starts fresh)"
     )
 

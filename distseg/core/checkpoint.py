@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distseg import dist
+from distseg.core import dist
+from distseg.core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,14 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def _write_text(path: Path, text: str) -> None:
+    """Atomically, fsynced before the rename."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=True)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON atomically (temporary file + rename)."""
-    _atomic_write(path, json.dumps(obj, indent=1))
+    """Write `obj` as JSON atomically (temporary file + fsync + rename)."""
+    _write_text(path, json.dumps(obj, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -134,7 +130,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
     `state`: the trainer's JSON-able counters and config (identical on all ranks); ``state["val_dice"]`` (mean
     validation Dice) and ``state["val_step"]`` (the step that Dice was measured at) decide `best`: only a Dice
     measured at this very step makes the checkpoint a candidate. `layout` (grad_accum, batch_size, zero_stage) goes
-    into the marker beside world_size: an elastic resume keeps the global batch from it (`distseg.elastic`).
+    into the marker beside world_size: an elastic resume keeps the global batch from it (`distseg.train.elastic`).
     """
     rank = dist.rank()
     tag = tag_for(step)
@@ -147,7 +143,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
     torch.save(rng_state(), rng_path.with_suffix(".tmp"))
     rng_path.with_suffix(".tmp").replace(rng_path)
     if rank == 0:
-        _atomic_write(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+        _write_text(tag_dir / STATE_FILE, json.dumps(state, indent=1))
     dist.barrier()  # every rank's files are written: only now may the checkpoint count
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER}
@@ -160,8 +156,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
             "time": time.time(),
             "files": files,
         }
-        _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=1))
-        _atomic_write(ckpt_dir / "latest", tag)
+        _write_text(tag_dir / MARKER, json.dumps(marker, indent=1))
+        _write_text(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep_last, keep_best)
     dist.barrier()
     logger.info("checkpoint %s complete", tag_dir)
@@ -185,7 +181,7 @@ def prune(ckpt_dir: Path, keep_last: int, keep_best: bool) -> None:
     best = best_tag(complete) if keep_best else None
     if best:
         keep.add(best)
-        _atomic_write(ckpt_dir / "best", best)
+        _write_text(ckpt_dir / "best", best)
     for d in ckpt_dir.iterdir():
         if d.is_dir() and d.name.startswith(TAG_PREFIX) and d.name not in keep:
             logger.info("pruning checkpoint %s", d.name)
@@ -218,7 +214,8 @@ def consolidated_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
 
     ZeRO 1-3: DeepSpeed's zero_to_fp32 gathers the fp32 master partitions of every rank. ZeRO 0 (plain data
     parallel) keeps no partitions: with bf16/fp16 the fp32 master weights are the optimizer's `fp32_groups`, in the
-    order of `distseg.optim.param_groups` (matrices, then vectors); in fp32 the module weights are the master copy.
+    order of `distseg.train.optim.param_groups` (matrices, then vectors); in fp32 the module weights are the master
+    copy.
     """
     import contextlib
     import io
@@ -259,10 +256,10 @@ def export_fp32(tag_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distseg.checkpoint export <run>/checkpoints/<tag> OUT.pt``: consolidated fp32 weights."""
+    """``python -m distseg.core.checkpoint export <run>/checkpoints/<tag> OUT.pt``: consolidated fp32 weights."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 3 or argv[0] != "export":
-        sys.stderr.write("usage: python -m distseg.checkpoint export <run>/checkpoints/<tag> OUT.pt\n")
+        sys.stderr.write("usage: python -m distseg.core.checkpoint export <run>/checkpoints/<tag> OUT.pt\n")
         return 2
     try:
         out = export_fp32(Path(argv[1]), Path(argv[2]))

@@ -49,7 +49,7 @@ def build_optimizer(cfg: OptimConfig, params: Iterable, offload: bool = False) -
 
 
 class ScheduleLength:
-    """The optimizer steps a schedule spans (mutable): `train.steps`, or the wall-clock plan of `distseg.budget`.
+    """The optimizer steps a schedule spans (mutable): `train.steps`, or the wall-clock plan of `distseg.train.budget`.
 
     The LR multiplier reads `total` at every step, so a plan made after the run has measured its step time lays
     the decay over the steps that fit; the trainer refreshes the current LR whenever it changes `total`.

@@ -12,15 +12,24 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any], fsync: bool = False) -> Path:
     """Call `write(tmp)` for a hidden temporary file beside `path` that keeps its suffixes (``.nii.gz``, ``.png``:
-    libraries that pick the format from the name still work), then rename it to `path`. Returns `path`."""
+    libraries that pick the format from the name still work), then rename it to `path`. Returns `path`.
+
+    `fsync`: flush the file's data to stable storage before the rename (checkpoint metadata: the rename must never
+    become visible before the bytes it names)."""
     path = Path(path)
     stem = path.name.split(".")[0]
     suffix = "".join(path.suffixes[-2:]) if path.suffixes else ".tmp"
     tmp = path.with_name(f".{stem}.{uuid.uuid4().hex[:12]}{suffix}")
     try:
         write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

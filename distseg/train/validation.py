@@ -1,6 +1,6 @@
 """Whole-case validation during training: every validation case segmented by the sliding window of
-`distseg.inference`, the same code `launch/predict.py` and `launch/evaluate.py` run, so "best checkpoint" means best
-on whole cases, not on one centred crop.
+`distseg.inference.window`, the same code `launch/predict.py` and `launch/evaluate.py` run, so "best checkpoint"
+means best on whole cases, not on one centred crop.
 
 Cases are sharded across ranks (case i on rank i mod world). Forwards under ZeRO-3 are collectives, so every rank
 must make the same number of forward calls: each rank knows every validation case's shape from the store metadata,
@@ -21,7 +21,7 @@ from distseg.data.config import DataConfig
 from distseg.data.resample import pooled_shape
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets
-from distseg.inference import SlidingWindow, case_logits, forward_calls, window_for, window_predictor
+from distseg.inference.window import SlidingWindow, case_logits, forward_calls, window_for, window_predictor
 from distseg.metrics import confusion_counts
 
 logger = logging.getLogger(__name__)

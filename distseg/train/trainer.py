@@ -6,8 +6,9 @@
 
 Step = one optimizer step = `train.grad_accum` micro-batches per rank. Everything random derives from
 (seed, global sample position), so a run resumed from step N continues exactly like an uninterrupted one, and on
-another rank count with the same samples per step (`distseg.elastic`). A stop signal ends the run after the
-current step with a checkpoint (`distseg.preemption`); a lost rank ends it with a message (`distseg.lost_rank`).
+another rank count with the same samples per step (`distseg.train.elastic`). A stop signal ends the run after the
+current step with a checkpoint (`distseg.train.preemption`); a lost rank ends it with a message
+(`distseg.train.lost_rank`).
 Collectives (all-reduces, forwards under ZeRO-3, checkpoint saves) happen on every rank in the same order.
 
 Host-device syncs: the micro-step itself has none of ours (the loss for logging accumulates on the device and is
@@ -16,7 +17,7 @@ ZeRO and bf16/fp16 optimizers check the global gradient norm in `engine.step()` 
 discard the step's gradients on every rank. Engines without that check (ZeRO 0 in fp32) fall back to one all-reduced
 flag per micro-batch between forward and backward (a host sync), skipping just that micro-batch.
 
-`train.max_minutes` (distseg.budget): the run times its steps, plans the steps that fit, lays the LR schedule over
+`train.max_minutes` (distseg.train.budget): the run times its steps, plans the steps that fit, lays the LR schedule over
 them, and stops there with a final checkpoint; rank 0 plans and broadcasts, so every rank stops at the same step.
 """
 
@@ -26,87 +27,31 @@ import logging
 import math
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from distseg import checkpoint, dist, elastic, lost_rank
-from distseg.budget import CostEstimate, WallClockBudget, describe
-from distseg.config import ConfigError, ExperimentConfig, make_run_dir, to_dict, write_resolved
+from distseg.config import ExperimentConfig, make_run_dir, to_dict, write_resolved
+from distseg.core import checkpoint, dist
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
-from distseg.data.store import Store
-from distseg.data.targets import labels_to_targets, num_targets, target_names
-from distseg.engine import build_ds_config, initialize
+from distseg.data.targets import labels_to_targets, target_names
+from distseg.inference.predictor import ModelIO
 from distseg.losses import build_loss
 from distseg.metrics import MetricAccumulator, confusion_counts
-from distseg.models import build_model
-from distseg.monitor import build_monitor, memory_stats
-from distseg.optim import ScheduleLength, refresh_lr
-from distseg.predictor import ModelIO
-from distseg.preemption import StopRequest
-from distseg.validation import WholeCaseValidator
+from distseg.train import elastic, lost_rank
+from distseg.train.budget import CostEstimate, WallClockBudget, describe
+from distseg.train.engine import build_ds_config, initialize
+from distseg.train.monitor import build_monitor, memory_stats
+from distseg.train.optim import ScheduleLength, refresh_lr
+from distseg.train.preemption import StopRequest
+from distseg.train.progress import StepWindow, mean_loss, perf_scalars, run_summary
+from distseg.train.setup import DTYPES, build_seeded_model, model_channels
+from distseg.train.state import NonFiniteLossError, TrainState
+from distseg.train.validation import WholeCaseValidator
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps were skipped as non-finite; the run stops (last good checkpoint kept)."""
-
-
-@dataclass
-class TrainState:
-    """The trainer's counters; saved in every checkpoint (trainer_state.json)."""
-
-    step: int = 0
-    """Optimizer steps done."""
-    micro_batches: int = 0
-    """Micro-batches drawn from the loader on each rank since `stream_base` (= the loader position to resume from)."""
-    stream_base: int = 0
-    """Global micro-batches drawn before this rank count took over (changes only on an elastic resume)."""
-    samples_seen: int = 0
-    """Samples (all ranks) that went into an optimizer update."""
-    nonfinite_skipped: int = 0
-    """Optimizer steps (or, on engines without a gradient check, micro-batches) skipped as non-finite."""
-    val_dice: float | None = None
-    """Mean validation Dice of the latest validation."""
-    val_step: int | None = None
-    """The step `val_dice` was measured at (a checkpoint is "best"-eligible only at that step)."""
-    elapsed_s: float = 0.0
-    """Training seconds so far, over every run of this job (see distseg.budget for what counts)."""
-    planned_steps: int | None = None
-    """Under `train.max_minutes`: the optimizer steps the LR schedule spans (None before the first plan)."""
-
-
-def model_channels(cfg: ExperimentConfig, store: Store) -> tuple[int, int]:
-    """(in, out) channels the store implies: its modalities in, one sigmoid channel per target out.
-
-    Raises ConfigError when `model.overrides` pins other values.
-    """
-    implied = {"in_channels": len(store.channels), "out_channels": num_targets(cfg.data.target, store.regions)}
-    for key, value in implied.items():
-        if key in cfg.model.overrides and cfg.model.overrides[key] != value:
-            raise ConfigError(
-                f"model.overrides.{key}: {cfg.model.overrides[key]} but the store {cfg.data.store} with "
-                f"data.target={cfg.data.target} implies {value}; drop the override"
-            )
-    return implied["in_channels"], implied["out_channels"]
-
-
-def build_seeded_model(cfg: ExperimentConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
-    """The model with identical initial weights on every rank: the init RNG is seeded from run.seed only."""
-    torch.manual_seed(cfg.run.seed)
-    overrides = {**cfg.model.overrides, "in_channels": in_channels, "out_channels": out_channels}
-    model = build_model(cfg.model.name, cfg.model.preset, **overrides)
-    if cfg.model.init_weights:
-        state = torch.load(cfg.model.init_weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        logger.info("initial weights from %s", cfg.model.init_weights)
-    return model
-
 
 class Trainer:
     """Builds the model, engine, loss, augmentation and monitor for this rank; `train()` runs the loop."""
@@ -125,7 +70,7 @@ class Trainer:
         self.cfg = cfg = elastic.with_grad_accum(cfg, self.plan)
         store = open_store(cfg.data)
         self.regions = store.regions
-        # What a predictor needs besides the weights; saved in every checkpoint (see distseg.predictor).
+        # What a predictor needs besides the weights; saved in every checkpoint (see distseg.inference.predictor).
         self.io = ModelIO.from_store(cfg, store)
         self.validator = None
         if cfg.train.val_every and cfg.train.val_mode == "whole":
@@ -146,7 +91,7 @@ class Trainer:
         # is not finite; a plain (ZeRO 0 fp32) optimizer would apply it, so there we check each micro-batch.
         self.skip_check = "step" if hasattr(self.engine.optimizer, "overflow") else "micro_batch"
         self.control = dist.control_group(cfg.dist.timeout_s)  # collective; the stop flag's gloo group
-        self.dtype = _DTYPES[cfg.deepspeed.precision]
+        self.dtype = DTYPES[cfg.deepspeed.precision]
         self.loss_fn = build_loss(cfg.loss)
         self.augment = build_device_augment(cfg.data, cfg.run.seed)
         self.monitor = build_monitor(cfg.monitor, self.run_dir, self.rank)
@@ -163,7 +108,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- resume
     def _resume(self) -> CostEstimate | None:
-        """Load the checkpoint rank 0 chose (`distseg.elastic.plan_resume`), if any; returns the wall-clock
+        """Load the checkpoint rank 0 chose (`distseg.train.elastic.plan_resume`), if any; returns the wall-clock
         budget's saved timings."""
         plan = self.plan
         if plan.tag is None or plan.saved is None:
@@ -172,7 +117,7 @@ class Trainer:
         saved = checkpoint.load(self.engine, self.ckpt_dir, plan.tag, universal=elastic.UNIVERSAL if plan.universal
                                 else None, restore_rng=same_layout)
         self.state = TrainState(**saved["counters"])
-        if not same_layout:  # the stream continues after every micro-batch the old ranks drew (distseg.elastic)
+        if not same_layout:  # the stream continues after every micro-batch the old ranks drew (distseg.train.elastic)
             self.state.stream_base += self.state.micro_batches * plan.saved.world_size
             self.state.micro_batches = 0
         # The latest validation result travels with the checkpoint, so a rerun of a finished run still reports it.
@@ -246,7 +191,7 @@ class Trainer:
         """Dice per region from tp/fp/fn summed over this rank's shard, then all-reduced (never averaged ratios)."""
         self.engine.eval()
         acc = MetricAccumulator(self.channel_names)
-        if self.validator is not None:  # whole cases, sliding window (distseg.validation)
+        if self.validator is not None:  # whole cases, sliding window (distseg.train.validation)
             counts, example = self.validator.run(self.engine, self.device, self.dtype, self.cfg.data.target,
                                                  self.regions)
             if counts is not None:
@@ -292,7 +237,7 @@ class Trainer:
                                     stream_base=state.stream_base)
         batches = iter(loader)
         voxels = math.prod(cfg.data.patch_size)
-        window = _Window()
+        window = StepWindow()
         # The loss of every micro-batch since the last log step, summed on the device (no per-step sync).
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = torch.zeros((), device=self.device)
@@ -321,14 +266,18 @@ class Trainer:
         state.elapsed_s = self._elapsed()
         seconds = time.perf_counter() - self._t_start
         steps_run = state.step - start_step  # 0 when a finished run is rerun: no timing to report
-        self._write_summary(seconds / steps_run if steps_run else None)
+        if self.rank == 0:
+            summary = run_summary(state, self.last_dice, seconds / steps_run if steps_run else None,
+                                  self.resumed_from, self.world_size, self.stopped, self.budget,
+                                  cfg.train.max_minutes, cfg.train.steps)
+            checkpoint.write_json(self.run_dir / "summary.json", summary)
         return state
 
     def _elapsed(self) -> float:
         """Training seconds of this job: the previous runs' (from the checkpoint) plus this run's loop so far."""
         return self._elapsed_base + (time.perf_counter() - self._t_start)
 
-    def _loop(self, batches: Generator[dict[str, Any], None, None], window: _Window, voxels: int, bar: tqdm) -> None:
+    def _loop(self, batches: Generator[dict[str, Any], None, None], window: StepWindow, voxels: int, bar: tqdm) -> None:
         """Micro-batches until the planned optimizer steps are done: step, log, (re)plan, validate, checkpoint."""
         cfg, state = self.cfg, self.state
         skipped_in_row = 0
@@ -389,7 +338,7 @@ class Trainer:
         self._step_finite.fill_(True)
         return all_finite and self.cfg.deepspeed.precision == "fp16"
 
-    def _after_step(self, window: _Window, voxels: int, bar: tqdm, lr: float, stop: bool) -> None:
+    def _after_step(self, window: StepWindow, voxels: int, bar: tqdm, lr: float, stop: bool) -> None:
         """Log, (re)plan the budget, validate and checkpoint as due after optimizer step `state.step`. On a stop
         request only the checkpoint is made (the grace period is for it), no validation or re-plan."""
         cfg, state = self.cfg, self.state
@@ -445,53 +394,19 @@ class Trainer:
             planned = self.budget.plan(self.state.step, self._elapsed(), self.state.planned_steps)
         return int(dist.broadcast_object(planned))
 
-    def _write_summary(self, seconds_per_step: float | None) -> None:
-        """``<run>/summary.json`` (rank 0): where the run ended, for people and scripts (the demo prints it)."""
-        if self.rank != 0:
-            return
-        summary = {
-            "step": self.state.step,
-            "val_dice": self.last_dice,
-            "val_dice_mean": self.state.val_dice,
-            "val_step": self.state.val_step,
-            "samples_seen": self.state.samples_seen,
-            "nonfinite_skipped": self.state.nonfinite_skipped,
-            "seconds_per_step": seconds_per_step,
-            "elapsed_s": self.state.elapsed_s,
-            "resumed_from": self.resumed_from,
-            "world_size": self.world_size,
-            "stopped_on_signal": self.stopped,
-        }
-        if self.budget is not None:
-            summary["budget"] = {
-                "max_minutes": self.cfg.train.max_minutes,
-                "planned_steps": self.state.planned_steps,
-                "reached_steps": self.state.step,
-                "elapsed_s": self.state.elapsed_s,
-                "max_steps": self.cfg.train.steps,
-                **{f"measured_{k}": v for k, v in self.budget.summary().items()},
-            }
-        checkpoint.write_json(self.run_dir / "summary.json", summary)
-
-    def _log(self, window: _Window, voxels: int, bar: tqdm, lr: float) -> None:
+    def _log(self, window: StepWindow, voxels: int, bar: tqdm, lr: float) -> None:
         """Scalars of the steps since the last log (collective: the loss is all-reduced here; rank 0 writes, other
         ranks hold a NullMonitor)."""
         packed = dist.all_reduce_sum(torch.stack([self._loss_sum, self._loss_count.float()]))
         loss_sum, count = packed.tolist()  # host sync, once per log step
         self._loss_sum.zero_()
         self._loss_count.zero_()
-        samples = window.count * self.cfg.data.batch_size * self.world_size
         values = {
-            "train/loss": loss_sum / count if count else math.nan,
+            "train/loss": mean_loss(loss_sum, count),
             "train/lr": float(lr),
             "train/epoch": self.epoch,
             "train/nonfinite_skipped": float(self.state.nonfinite_skipped),
-            "perf/samples_per_s": samples / window.time,
-            "perf/voxels_per_s": samples * voxels / window.time,
-            "perf/data_wait_fraction": window.data_time / window.time,
-            "perf/step_time_s": window.time * self.cfg.train.grad_accum / max(1, window.count),
-            # the stop-flag all-reduce, per optimizer step (its cost: see .notes/fault.md)
-            "perf/stop_flag_ms": 1e3 * window.flag_time / max(1, window.count / self.cfg.train.grad_accum),
+            **perf_scalars(window, self.cfg.data.batch_size * self.world_size, voxels, self.cfg.train.grad_accum),
             **memory_stats(self.device),
         }
         grad_norm = self.engine.get_global_grad_norm()
@@ -507,21 +422,3 @@ class Trainer:
 
     def close(self) -> None:
         self.monitor.close()
-
-
-class _Window:
-    """Host-side sums over the micro-batches since the last log line (the loss is summed on the device)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.time = 0.0
-        self.data_time = 0.0
-        self.flag_time = 0.0
-        self.count = 0
-
-    def add(self, seconds: float, data_seconds: float) -> None:
-        self.time += seconds
-        self.data_time += data_seconds
-        self.count += 1

@@ -1,0 +1,7 @@
+"""The floor every stage stands on: process groups and devices (`dist`), atomic file writes (`fileio`), DeepSpeed
+checkpoints with completion markers (`checkpoint`), stop-signal plumbing (`signals`), segmentation overlays
+(`overlay`).
+
+Imports: third-party libraries and other `distseg.core` modules only; never `distseg.data`, `models`, `train`,
+`inference` or `evaluation`, and never `preprocess` or Ray.
+"""

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distseg.inference.loading import POSTPROCESSING_FILE
 from launch.demo_report import StageResult, held_out_metrics, summary_text, write_summary
 
 logger = logging.getLogger("launch.demo")
@@ -149,7 +150,7 @@ def checkpoint_identity(run_dir: Path) -> dict[str, Any]:
     """The checkpoint `--model RUN` loads (best complete, else newest) and when it was saved: two checkpoints with
     the same tag (a run deleted and trained again) still differ."""
     from distseg.core.checkpoint import read_marker
-    from distseg.inference.predictor import ModelLoadError, resolve_checkpoint
+    from distseg.inference.loading import ModelLoadError, resolve_checkpoint
 
     try:
         tag_dir = resolve_checkpoint(run_dir)
@@ -223,27 +224,28 @@ def train(cfg: Any, config: Path, overrides: list[str], ranks: int, env: dict[st
 
 def evaluate(run_dir: Path, store: Path, folds: list[int], eval_dir: Path, state: DemoState,
              env: dict[str, str]) -> StageResult:
-    from distseg.inference.predictor import POSTPROCESSING_FILE
-
     record = {**checkpoint_identity(run_dir), "store": str(store), "folds": folds, "output": str(eval_dir)}
     complete = all((eval_dir / f).is_file() for f in ("summary.json", "evaluation.json", "metrics.parquet"))
-    if state.matches("evaluation", record) and complete and (run_dir / POSTPROCESSING_FILE).is_file():
+    if state.matches("evaluation", record) and complete and (eval_dir / POSTPROCESSING_FILE).is_file():
         return StageResult("evaluation", 0.0, True, f"done for {Path(record['checkpoint']).name}")
     fold_args = [a for k in folds for a in ("--fold", str(k))]
     seconds = _run([sys.executable, "launch/evaluate.py", "--model", str(run_dir), "--store", str(store), *fold_args,
-                    "--output", str(eval_dir)], env)
+                    "--output", str(eval_dir), "--choose-postprocessing"], env)
     state.record("evaluation", record)
     return StageResult("evaluation", seconds, False, f"held-out fold(s) {folds}, whole cases, sliding window, "
                                                      f"{Path(record['checkpoint']).name}")
 
 
 def predict(run_dir: Path, case_input: Path, files: dict[str, Path], pred_dir: Path, state: DemoState,
-            env: dict[str, str]) -> StageResult:
-    record = {**checkpoint_identity(run_dir), "input": str(case_input), "output": str(pred_dir)}
+            env: dict[str, str], postprocessing: Path) -> StageResult:
+    """Raw input through `launch/predict.py` with the postprocessing chosen on the held-out fold (`postprocessing`,
+    the file the evaluation stage wrote)."""
+    record = {**checkpoint_identity(run_dir), "input": str(case_input), "output": str(pred_dir),
+              "postprocessing": str(postprocessing)}
     if state.matches("prediction", record) and all(p.is_file() for p in files.values()):
         return StageResult("prediction", 0.0, True, f"done for {Path(record['checkpoint']).name}")
     seconds = _run([sys.executable, "launch/predict.py", "--model", str(run_dir), "--input", str(case_input),
-                    "--output", str(pred_dir), "--postprocess"], env)
+                    "--output", str(pred_dir), "--postprocess", str(postprocessing)], env)
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"demo: launch/predict.py did not write {', '.join(missing)}")
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     stages.append(evaluate(run_dir, store, folds, eval_dir, state, env))
     case_id, case_input = held_out_case(store, folds)
     files = prediction_files(pred_dir, demo.kind, case_id)
-    stages.append(predict(run_dir, case_input, files, pred_dir, state, env))
+    stages.append(predict(run_dir, case_input, files, pred_dir, state, env, eval_dir / POSTPROCESSING_FILE))
 
     report = {
         "kind": demo.kind, "title": demo.title, "seconds": time.perf_counter() - t0,

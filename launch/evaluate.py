@@ -1,15 +1,18 @@
 """Evaluate segmentations: predictions vs ground truth per case and region, or compare evaluations side by side.
 
     python launch/evaluate.py --pred DIR --gt DIR --output DIR [--hd95-one-empty 373.13] [--workers N]
-    python launch/evaluate.py --model RUN|TAG|model.pt --store STORE [--fold K ...] --output DIR
-        [--overlap 0.5] [--tta mirror] [--window-batch 4] [--device auto] [--no-postprocessing-search]
+    python launch/evaluate.py --model MODEL [MODEL ...] --store STORE [--fold K ... | --split test] --output DIR
+        [--choose-postprocessing | --postprocess] [--overlap 0.5] [--tta mirror] [--window-batch 4] [--device auto]
     python launch/evaluate.py compare EVAL_DIR... [--output FILE.md]
 
---model: predicts the store's labelled cases of the given folds (default: the run's validation folds) with the
-sliding window, writes each prediction (NIfTI / mask PNG + overlay) under DIR/predictions, scores them in the
-source grid, chooses the connected-component postprocessing on these cases (stored beside the model as
-postprocessing.json, used by `launch/predict.py --postprocess`; its effect is scored under DIR/postprocessed) and
-logs the summary to the run's TensorBoard.
+--model: a run folder, checkpoint tag, model.pt / model.onnx, a cross-validation folder (its fold models as an
+ensemble), or several of them (an ensemble). Predicts the store's labelled cases with the sliding window -- the
+given folds (default: the run's validation folds), or with --split test the test split set aside at preprocessing
+-- writes each prediction (NIfTI / mask PNG + overlay) under DIR/predictions, scores them in the source grid and
+logs the summary to the run's TensorBoard. Every report says its role: "validation" (fold cases: they chose the
+best checkpoint) or "test" (no choice saw them). --choose-postprocessing chooses the connected-component rule on
+these (validation) cases and writes DIR/postprocessing.json (refused with --split test; nothing is written beside
+the model); --postprocess applies the rule the model or CV folder carries and scores it under DIR/postprocessed.
 
 --pred: files written by the predictor (3D `<case_id>.nii.gz`, 2D `<case_id>_mask.png`); --gt: BraTS case folders
 (any release naming), `<case_id>[_seg].nii.gz` label files, or 2D masks (see `preprocess/label_files.py`). Writes
@@ -36,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", type=Path, help="folder of prediction files")
     parser.add_argument("--gt", type=Path, help="folder of ground truth (BraTS cases, labels, masks)")
-    parser.add_argument("--model", type=Path, help="run folder, checkpoint tag, model.pt or model.onnx")
+    parser.add_argument("--model", type=Path, nargs="+",
+                        help="run folder, checkpoint tag, model.pt, model.onnx or CV folder; several = an ensemble")
     parser.add_argument("--store", type=Path, help="with --model: the Zarr store holding the cases")
     parser.add_argument("--fold", type=int, action="append", default=None,
                         help="with --model: fold(s) to evaluate (default: the run's data.val_folds)")
@@ -44,8 +48,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tta", choices=["none", "mirror"], default="none", help="with --model: mirror TTA")
     parser.add_argument("--window-batch", type=int, default=4, help="with --model: windows per forward")
     parser.add_argument("--device", default="auto", help="with --model: auto, cpu or cuda")
-    parser.add_argument("--no-postprocessing-search", action="store_true",
-                        help="with --model: do not choose (and store) a connected-component postprocessing rule")
+    parser.add_argument("--split", choices=["train", "test"], default="train",
+                        help="with --model: train (default: the cross-validation pool, with --fold) or test (the "
+                             "test split set aside at preprocessing; reported as test)")
+    parser.add_argument("--choose-postprocessing", action="store_true",
+                        help="with --model: choose the connected-component rule on these validation cases and write "
+                             "it to OUTPUT/postprocessing.json (refused with --split test)")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="with --model: also score the rule the model (or CV folder) carries (postprocessing.json)")
     parser.add_argument("--output", type=Path, required=True, help="folder for the evaluation outputs")
     parser.add_argument("--hd95-one-empty", type=float, default=BRATS_HD95_ONE_EMPTY,
                         help="HD95 when exactly one of prediction and ground truth is empty (default: BraTS 373.13)")
@@ -87,30 +97,50 @@ def run_model(args: argparse.Namespace) -> int:
     from distseg.data.layout import StoreError
     from distseg.data.store import Store
     from distseg.evaluation.model import PredictSettings, evaluate_model
+    from distseg.inference.ensemble import load_models
+    from distseg.inference.loading import ModelLoadError
     from distseg.inference.outputs import OutputError, check_output_dir
-    from distseg.inference.predictor import ModelLoadError, load_model
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.split == "test" and args.choose_postprocessing:
+        logger.error("--choose-postprocessing with --split test is refused: a choice made on the test split makes "
+                     "its report optimistic; choose on validation folds (or use a CV folder's choice: --postprocess)")
+        return 2
+    if args.split == "test" and args.fold:
+        logger.error("--fold selects cross-validation folds; the test split has none (drop --fold)")
+        return 2
     try:
         check_output_dir(args.output, [args.store])
-        model = load_model(args.model, device)
+        models = load_models(args.model, device)
         store = Store.open(args.store)
     except (OutputError, ModelLoadError, StoreError) as e:
         logger.error("%s", e)
         return 2
-    folds = args.fold if args.fold else list(model.config.data.val_folds)
-    cases = store.case_ids(folds=folds, labelled_only=True)
+    if args.postprocess and models.postprocessing is None:
+        logger.error("%s: --postprocess asked for, but it carries no postprocessing.json; choose one on validation "
+                     "cases (--choose-postprocessing, or launch/crossval.py)", models.describe())
+        return 2
+    if args.split == "test":
+        folds, what = None, "test split"
+        cases = store.case_ids(labelled_only=True, split="test")
+    else:
+        folds = args.fold if args.fold else sorted({f for m in models.members for f in m.config.data.val_folds})
+        what = f"folds {folds}"
+        cases = store.case_ids(folds=folds, labelled_only=True)
     if not cases:
-        logger.error("%s: no labelled case in folds %s; expected the folds the model was validated on", args.store,
-                     folds)
+        logger.error("%s: no labelled case in the %s; expected %s", args.store, what,
+                     "a store preprocessed with --test-subjects/--test-fraction" if args.split == "test"
+                     else "the folds the model was validated on")
         return 2
     settings = PredictSettings(overlap=args.overlap, tta=args.tta == "mirror", window_batch=args.window_batch,
                                device=device)
     try:
-        evaluation = evaluate_model(model, store, cases, args.output, settings, folds,
-                                    choose_pp=not args.no_postprocessing_search)
+        evaluation = evaluate_model(models, store, cases, args.output, settings,
+                                    role="test" if args.split == "test" else "validation", what=what,
+                                    choose_pp=args.choose_postprocessing,
+                                    apply_pp=models.postprocessing if args.postprocess else None)
     except (ValueError, OSError) as e:
         logger.error("%s", e)
         return 2

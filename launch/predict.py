@@ -45,12 +45,15 @@ class InputCase:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch/predict.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path,
+    p.add_argument("--model", required=True, type=Path, nargs="+",
                    help="run folder (best checkpoint, else newest complete), checkpoint tag folder, exported "
-                        "model.pt (model.yaml beside it) or model.onnx")
+                        "model.pt (model.yaml beside it), model.onnx, or a cross-validation folder (its fold models "
+                        "as an ensemble); several = an ensemble (probabilities averaged window by window)")
     p.add_argument("--input", required=True, nargs="+", type=Path, help="case folders, stores, images or folders")
     p.add_argument("--output", required=True, type=Path, help="output folder (never an input folder)")
     p.add_argument("--fold", type=int, action="append", default=None, help="store inputs: only cases of this fold")
+    p.add_argument("--split", choices=["train", "test"], default=None,
+                   help="store inputs: only the cross-validation pool (train) or the test split (default: every case)")
     p.add_argument("--cases", default="", help="only these case ids (comma-separated)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap fraction (default 0.5)")
     p.add_argument("--tta", choices=["none", "mirror"], default="none",
@@ -58,8 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window-batch", type=int, default=4, help="windows per forward call")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: the training precision on an accelerator, fp32 on CPU")
-    p.add_argument("--postprocess", action="store_true",
-                   help="apply the connected-component rule chosen by launch/evaluate.py (postprocessing.json)")
+    p.add_argument("--postprocess", nargs="?", const=True, default=False, metavar="FILE",
+                   help="apply the connected-component rule chosen on validation cases: the CV folder's (or the "
+                        "run's) postprocessing.json, or FILE (e.g. the one `launch/evaluate.py "
+                        "--choose-postprocessing` wrote)")
     p.add_argument("--save-probabilities", action="store_true", help="also write float16 probability maps (.npz)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -68,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def discover_inputs(paths: list[Path], kind: str, channels: list[str], resize: int | None,
-                    folds: list[int] | None, only: set[str]) -> tuple[list[InputCase], list[str]]:
+                    folds: list[int] | None, only: set[str], split: str | None = None
+                    ) -> tuple[list[InputCase], list[str]]:
     """Every case under `paths` for a model of store `kind`; returns (cases sorted by id, problems)."""
     from distseg.data.layout import StoreError
     from distseg.data.store import Store
@@ -106,7 +112,7 @@ def discover_inputs(paths: list[Path], kind: str, channels: list[str], resize: i
             if store.kind != kind:
                 problems.append(f"{path}: a {store.kind} store, but the model was trained on {kind} data")
                 continue
-            for cid in store.case_ids(folds=folds):
+            for cid in store.case_ids(folds=folds, split=split):
                 add(InputCase(cid, f"{path}:{cid}", lambda s=store, c=cid: s.case_arrays(c)))
         elif kind == "brats3d":
             found = discover_brats(path if path.is_dir() else path.parent)
@@ -178,29 +184,35 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = rank_and_world()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from distseg.inference.ensemble import load_models
+    from distseg.inference.loading import ModelLoadError, read_postprocessing
     from distseg.inference.outputs import OutputError, check_output_dir
-    from distseg.inference.predictor import ModelLoadError, Predictor, load_model
+    from distseg.inference.predictor import Predictor
 
     device = pick_device(args.device, local_rank)
     try:
         check_output_dir(args.output, args.input)
-        model = load_model(args.model, device)
-        predictor = Predictor(model, overlap=args.overlap, tta=args.tta == "mirror", window_batch=args.window_batch,
-                              device=device, precision=args.precision, use_postprocessing=args.postprocess)
+        models = load_models(args.model, device)
+        if isinstance(args.postprocess, str):
+            models.postprocessing = read_postprocessing(Path(args.postprocess))
+            if models.postprocessing is None:
+                raise ModelLoadError(f"--postprocess {args.postprocess}: no such postprocessing file")
+        predictor = Predictor(models, overlap=args.overlap, tta=args.tta == "mirror", window_batch=args.window_batch,
+                              device=device, precision=args.precision, use_postprocessing=bool(args.postprocess))
     except (OutputError, ModelLoadError, ValueError) as e:
         logger.error("%s", e)
         return EXIT_BAD_INPUT
-    io = model.io
+    io = models.io
     only = {c for c in args.cases.split(",") if c}
-    cases, problems = discover_inputs(args.input, io.kind, io.channels, io.resize, args.fold, only)
+    cases, problems = discover_inputs(args.input, io.kind, io.channels, io.resize, args.fold, only, args.split)
     for problem in problems:
         logger.error("%s", problem)
     if not cases:
         logger.error("no case to predict in %s", " ".join(str(p) for p in args.input))
         return EXIT_BAD_INPUT
     mine = cases[rank::world]
-    logger.info("model %s (%s, %s, window %s); %d cases, %d on this rank; device %s", model.source,
-                model.config.model.name, io.mode, predictor.sw.window, len(cases), len(mine), device)
+    logger.info("model %s (%s, %s, window %s); %d cases, %d on this rank; device %s", models.describe(),
+                models.members[0].config.model.name, io.mode, predictor.sw.window, len(cases), len(mine), device)
     t0 = time.perf_counter()
     failed = 0
     for item, _, _, error in predict_cases(predictor, mine, args.output, args.save_probabilities, rank):

@@ -22,6 +22,16 @@ def _common(p: argparse.ArgumentParser, default_name: str) -> None:
                    help=f"dataset name: writes DST/NAME.zarr + DST/NAME.manifest.parquet (default {default_name})")
     p.add_argument("--folds", type=int, default=5,
                    help="K for the K-fold assignment sha256(subject) mod K (sha256(case_id) for cases without one)")
+    p.add_argument("--fold-assignment", choices=["hash", "balanced"], default="hash",
+                   help="hash (default): fold = sha256(subject) mod K, stable as the dataset grows; balanced: "
+                        "subjects sorted by hash and dealt round-robin, so fold sizes differ by at most one (small "
+                        "datasets; adding subjects moves others)")
+    p.add_argument("--test-subjects", type=_id_list, default=None, metavar="ID,ID,...",
+                   help="set these subjects (or case ids) aside as the test split: never trained, validated or "
+                        "chosen on (fold -1, split 'test')")
+    p.add_argument("--test-fraction", type=_fraction, default=0.0, metavar="F",
+                   help="also set aside each subject with int(sha256('test:' + subject)[:8], 16) / 2**32 < F "
+                        "(deterministic per subject; default 0)")
     p.add_argument("--subject-regex", type=_subject_regex, default=None, metavar="REGEX",
                    help="subject (patient) of each case = group 1 of REGEX searched in the case id, e.g. "
                         "'^(TCGA_[A-Z0-9]+_[A-Z0-9]+)_'; default: 2D: the patient folder holding the slice, BraTS "
@@ -43,6 +53,23 @@ def _subject_regex(text: str) -> re.Pattern[str]:
     if pattern.groups != 1:
         raise argparse.ArgumentTypeError(f"{text!r} has {pattern.groups} groups; expected exactly one (the subject)")
     return pattern
+
+
+def _id_list(text: str) -> list[str]:
+    ids = [t.strip() for t in text.split(",") if t.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated subject or case ids")
+    return ids
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in [0, 1)")
+    return value
 
 
 def _channel_names(text: str) -> list[str]:

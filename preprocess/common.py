@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from distseg.data.layout import TEST_FOLD
 from preprocess.nifti import file_fingerprint, sha256_file
 from preprocess.writer import read_case_attrs, update_case_attrs, validate_case_id
 
@@ -21,7 +22,11 @@ class CaseError(Exception):
 
 
 FOLD_ASSIGNMENT = "int(sha256(subject or case_id)[:8], 16) % folds"
-"""The fold rule, recorded in the store's root attrs."""
+"""The fold rule (`--fold-assignment hash`), recorded in the store's root attrs."""
+BALANCED_ASSIGNMENT = "subjects sorted by sha256(subject), then dealt round-robin over the folds"
+"""`--fold-assignment balanced`: fold sizes differ by at most one subject, but adding subjects moves others."""
+TEST_ASSIGNMENT = "listed in --test-subjects, or int(sha256('test:' + subject)[:8], 16) / 2**32 < --test-fraction"
+"""The test-split rule, recorded in the store's root attrs."""
 
 
 def fold_of(key: str, folds: int) -> int:
@@ -29,15 +34,42 @@ def fold_of(key: str, folds: int) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % folds
 
 
+def subject_key(case: Any) -> str:
+    """What folds and the test split are drawn per: the case's subject, else its id (every slice or timepoint of
+    one patient lands together)."""
+    return case.subject or case.case_id
+
+
 def case_fold(case: Any, folds: int) -> int:
-    """Fold of a `SourceCase`: per subject (every slice/timepoint of one patient lands in one fold), by case id
-    for a case without a subject."""
-    return fold_of(case.subject or case.case_id, folds)
+    """Fold of a `SourceCase` by the hash rule (per subject, see `subject_key`)."""
+    return fold_of(subject_key(case), folds)
+
+
+def in_test_fraction(subject: str, fraction: float) -> bool:
+    """The `--test-fraction` rule: deterministic per subject and independent of the others (a subject never moves
+    between splits as the dataset grows)."""
+    return int(hashlib.sha256(f"test:{subject}".encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def assign_folds(cases: list[Any], folds: int, test_subjects: set[str] | None = None, test_fraction: float = 0.0,
+                 balanced: bool = False) -> dict[str, int]:
+    """{case_id: fold} for every case: `TEST_FOLD` for the test split (subjects listed in `test_subjects`, matched
+    by subject or case id, or drawn by `in_test_fraction`), else the fold of its subject: the hash rule, or with
+    `balanced` the remaining subjects sorted by hash and dealt round-robin (fold sizes differ by at most one)."""
+    test_subjects = test_subjects or set()
+    test = {subject_key(c) for c in cases
+            if subject_key(c) in test_subjects or c.case_id in test_subjects
+            or in_test_fraction(subject_key(c), test_fraction)}
+    pool = sorted({subject_key(c) for c in cases} - test, key=lambda s: (hashlib.sha256(s.encode()).hexdigest(), s))
+    fold_by_subject = {s: (i % folds if balanced else fold_of(s, folds)) for i, s in enumerate(pool)}
+    return {c.case_id: TEST_FOLD if subject_key(c) in test else fold_by_subject[subject_key(c)] for c in cases}
 
 
 def placement(case: Any, fold: int) -> dict[str, Any]:
-    """The attrs that place a case in the dataset (not derived from its pixels): rewritten in place on a rerun."""
-    return {"fold": fold, "subject": case.subject, "slice_index": case.slice_index}
+    """The attrs that place a case in the dataset (not derived from its pixels): rewritten in place on a rerun.
+    `fold` `TEST_FOLD` puts the case in the test split (a raw case predicted outside any store has it too)."""
+    return {"fold": fold, "split": "test" if fold == TEST_FOLD else "train", "subject": case.subject,
+            "slice_index": case.slice_index}
 
 
 def source_fingerprints(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
@@ -122,6 +154,7 @@ def result_row(case_id: str, status: str, error: str = "", attrs: dict[str, Any]
         "label_counts_source": json.dumps(a["label_counts_source"]) if "label_counts_source" in a else None,
         "source_sha256": json.dumps({m: s.get("sha256") for m, s in a["sources"].items()}) if "sources" in a else None,
         "fold": a.get("fold"),
+        "split": a.get("split"),
         "subject": a.get("subject"),
         "slice_index": a.get("slice_index"),
         "seconds": seconds,

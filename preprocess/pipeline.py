@@ -7,8 +7,8 @@ import logging
 from typing import Any
 
 from distseg.data.index import remove_index, write_index
-from distseg.data.layout import StoreError
-from preprocess.common import FOLD_ASSIGNMENT, case_fold
+from distseg.data.layout import TEST_FOLD, StoreError
+from preprocess.common import BALANCED_ASSIGNMENT, FOLD_ASSIGNMENT, TEST_ASSIGNMENT, assign_folds
 from preprocess.discover import apply_subject_regex
 from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest
 from preprocess.writer import Layout, clean_temp, init_store
@@ -60,8 +60,18 @@ def run_dataset(args: argparse.Namespace) -> int:
     if args.subject_regex is not None:
         apply_subject_regex(cases, args.subject_regex)
         subject_rule = f"group 1 of --subject-regex {args.subject_regex.pattern!r} searched in the case id"
-    root_attrs.update(folds=args.folds, fold_assignment=FOLD_ASSIGNMENT, subject_rule=subject_rule,
-                      source_root=str(src))
+    test_subjects = set(args.test_subjects or [])
+    folds = assign_folds(cases, args.folds, test_subjects, args.test_fraction, args.fold_assignment == "balanced")
+    test = sorted({c.subject or c.case_id for c in cases if folds[c.case_id] == TEST_FOLD})
+    unknown = sorted(test_subjects - {c.subject or c.case_id for c in cases} - {c.case_id for c in cases})
+    if unknown:
+        logger.error("--test-subjects: %s match no discovered case or subject under %s; expected subject or case "
+                     "ids such as %s", ", ".join(unknown), src, ", ".join(sorted(c.case_id for c in cases)[:3]))
+        return EXIT_USAGE
+    root_attrs.update(folds=args.folds, subject_rule=subject_rule, source_root=str(src),
+                      fold_assignment=BALANCED_ASSIGNMENT if args.fold_assignment == "balanced" else FOLD_ASSIGNMENT,
+                      test_split={"subjects": test, "listed": sorted(test_subjects),
+                                  "fraction": args.test_fraction, "rule": TEST_ASSIGNMENT})
     store_path = dst / f"{args.name}.zarr"
     manifest = dst / f"{args.name}.manifest.parquet"
     try:
@@ -71,8 +81,9 @@ def run_dataset(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     remove_index(store_path)  # cases are about to change: readers list them until the new index is written
     clean_temp(store_path)
-    jobs = [(c.case_id, (c, store_path, case_fold(c, args.folds), layout, *extra, args.force)) for c in cases]
-    logger.info("%d %s cases under %s -> %s", len(cases), args.command, src, store_path)
+    jobs = [(c.case_id, (c, store_path, folds[c.case_id], layout, *extra, args.force)) for c in cases]
+    logger.info("%d %s cases under %s -> %s (test split: %d subjects%s)", len(cases), args.command, src, store_path,
+                len(test), f": {', '.join(test)}" if 0 < len(test) <= 10 else "")
     if not args.serial:
         init_ray(args.address, args.num_cpus)
     rows = run_cases(fn, jobs, use_ray=not args.serial, desc=args.command)
@@ -81,6 +92,7 @@ def run_dataset(args: argparse.Namespace) -> int:
         case = by_id.get(row["case_id"])
         if case is not None:
             row.update(subject=case.subject, slice_index=case.slice_index)
+            row.update(fold=folds[case.case_id], split="test" if folds[case.case_id] == TEST_FOLD else "train")
     write_manifest(manifest, rows)
     write_index(store_path)
     return summarize(rows, store_path, manifest)

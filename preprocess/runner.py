@@ -92,7 +92,7 @@ def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         ("original_shape_zyx", pa.list_(pa.int64())), ("stored_shape", pa.list_(pa.int64())),
         ("spacing_zyx", pa.list_(pa.float64())), ("crop_box_zyx", pa.string()), ("label_counts", pa.string()),
         ("label_counts_source", pa.string()), ("source_sha256", pa.string()), ("fold", pa.int64()),
-        ("subject", pa.string()), ("slice_index", pa.int64()), ("seconds", pa.float64()),
+        ("split", pa.string()), ("subject", pa.string()), ("slice_index", pa.int64()), ("seconds", pa.float64()),
     ])
     table = pa.Table.from_pylist(rows, schema=schema)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")

@@ -20,6 +20,14 @@ OMITTED_CHUNKS = "omitted_chunks"
 missing chunk file is damage (an error); arrays from older writers lack it and read missing chunks as fill."""
 
 
+TEST_FOLD = -1
+"""The `fold` of a test-split case: it belongs to no cross-validation fold (its `split` attr is "test")."""
+SPLITS = ("train", "test")
+"""`split` case attr: "train" cases are the cross-validation pool (training and validation folds); "test" cases were
+set aside at preprocessing and are never trained on, validated on or used for any choice. Stores written before
+test splits have no `split` attr: every case is "train"."""
+
+
 class StoreError(Exception):
     """A store, case or attribute is missing or not what this reader expects (the message names which)."""
 

@@ -36,8 +36,17 @@ import numpy as np
 
 from distseg.data.chunks import ChunkReader
 from distseg.data.index import load_index
-from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, StoreError, read_json
+from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, SPLITS, TEST_FOLD, StoreError, read_json
 from distseg.data.normalise import normalise
+
+
+def case_split(attrs: dict[str, Any]) -> str:
+    """A stored case's split: its `split` attr; a fold of `TEST_FOLD` also means "test" (stores written before the
+    attr have neither, and all their cases are "train")."""
+    split = attrs.get("split")
+    if split is None:
+        return "test" if int(attrs.get("fold", 0)) == TEST_FOLD else "train"
+    return str(split)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class CaseInfo:
     """The patient (folds are per subject); None: the case is its own subject (stores written before subjects)."""
     slice_index: int | None = None
     """2D slices: position in the subject's volume (the source name's trailing `_<n>`); None when unknown."""
+    split: str = "train"
+    """"train" (the cross-validation pool) or "test" (set aside at preprocessing; see `distseg.data.layout.SPLITS`)."""
 
 
 @dataclass
@@ -153,13 +164,22 @@ class Store:
         folds: Iterable[int] | None = None,
         exclude_folds: Iterable[int] | None = None,
         labelled_only: bool = False,
+        split: str | None = "train",
     ) -> list[str]:
-        """Sorted ids of complete cases, optionally restricted to / excluding folds, or to labelled cases."""
+        """Sorted ids of complete cases, optionally restricted to / excluding folds, or to labelled cases.
+
+        `split`: "train" (default: the cross-validation pool; test-split cases are never returned, so nothing that
+        trains, validates or chooses can see them by accident), "test" (only the test split) or None (every case).
+        """
+        if split is not None and split not in SPLITS:
+            raise StoreError(f"split: expected one of {', '.join(SPLITS)} or None, got {split!r}")
         keep = None if folds is None else set(folds)
         drop = set() if exclude_folds is None else set(exclude_folds)
         out = []
         for cid in self._all_case_ids():
             a = self.case_attrs(cid)
+            if split is not None and case_split(a) != split:
+                continue
             fold = int(a.get("fold", -1))
             if keep is not None and fold not in keep:
                 continue
@@ -173,6 +193,7 @@ class Store:
         folds: Iterable[int] | None = None,
         exclude_folds: Iterable[int] | None = None,
         labelled_only: bool = False,
+        split: str | None = "train",
     ) -> dict[str, list[str]]:
         """{subject: its case ids ordered by slice index (then id)} over `case_ids(...)` with the same filters.
 
@@ -180,7 +201,7 @@ class Store:
         selected case's attrs once (cached), so it costs one small JSON read per case; `open` stays cheap.
         """
         groups: dict[str, list[tuple[int, int, str]]] = {}
-        for cid in self.case_ids(folds, exclude_folds, labelled_only):
+        for cid in self.case_ids(folds, exclude_folds, labelled_only, split):
             a = self.case_attrs(cid)
             index = a.get("slice_index")
             # Slices without an index sort after indexed ones, by id.
@@ -198,6 +219,7 @@ class Store:
                 fold=int(a.get("fold", -1)),
                 has_label=bool(a["has_label"]),
                 attrs=a,
+                split=case_split(a),
                 subject=a.get("subject"),
                 slice_index=a.get("slice_index"),
             )
@@ -276,6 +298,12 @@ class Store:
         if label is not None:
             label[tuple(dst)] = self._array(case_id, "label")[tuple(src)]
         return image, label
+
+    def read_label(self, case_id: str) -> np.ndarray:
+        """The whole label uint8 (Z, Y, X); StoreError for an unlabelled case."""
+        if not self.case(case_id).has_label:
+            raise StoreError(f"{self.path}: case {case_id!r} has no label")
+        return np.asarray(self._array(case_id, "label")[...])
 
     def case_arrays(self, case_id: str) -> CaseArrays:
         """The whole case as stored (raw image, label or None) with its attributes."""

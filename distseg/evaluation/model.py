@@ -1,21 +1,30 @@
-"""Evaluate a trained model on store cases: predict whole cases, score them, choose the postprocessing rule.
+"""Evaluate a model (or an ensemble) on store cases: predict whole cases, score them, and, on validation cases only,
+choose the connected-component postprocessing.
 
-    result = evaluate_model(load_model(run_dir), Store.open(store), store.case_ids(folds=[0], labelled_only=True),
-                            out_dir, PredictSettings(overlap=0.5, tta=False))
+    models = load_models([run_dir])                                  # distseg.inference.ensemble
+    ev = evaluate_model(models, store, store.case_ids(folds=[0], labelled_only=True), out_dir,
+                        role="validation", choose_pp=True)           # out_dir/postprocessing.json
+    ev = evaluate_model(models, store, store.case_ids(split="test", labelled_only=True), out_dir2,
+                        role="test", apply_pp=models.postprocessing) # out_dir2 and out_dir2/postprocessed
 
 Predictions are scored in the source grid (the whole 240x240x155 BraTS volume, the 2D image at its source size), as
-the challenge and the `--pred/--gt` files mode do. Each prediction is also written (NIfTI / mask PNG + overlay) under
-``out_dir/predictions``. The connected-component rule is chosen as nnU-Net does: on these cases, per region in
-order, keep the candidate that raises the mean Dice, and store it beside the model (`postprocessing.json`) so that
-`launch/predict.py --postprocess` applies exactly what was measured. The postprocessed cases are then scored too
-(``out_dir/postprocessed``) so the effect on Dice and HD95 is visible.
+the challenge and the `--pred/--gt` files mode do. Cases stream through one at a time: each prediction is written
+(NIfTI / mask PNG + overlay, under ``out_dir/predictions``), scored, and its stored-frame probabilities are kept
+on disk (float16, ``out_dir/probabilities``) for the choices; memory stays flat however many cases there are. A
+case that fails to predict is a failed row (Dice 0, HD95 penalty) and the others go on.
+
+Postprocessing is chosen as nnU-Net's `find_best_configuration` does: per region in order, try "keep the largest
+component" and "remove components below V" and keep a rule only if the mean Dice over regions rises and no region's
+mean Dice drops. It is chosen only on cases whose role is "validation" (choosing on the test split is refused) and
+written to ``out_dir/postprocessing.json``, never beside the model as a side effect; a cross-validation folder
+holds the rule chosen on its pooled out-of-fold predictions (`distseg.evaluation.crossval`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,15 +39,18 @@ from distseg.data.store import Store
 from distseg.data.targets import regions_to_labels
 from distseg.evaluation.report import EvaluationMeta, EvaluationResult, ModelInfo, log_evaluation
 from distseg.evaluation.run import evaluate_arrays
-from distseg.evaluation.scoring import ScoredCase, region_masks
-from distseg.inference.postprocess import Postprocessing, RegionRule, postprocess
-from distseg.inference.predictor import POSTPROCESSING_FILE, LoadedModel, Predictor
+from distseg.evaluation.scoring import CaseFailure, ScoredCase, region_masks
+from distseg.inference.ensemble import ModelSet
+from distseg.inference.loading import POSTPROCESSING_FILE
+from distseg.inference.postprocess import Postprocessing, RegionRule, component_labels, nesting
+from distseg.inference.predictor import Predictor
 from distseg.metrics import mask_counts
 
 logger = logging.getLogger(__name__)
 
 MIN_VOLUME_CANDIDATES = (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
 """Component-size thresholds tried per region (mm^3 in 3D, pixels in 2D)."""
+PROBABILITIES_DIR = "probabilities"
 
 
 @dataclass
@@ -53,23 +65,40 @@ class PredictSettings:
 
 
 @dataclass
-class _Kept:
-    """What postprocessing selection needs of one case: stored-frame masks (small: the crop) + its attributes."""
-
-    case_id: str
-    pred: np.ndarray  # bool (K, Z, Y, X) region masks as predicted
-    gt: np.ndarray  # bool (K, Z, Y, X)
-    attrs: dict[str, Any]
-
-
-@dataclass
 class ModelEvaluation:
     """What `evaluate_model` produced."""
 
     result: EvaluationResult
     postprocessing: Postprocessing
+    """The rule chosen here (choose_pp) or applied (apply_pp); empty otherwise."""
     candidates: list[dict[str, Any]] = field(default_factory=list)
     postprocessed: EvaluationResult | None = None
+
+
+# ------------------------------------------------------------------------------------------------ per-case stores
+class ProbabilityCache:
+    """Stored-frame sigmoid probabilities of predicted cases, one compressed float16 file per case:
+    ``<folder>/<case_id>.npz`` with ``probabilities`` (K, Z, Y, X). What the choices read back one case at a time
+    (postprocessing; ensembles of configurations average them)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, case_id: str) -> Path:
+        return self.folder / f"{case_id}.npz"
+
+    def put(self, case_id: str, probabilities: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = np.asarray(probabilities, dtype=np.float16)
+        atomic_write(self.path(case_id), lambda tmp: np.savez_compressed(tmp, probabilities=data))
+
+    def get(self, case_id: str) -> np.ndarray:
+        """float32 (K, Z, Y, X)."""
+        with np.load(self.path(case_id)) as f:
+            return f["probabilities"].astype(np.float32)
+
+    def has(self, case_id: str) -> bool:
+        return self.path(case_id).is_file()
 
 
 def _source_spacing(attrs: dict[str, Any]) -> tuple[float, ...] | None:
@@ -78,6 +107,11 @@ def _source_spacing(attrs: dict[str, Any]) -> tuple[float, ...] | None:
         return None
     spacing = attrs["spacing"]  # stored (z, y, x)
     return tuple(float(spacing[a]) for a in attrs["store_to_source_axes"])
+
+
+def _stored_spacing(attrs: dict[str, Any]) -> list[float] | None:
+    """Voxel volume for component sizes in the stored frame: mm (3D), pixels (2D: None)."""
+    return None if attrs.get("source_ndim") == 2 else attrs.get("spacing")
 
 
 def _scored(case_id: str, pred_masks: np.ndarray, regions: dict[str, list[int]], attrs: dict[str, Any],
@@ -93,106 +127,216 @@ def _scored(case_id: str, pred_masks: np.ndarray, regions: dict[str, list[int]],
                       label_convention=convention)
 
 
-def _meta(model: LoadedModel, store: Store, folds: Sequence[int] | None, regions: Sequence[str],
-          note: str = "") -> EvaluationMeta:
-    run = model.meta.get("run")
-    minutes = None
-    if run and (Path(run) / "summary.json").is_file():
-        summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
-        seconds = summary.get("elapsed_s")  # training-loop seconds over every run of the job (distseg.train.trainer)
-        minutes = float(seconds) / 60.0 if seconds else None
-    info = ModelInfo(name=model.config.model.name, parameters=model.parameters, run=run, tag=model.meta.get("tag"),
-                     training_minutes=minutes)
+def model_info(models: ModelSet) -> ModelInfo:
+    """Name, size, run and training minutes of a model; an ensemble sums its members' parameters and minutes."""
+    minutes: list[float] = []
+    for m in models.members:
+        run = m.meta.get("run")
+        if run and (Path(run) / "summary.json").is_file():
+            summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
+            seconds = summary.get("elapsed_s")  # training-loop seconds over every run of the job
+            if seconds:
+                minutes.append(float(seconds) / 60.0)
+    first = models.members[0]
+    params = [m.parameters for m in models.members]
+    n = len(models.members)
+    return ModelInfo(name=first.config.model.name if n == 1 else f"{first.config.model.name} x{n}",
+                     parameters=sum(p for p in params if p) if all(params) else None,
+                     run=first.meta.get("run") if n == 1 else models.source, tag=first.meta.get("tag") if n == 1
+                     else None, training_minutes=sum(minutes) if len(minutes) == n else None)
+
+
+def evaluation_meta(models: ModelSet, store: Store, what: str, regions: Sequence[str], role: str,
+                    note: str = "") -> EvaluationMeta:
     kind = store.kind
-    return EvaluationMeta(kind=kind, regions=list(regions), model=info,
-                          sources={"store": str(store.path), "folds": str(list(folds) if folds else "all"),
-                                   "model": model.source, **({"postprocessing": note} if note else {})},
+    return EvaluationMeta(kind=kind, regions=list(regions), model=model_info(models), role=role,
+                          sources={"store": str(store.path), "cases": what, "model": models.describe(),
+                                   **({"postprocessing": note} if note else {})},
                           hd95_unit="mm" if kind == "brats3d" else "px")
 
 
-def _mean_dice(kept: list[_Kept], k: int, masks_k: list[np.ndarray]) -> float:
-    """Mean over cases of region k's Dice (BraTS: both empty -> 1), from stored-frame masks (Dice is crop-free)."""
-    values = []
-    for item, pred in zip(kept, masks_k, strict=True):
-        tp, fp, fn, _ = mask_counts(pred[None], item.gt[k][None])[0]
-        values.append(1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn))
-    return float(np.mean(values)) if values else float("nan")
+# ------------------------------------------------------------------------------------------------ predicting
+def predict_and_score(predictor: Predictor, store: Store, case_ids: Sequence[str], pred_dir: Path | None,
+                      cache: ProbabilityCache | None, desc: str = "predict") -> Iterator[ScoredCase | CaseFailure]:
+    """Predict each case, write its outputs (`pred_dir`) and probabilities (`cache`), and yield it scored; a case
+    that fails becomes a `CaseFailure` (scored as failed: Dice 0, HD95 penalty) and the next one goes on."""
+    from distseg.inference.outputs import write_prediction
+
+    regions = predictor.io.decode_regions
+    if pred_dir is not None:
+        pred_dir.mkdir(parents=True, exist_ok=True)
+    for cid in tqdm(case_ids, desc=desc, unit="case", dynamic_ncols=True):
+        source = f"{store.path}:{cid}"
+        try:
+            case = store.case_arrays(cid)
+            if case.label is None:
+                raise ValueError(f"{source}: no label; evaluation needs labelled cases")
+            pred = predictor.predict(case)
+            if pred_dir is not None:
+                write_prediction(pred_dir, case, pred, predictor.io.kind, predictor.io.channels)
+            if cache is not None:
+                cache.put(cid, pred.probabilities)
+            item = _scored(cid, pred.masks, regions, case.attrs, case.label, source)
+        except Exception as e:  # one bad case never stops the others; its row says why
+            logger.exception("case %s failed", cid)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            yield CaseFailure(cid, reason if cid in reason else f"{source}: {reason}", pred_source=source,
+                              gt_source=source)
+            continue
+        yield item
 
 
-def choose_postprocessing(kept: list[_Kept], regions: dict[str, list[int]]) -> tuple[Postprocessing, list[dict]]:
-    """Greedy per region, in region order (containers first): try 'keep largest' and each minimum component volume,
-    keep the rule with the highest mean Dice if it beats no postprocessing. Returns the rules and every candidate's
-    score (for postprocessing.json)."""
+def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequence[str],
+                        regions: dict[str, list[int]], pp: Postprocessing) -> Iterator[ScoredCase | CaseFailure]:
+    """The cached predictions with `pp` applied, scored (cases without cached probabilities are failed rows)."""
+    from distseg.inference.postprocess import postprocess
+
+    for cid in case_ids:
+        source = f"{store.path}:{cid}"
+        if not cache.has(cid):
+            yield CaseFailure(cid, f"{source}: no prediction (the case failed to predict)", pred_source=source,
+                              gt_source=source)
+            continue
+        label, attrs = store.read_label(cid), store.case_attrs(cid)
+        masks = postprocess(cache.get(cid) > 0.5, regions, pp, _stored_spacing(attrs))
+        yield _scored(cid, masks, regions, attrs, label, source)
+
+
+# ------------------------------------------------------------------------------------------------ choosing
+def _dice(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """(K,) Dice per region (BraTS: both empty -> 1) of bool (K, *S) masks."""
+    tp, fp, fn, _ = mask_counts(pred, gt).T.astype(np.float64)
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+
+
+def _candidates() -> list[RegionRule]:
+    return [RegionRule(keep_largest=True), *(RegionRule(min_volume=v) for v in MIN_VOLUME_CANDIDATES)]
+
+
+def _apply_with_labels(labels: np.ndarray, sizes: np.ndarray, rule: RegionRule, voxel: float) -> np.ndarray:
+    """One region's mask under `rule`, from its connected components computed once."""
+    if rule.is_identity() or sizes.size == 0:
+        return labels > 0
+    if rule.keep_largest:
+        return labels == (int(np.argmax(sizes)) + 1)
+    keep = np.concatenate([[False], sizes * voxel >= rule.min_volume])
+    return keep[labels]
+
+
+Truth = Callable[[str], tuple[np.ndarray, dict[str, Any]]]
+"""case id -> (its stored-frame ground-truth label (Z, Y, X), its attrs)."""
+
+
+def store_truth(store: Store) -> Truth:
+    return lambda cid: (store.read_label(cid), store.case_attrs(cid))
+
+
+def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Sequence[str],
+                          regions: dict[str, list[int]]) -> tuple[Postprocessing, list[dict[str, Any]]]:
+    """nnU-Net's rule on the cached predictions of `case_ids`: per region in order (containers first), try every
+    candidate and keep the best one only if the mean Dice over regions rises and no region's mean Dice drops.
+
+    Streams: one pass over the cases per region, one case in memory at a time. Returns the rules and every
+    candidate's mean Dice per region (for postprocessing.json)."""
+    names = list(regions)
+    inner = nesting(regions)
+    cases = [cid for cid in case_ids if cache.has(cid)]
     chosen = Postprocessing()
     table: list[dict[str, Any]] = []
-    names = list(regions)
+    if not cases:
+        return chosen, table
+    base: np.ndarray | None = None
     for k, name in enumerate(names):
-        candidates = [RegionRule(), RegionRule(keep_largest=True),
-                      *(RegionRule(min_volume=v) for v in MIN_VOLUME_CANDIDATES)]
-        best_rule, best_score = RegionRule(), -1.0
-        for rule in candidates:
-            trial = Postprocessing({**chosen.rules, name: rule})
-            masks_k = [postprocess(it.pred, regions, trial, _spacing_for(it))[k] for it in kept]
-            score = _mean_dice(kept, k, masks_k)
-            table.append({"region": name, "rule": rule.describe(), "mean_dice": score})
-            if score > best_score + 1e-9 or (rule.is_identity() and score >= best_score - 1e-9):
-                best_rule, best_score = rule, score
-        if not best_rule.is_identity():
-            chosen.rules[name] = best_rule
-        logger.info("postprocessing %s: %s (mean Dice %.4f)", name, best_rule.describe(), best_score)
+        cands = _candidates()
+        sums = np.zeros((len(cands) + 1, len(names)))  # row 0: the rules chosen so far
+        for cid in tqdm(cases, desc=f"postprocessing {name}", unit="case", dynamic_ncols=True):
+            label, attrs = truth(cid)
+            gt = np.stack([np.isin(label, vals) for vals in regions.values()])
+            masks = cache.get(cid) > 0.5
+            spacing = _stored_spacing(attrs)
+            voxel = float(np.prod(spacing)) if spacing is not None else 1.0
+            ruled = masks.copy()
+            for j, other in enumerate(names):
+                rule = chosen.rules.get(other)
+                if rule is not None and j != k:
+                    labels_j, sizes_j = component_labels(masks[j])
+                    ruled[j] = _apply_with_labels(labels_j, sizes_j, rule, voxel)
+            labels_k, sizes_k = component_labels(masks[k])
+            for c, rule in enumerate([RegionRule(), *cands]):
+                trial = ruled.copy()
+                trial[k] = _apply_with_labels(labels_k, sizes_k, rule, voxel)
+                for a, outers in inner.items():  # nested regions clipped to their containers, as `postprocess`
+                    for b in outers:
+                        trial[a] &= trial[b]
+                sums[c] += _dice(trial, gt)
+        means = sums / len(cases)
+        if base is None:
+            base = means[0]
+        for rule, row in zip(cands, means[1:], strict=True):
+            table.append({"region": name, "rule": rule.describe(), "mean_dice": float(row.mean()),
+                          **{f"dice_{n}": float(v) for n, v in zip(names, row, strict=True)}})
+        ok = [(row.mean(), c) for c, row in enumerate(means[1:])
+              if row.mean() > base.mean() + 1e-9 and np.all(row >= base - 1e-9)]
+        if ok:
+            score, c = max(ok, key=lambda t: (t[0], -t[1]))  # ties: the first (simplest) candidate
+            chosen.rules[name] = cands[c]
+            logger.info("postprocessing %s: %s (mean Dice over regions %.4f -> %.4f)", name, cands[c].describe(),
+                        base.mean(), score)
+            base = means[1 + c]
+        else:
+            logger.info("postprocessing %s: none (no candidate raises the mean without lowering a region)", name)
     return chosen, table
 
 
-def evaluate_model(model: LoadedModel, store: Store, case_ids: Sequence[str], out_dir: Path,
-                   settings: PredictSettings | None = None, folds: Sequence[int] | None = None,
-                   choose_pp: bool = True, write_predictions: bool = True, tensorboard: bool = True
-                   ) -> ModelEvaluation:
-    """Predict, write and score `case_ids` of `store` with `model`; choose and store the postprocessing rule."""
-    from distseg.inference.outputs import write_prediction
+def write_postprocessing(path: Path, pp: Postprocessing, table: list[dict[str, Any]],
+                         chosen_on: dict[str, Any]) -> Path:
+    """postprocessing.json: the rules (what `launch/predict.py --postprocess` applies), where they were chosen,
+    the criterion and every candidate's score."""
+    doc = json.dumps({"rules": pp.to_dict(), "chosen_on": chosen_on,
+                      "criterion": "nnU-Net: per region in order, keep a rule only if the mean Dice over regions "
+                                   "rises and no region's mean Dice drops", "candidates": table}, indent=1)
+    return atomic_write(path, lambda tmp: tmp.write_text(doc, encoding="utf-8"))
 
+
+# ------------------------------------------------------------------------------------------------ the whole job
+def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_dir: Path,
+                   settings: PredictSettings | None = None, role: str = "validation", what: str = "",
+                   choose_pp: bool = False, apply_pp: Postprocessing | None = None, write_predictions: bool = True,
+                   tensorboard: bool = True) -> ModelEvaluation:
+    """Predict, write and score `case_ids` of `store` with `models` (streaming; see the module docstring).
+
+    `role`: "validation" or "test" (recorded in every report). `choose_pp`: choose the postprocessing on these
+    cases (validation only; refused on "test") and write it to ``out_dir/postprocessing.json``. `apply_pp`: a rule
+    chosen elsewhere (e.g. a CV folder's), applied and scored under ``out_dir/postprocessed``.
+    """
+    if choose_pp and role != "validation":
+        raise ValueError(f"choosing postprocessing on {role} cases is refused: a choice made on the cases it is "
+                         "then reported on makes the report optimistic; choose on validation (out-of-fold) cases")
     settings = settings or PredictSettings()
-    predictor = Predictor(model, overlap=settings.overlap, tta=settings.tta, window_batch=settings.window_batch,
+    predictor = Predictor(models, overlap=settings.overlap, tta=settings.tta, window_batch=settings.window_batch,
                           device=settings.device, precision=settings.precision)
     regions = predictor.io.decode_regions
-    pred_dir = out_dir / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    kept: list[_Kept] = []
-    scored: list[ScoredCase] = []
-    for cid in tqdm(case_ids, desc="predict", unit="case", dynamic_ncols=True):
-        case = store.case_arrays(cid)
-        if case.label is None:
-            raise ValueError(f"{store.path}: case {cid!r} has no label; evaluation needs labelled cases")
-        pred = predictor.predict(case)
-        if write_predictions:
-            write_prediction(pred_dir, case, pred, predictor.io.kind, predictor.io.channels)
-        gt_masks = np.stack([np.isin(case.label, vals) for vals in regions.values()])
-        kept.append(_Kept(cid, pred.masks, gt_masks, case.attrs))
-        scored.append(_scored(cid, pred.masks, regions, case.attrs, case.label, f"{store.path}:{cid}"))
-    result = evaluate_arrays(scored, out_dir, _meta(model, store, folds, list(regions)), total=len(scored))
+    what = what or f"{len(case_ids)} cases"
+    cache = ProbabilityCache(out_dir / PROBABILITIES_DIR)
+    items = predict_and_score(predictor, store, case_ids, out_dir / "predictions" if write_predictions else None,
+                              cache)
+    result = evaluate_arrays(items, out_dir, evaluation_meta(models, store, what, list(regions), role),
+                             total=len(case_ids))
     evaluation = ModelEvaluation(result, Postprocessing())
-    if choose_pp and kept:
-        pp, table = choose_postprocessing(kept, regions)
-        evaluation.postprocessing, evaluation.candidates = pp, table
-        doc = json.dumps({"rules": pp.to_dict(), "chosen_on": {"store": str(store.path), "cases": list(case_ids),
-                                                               "model": model.source},
-                          "criterion": "mean Dice per region, greedy in region order", "candidates": table}, indent=1)
-        targets = [out_dir / POSTPROCESSING_FILE]
-        home = model.meta.get("run") or (str(Path(model.source).parent) if Path(model.source).is_file() else None)
-        if home:
-            targets.append(Path(home) / POSTPROCESSING_FILE)
-        for target in targets:
-            atomic_write(target, lambda tmp, d=doc: tmp.write_text(d, encoding="utf-8"))
+    pp = apply_pp
+    if choose_pp:
+        pp, evaluation.candidates = choose_postprocessing(cache, store_truth(store), case_ids, regions)
+        write_postprocessing(out_dir / POSTPROCESSING_FILE, pp, evaluation.candidates,
+                             {"store": str(store.path), "cases": list(case_ids), "model": models.describe()})
+    if pp is not None:
+        evaluation.postprocessing = pp
         if pp.rules:
-            post = [_scored(it.case_id, postprocess(it.pred, regions, pp, _spacing_for(it)), regions, it.attrs,
-                            store.case_arrays(it.case_id).label, f"{store.path}:{it.case_id}") for it in kept]
+            note = json.dumps(pp.to_dict())
             evaluation.postprocessed = evaluate_arrays(
-                post, out_dir / "postprocessed",
-                _meta(model, store, folds, list(regions), note=json.dumps(pp.to_dict())), total=len(post))
-    run = model.meta.get("run")
+                postprocessed_cases(cache, store, case_ids, regions, pp), out_dir / "postprocessed",
+                evaluation_meta(models, store, what, list(regions), role, note=note), total=len(case_ids))
+    run = models.members[0].meta.get("run") if len(models.members) == 1 else None
     if tensorboard and run and Path(run).is_dir():
-        log_evaluation(Path(run) / "tb", result.summary, model.step or 0, text=result.markdown)
+        log_evaluation(Path(run) / "tb", result.summary, models.members[0].step or 0, text=result.markdown)
     return evaluation
-
-
-def _spacing_for(item: _Kept) -> list[float] | None:
-    return None if item.attrs.get("source_ndim") == 2 else item.attrs.get("spacing")

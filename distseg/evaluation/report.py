@@ -48,6 +48,14 @@ class ModelInfo:
     """Wall-clock training time of the run."""
 
 
+ROLES = ("validation", "test", "unspecified")
+ROLE_TEXT = {
+    "validation": "validation cases: they made choices (checkpoint, postprocessing, configuration); optimistic scores",
+    "test": "test split: cases no choice touched (checkpoint, postprocessing, learning rate, configuration)",
+    "unspecified": "role unknown: these files do not say whether their cases made any choice",
+}
+
+
 @dataclass
 class EvaluationMeta:
     """What was evaluated and how; written as evaluation.json and read back by `compare`."""
@@ -74,6 +82,10 @@ class EvaluationMeta:
     """Cases that could not be scored."""
     notes: dict[str, Any] = field(default_factory=dict)
     """Anything else worth keeping, e.g. cases without a prediction."""
+    role: str = "unspecified"
+    """What these cases were to the model: "validation" (they made choices: best checkpoint, postprocessing,
+    learning rate, configuration; their scores are optimistic), "test" (no choice saw them: the number to report),
+    or "unspecified" (files mode: the tool cannot know which cases made choices)."""
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -82,6 +94,8 @@ class EvaluationMeta:
             raise ValueError("evaluation meta: regions is empty; expected the region names in channel order")
         if self.hd95_unit not in ("mm", "px"):
             raise ValueError(f"evaluation meta: hd95_unit {self.hd95_unit!r}; expected 'mm' or 'px'")
+        if self.role not in ROLES:
+            raise ValueError(f"evaluation meta: role {self.role!r}; expected one of {', '.join(ROLES)}")
 
 
 def conventions_text(meta: EvaluationMeta) -> str:
@@ -218,7 +232,7 @@ def summary_markdown(meta: EvaluationMeta, summary: Sequence[Mapping[str, Any]],
                      subject_summary: Sequence[Mapping[str, Any]], failed: Sequence[Mapping[str, Any]],
                      n_subjects: int = 0) -> str:
     """summary.md: what was evaluated, the per-case (and per-subject) statistics, failed cases, conventions."""
-    lines = [f"# Evaluation ({meta.kind}: {', '.join(meta.regions)})", ""]
+    lines = [f"# Evaluation ({meta.kind}: {', '.join(meta.regions)})", "", f"- **{ROLE_TEXT[meta.role]}**"]
     model = _model_line(meta)
     if model:
         lines.append(f"- {model}")

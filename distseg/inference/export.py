@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from distseg.config import to_dict
+from distseg.inference.loading import EXPORT_FORMAT, POSTPROCESSING_FILE, LoadedModel, ModelLoadError, load_model
 from distseg.inference.outputs import atomic_write
-from distseg.inference.predictor import EXPORT_FORMAT, POSTPROCESSING_FILE, LoadedModel, ModelLoadError, load_model
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ class Postprocessing:
                     for name, r in d.items()})
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def component_labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Connected components (full connectivity: diagonal neighbours join) -> (labels, sizes per label 1..n)."""
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     labels, n = ndimage.label(mask, structure=structure)
@@ -65,7 +65,7 @@ def apply_rule(mask: np.ndarray, rule: RegionRule, spacing: Sequence[float] | No
     mask = np.asarray(mask, dtype=bool)
     if rule.is_identity() or not mask.any():
         return mask
-    labels, sizes = _components(mask)
+    labels, sizes = component_labels(mask)
     if rule.keep_largest:
         return labels == (int(np.argmax(sizes)) + 1)
     voxel = float(np.prod(spacing)) if spacing is not None else 1.0

@@ -37,7 +37,7 @@ from distseg.config import ExperimentConfig, make_run_dir, to_dict, write_resolv
 from distseg.core import checkpoint, dist
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
 from distseg.data.targets import labels_to_targets, target_names
-from distseg.inference.predictor import ModelIO
+from distseg.inference.loading import ModelIO
 from distseg.losses import build_loss
 from distseg.metrics import MetricAccumulator, confusion_counts
 from distseg.train import elastic, lost_rank
@@ -52,6 +52,9 @@ from distseg.train.state import NonFiniteLossError, TrainState
 from distseg.train.validation import WholeCaseValidator
 
 logger = logging.getLogger(__name__)
+
+CASES_FILE = "cases.json"
+"""<run>/cases.json: the case ids a run trains on and validates on (written by rank 0 at start)."""
 
 class Trainer:
     """Builds the model, engine, loss, augmentation and monitor for this rank; `train()` runs the loop."""
@@ -77,10 +80,17 @@ class Trainer:
             self.validator = WholeCaseValidator(cfg.data, store, self.rank, self.world_size, cfg.train.val_overlap,
                                                 cfg.train.val_window_batch)
         self.channel_names = target_names(cfg.data.target, store.regions)
-        self.train_cases = len(store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True))
+        train_ids = store.case_ids(exclude_folds=cfg.data.val_folds, labelled_only=True)
+        self.train_cases = len(train_ids)
         if self.rank == 0:
             make_run_dir(cfg)
             write_resolved(cfg, self.run_dir)
+            # The audit trail of what this run saw: the cases it trains on and the ones that choose its "best"
+            # checkpoint. Test-split cases are in neither (the store never lists them for training or validation).
+            val_ids = store.case_ids(folds=cfg.data.val_folds, labelled_only=True) if cfg.data.val_folds else []
+            checkpoint.write_json(self.run_dir / CASES_FILE, {
+                "store": str(store.path), "val_folds": list(cfg.data.val_folds), "train": train_ids,
+                "validation": val_ids, "test_split_excluded": len(store.case_ids(split="test"))})
         if self.plan.universal:
             elastic.ensure_universal(self.ckpt_dir / str(self.plan.tag))  # collective: rank 0 converts
         model = build_seeded_model(cfg, *model_channels(cfg, store))

@@ -9,7 +9,8 @@ import torch
 from distseg.config import load_config
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets
-from distseg.inference.predictor import LoadedModel, ModelIO, Predictor
+from distseg.inference.loading import LoadedModel, ModelIO
+from distseg.inference.predictor import Predictor
 from distseg.metrics import confusion_counts_from_masks
 from distseg.models import build_model
 from distseg.train.validation import WholeCaseValidator

@@ -1,0 +1,133 @@
+"""`launch/crossval.py` end to end on a synthetic store with a test split: folds trained by the real DeepSpeed
+launcher, resume of unfinished folds, out-of-fold predictions, choices made on them only, the fold ensemble used by
+`launch/predict.py` and `launch/evaluate.py`, and a test split that no choice touches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from distseg.data.store import Store
+from tests.predict.conftest import PYTHON, ok, run_cmd
+
+TEST_SUBJECTS = ["BraTS2021_00000", "BraTS2021_00001"]
+TRAIN = ["configs/debug.yaml", "train.steps=4", "train.val_every=2", "checkpoint.every=2", "monitor.image_every=0"]
+
+
+def _tree(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Store (9 cases, 3 folds, 2 test subjects) -> fold 0 alone (--only-train) -> the whole command with --test."""
+    root = tmp_path_factory.mktemp("crossval")
+    ok(run_cmd([PYTHON, "-m", "preprocess", "synth", "--kind", "brats", "--n", "9", "--dst", str(root / "raw"),
+                "--shape", "48x48x32"]))
+    ok(run_cmd([PYTHON, "-m", "preprocess", "brats", "--src", str(root / "raw"), "--dst", str(root), "--name", "b",
+                "--serial", "--folds", "3", "--fold-assignment", "balanced", "--test-subjects",
+                ",".join(TEST_SUBJECTS)]))
+    store, out = root / "b.zarr", root / "cv"
+    cmd = [PYTHON, "launch/crossval.py", "--config", TRAIN[0], "--ranks", "1", "--output", str(out),
+           f"data.store={store}", *TRAIN[1:]]
+    first = ok(run_cmd([*cmd, "--only-train", "--folds", "0"], timeout=900))
+    fold0 = _tree(out / "runs" / "fold_0" / "checkpoints")
+    only_fold0 = sorted(p.name for p in (out / "runs").iterdir())
+    second = ok(run_cmd([*cmd, "--test"], timeout=1500))
+    return {"root": root, "store": store, "out": out, "first": first, "second": second, "fold0": fold0, "only_fold0": only_fold0}
+
+
+@pytest.mark.slow
+def test_folds_resume_and_see_no_test_case(cv: dict) -> None:
+    out, store = cv["out"], Store.open(cv["store"])
+    assert cv["only_fold0"] == ["fold_0"] and "oof" not in cv["first"]  # --folds 0 --only-train: that fold only
+    assert "fold 0: done" in cv["second"]  # the rerun skipped the finished fold ...
+    assert _tree(out / "runs" / "fold_0" / "checkpoints") == cv["fold0"]  # ... and rewrote none of its files
+    plan = json.loads((out / "crossval.json").read_text())
+    assert plan["folds"] == [0, 1, 2] and plan["status"] == {"0": "done", "1": "done", "2": "done"}
+    pool = set(store.case_ids(labelled_only=True))
+    assert pool and not pool & set(TEST_SUBJECTS)
+    for k in range(3):
+        seen = json.loads((out / "runs" / f"fold_{k}" / "cases.json").read_text())
+        assert set(seen["validation"]) == set(store.case_ids(folds=[k], labelled_only=True))  # its own fold only
+        assert set(seen["train"]) == pool - set(seen["validation"])
+        assert not (set(seen["train"]) | set(seen["validation"])) & set(TEST_SUBJECTS)
+        assert seen["test_split_excluded"] == len(TEST_SUBJECTS)
+
+
+@pytest.mark.slow
+def test_out_of_fold_predictions_make_the_choices(cv: dict) -> None:
+    out, store = cv["out"], Store.open(cv["store"])
+    pool = set(store.case_ids(labelled_only=True))
+    rows = pq.read_table(out / "oof" / "metrics.parquet").to_pylist()
+    cases = [r["case_id"] for r in rows if r["region"] == "WT"]
+    assert sorted(cases) == sorted(pool)  # every pool case once, each by the model that never trained on it
+    meta = json.loads((out / "oof" / "evaluation.json").read_text())
+    assert meta["role"] == "validation" and meta["n_cases"] == len(pool)
+    assert "validation cases" in (out / "oof" / "summary.md").read_text()
+    assert {p.name for p in (out / "oof" / "predictions").glob("*.nii.gz")} == {f"{c}.nii.gz" for c in pool}
+    pp = json.loads((out / "postprocessing.json").read_text())
+    assert set(pp["chosen_on"]["cases"]) == pool  # chosen on the pooled out-of-fold cases, never the test split
+    assert "no region" in pp["criterion"] and {c["region"] for c in pp["candidates"]} == {"WT", "TC", "ET"}
+    ens = json.loads((out / "ensemble.json").read_text())
+    assert [Path(m).parts[:2] for m in ens["members"]] == [("runs", f"fold_{k}") for k in range(3)]
+    summary = (out / "summary.md").read_text()
+    assert "out of fold (validation)" in summary and "test split, ensemble (test)" in summary
+
+
+@pytest.mark.slow
+def test_test_split_is_scored_once_as_test(cv: dict) -> None:
+    test = cv["out"] / "test"
+    meta = json.loads((test / "evaluation.json").read_text())
+    assert meta["role"] == "test"
+    assert sorted(r["case_id"] for r in pq.read_table(test / "metrics.parquet").to_pylist()
+                  if r["region"] == "WT") == TEST_SUBJECTS
+    assert "test split: cases no choice touched" in (test / "summary.md").read_text()
+    assert not (test / "postprocessing.json").exists()  # applied there, never chosen there
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_choices_on_the_test_split_and_leaves_runs_alone(cv: dict, tmp_path: Path) -> None:
+    out, store = cv["out"], cv["store"]
+    refused = run_cmd([PYTHON, "launch/evaluate.py", "--model", str(out), "--store", str(store), "--split", "test",
+                       "--choose-postprocessing", "--output", str(tmp_path / "refused")])
+    assert refused.returncode == 2 and "refused" in refused.stdout and not (tmp_path / "refused").exists()
+    run = out / "runs" / "fold_1"
+    before = _tree(run)
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--model", str(run), "--store", str(store), "--output",
+                   str(tmp_path / "val"), "--choose-postprocessing"])
+    ok(res)
+    assert (tmp_path / "val" / "postprocessing.json").is_file()
+    after = {k: v for k, v in _tree(run).items() if not k.startswith("tb/")}  # TensorBoard gets the evaluation
+    assert after == {k: v for k, v in before.items() if not k.startswith("tb/")}  # nothing else written there
+    assert json.loads((tmp_path / "val" / "evaluation.json").read_text())["role"] == "validation"
+
+
+@pytest.mark.slow
+def test_the_cv_folder_is_a_model_for_predict(cv: dict, tmp_path: Path) -> None:
+    raw = cv["root"] / "raw" / TEST_SUBJECTS[0]
+    res = run_cmd([PYTHON, "launch/predict.py", "--model", str(cv["out"]), "--input", str(raw), "--output",
+                   str(tmp_path / "pred"), "--postprocess"])
+    assert "ensemble of 3" in ok(res)
+    assert (tmp_path / "pred" / f"{TEST_SUBJECTS[0]}.nii.gz").is_file()
+
+
+@pytest.mark.slow
+def test_a_case_that_fails_is_a_counted_row(cv: dict, tmp_path: Path) -> None:
+    """A damaged case (a chunk file gone) fails to predict: a failed row, the others scored, exit 3."""
+    store = tmp_path / "b.zarr"
+    shutil.copytree(cv["store"], store)
+    victim = Store.open(store).case_ids(folds=[1], labelled_only=True)[0]
+    chunk = sorted((store / "cases" / victim / "image").glob("c.*"))[0]
+    chunk.unlink()
+    res = run_cmd([PYTHON, "launch/evaluate.py", "--model", str(cv["out"] / "runs" / "fold_1"), "--store",
+                   str(store), "--output", str(tmp_path / "eval")])
+    assert res.returncode == 3, res.stdout[-3000:]
+    rows = pq.read_table(tmp_path / "eval" / "metrics.parquet").to_pylist()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [r["case_id"] for r in failed] == [victim] and chunk.name in failed[0]["error"]
+    assert any(r["status"] == "ok" for r in rows)

@@ -302,26 +302,33 @@ class DeviceAugment:
 
     # ---- intensity transforms on one sample x (C, *S) or on channels of the batch (in place) ------------------
     def _blur(self, image: torch.Tensor, pairs: list[tuple[int, int]], kernels: torch.Tensor) -> None:
-        """Separable Gaussian blur of channels `pairs` ((sample, channel) of `image` (B, C, *S)), in place, with
-        `kernels` (len(pairs), nd, K): one grouped convolution per axis for all of them, borders replicated."""
+        """Separable Gaussian blur of channels `pairs` ((sample, channel) of `image` (B, C, *S)), in place, with the
+        symmetric `kernels` (len(pairs), nd, 2r + 1), borders replicated. Per axis a weighted sum of r + 1 shifted
+        views for all pairs at once: on one CPU core twice as fast as a grouped convolution with (2r+1, 1, 1)
+        kernels, and a handful of elementwise kernels on an accelerator."""
         n, r = len(pairs), self.blur_radius
-        x = torch.stack([image[bi, ch] for bi, ch in pairs]).unsqueeze(0)  # (1, n, *S)
-        conv = F.conv3d if self.nd == 3 else F.conv2d
+        x = torch.stack([image[bi, ch] for bi, ch in pairs])  # (n, *S)
+        view = (n,) + (1,) * self.nd
         for axis in range(self.nd):
-            shape = [n, 1] + [1] * self.nd
-            shape[2 + axis] = 2 * r + 1
+            dim, length = 1 + axis, x.shape[1 + axis]
             pad = [0] * (2 * self.nd)  # F.pad lists the last dim first
             pad[2 * (self.nd - 1 - axis)] = pad[2 * (self.nd - 1 - axis) + 1] = r
-            x = conv(F.pad(x, pad, mode="replicate"), kernels[:, axis].reshape(shape), groups=n)
+            xp = F.pad(x.unsqueeze(0), pad, mode="replicate")[0]
+            w = kernels[:, axis]
+            out = xp.narrow(dim, r, length) * w[:, r].view(view)
+            for j in range(1, r + 1):
+                out += (xp.narrow(dim, r - j, length) + xp.narrow(dim, r + j, length)) * w[:, r + j].view(view)
+            x = out
         for j, (bi, ch) in enumerate(pairs):
-            image[bi, ch] = x[0, j]
+            image[bi, ch] = x[j]
 
     def _contrast(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """Per-channel contrast `factor` (C,) about the channel mean, clipped to the channel's range (nnU-Net's
         ContrastTransform with preserve_range)."""
         ones = (1,) * self.nd
         flat = x.flatten(1)
-        mean, lo, hi = (v.view(-1, *ones) for v in (flat.mean(1), flat.amin(1), flat.amax(1)))
+        mean = flat.mean(1).view(-1, *ones)
+        lo, hi = (v.view(-1, *ones) for v in torch.aminmax(flat, dim=1))
         return torch.clamp((x - mean) * factor.view(-1, *ones) + mean, min=lo, max=hi)
 
     def _lowres(self, x: torch.Tensor, zooms: np.ndarray) -> None:
@@ -338,24 +345,25 @@ class DeviceAugment:
 
     def _gamma(self, x: torch.Tensor, exponent: torch.Tensor, invert: bool) -> torch.Tensor:
         """Gamma with per-channel `exponent` (C,) of x (C, *S) rescaled to [0, 1] per channel, then back to the
-        channel's range; `invert` works on -x (nnU-Net's inverted gamma). With `gamma_retain_stats` each channel's
-        mean and standard deviation are restored afterwards."""
+        channel's range; `invert` applies it to -x and negates the result (nnU-Net's inverted gamma), computed as
+        ``hi - ((hi - x) / span) ** g * span``. With `gamma_retain_stats` each channel's mean and standard
+        deviation are restored afterwards."""
         c, ones = x.shape[0], (1,) * self.nd
-        retain = self.cfg.gamma_retain_stats
-        if invert:
-            x = -x
-        if retain:
-            mean, std = x.flatten(1).mean(1).view(c, *ones), x.flatten(1).std(1).view(c, *ones)
         flat = x.flatten(1)
-        lo, hi = flat.amin(dim=1).view(c, *ones), flat.amax(dim=1).view(c, *ones)
+        if self.cfg.gamma_retain_stats:
+            std, mean = (v.view(c, *ones) for v in torch.std_mean(flat, dim=1))
+        lo, hi = (v.view(c, *ones) for v in torch.aminmax(flat, dim=1))
         span = (hi - lo).clamp_min(1e-7)
+        g = exponent.view(c, *ones)
         # gamma on [0, 1]-rescaled intensities, then back to the original range (keeps min and max)
-        y = ((x - lo) / span).clamp(0, 1).pow(exponent.view(c, *ones)) * span + lo
-        if retain:
-            flat = y.flatten(1)
-            y_mean, y_std = flat.mean(1).view(c, *ones), flat.std(1).view(c, *ones)
+        if invert:
+            y = hi - ((hi - x) / span).clamp(0, 1).pow(g) * span
+        else:
+            y = ((x - lo) / span).clamp(0, 1).pow(g) * span + lo
+        if self.cfg.gamma_retain_stats:
+            y_std, y_mean = (v.view(c, *ones) for v in torch.std_mean(y.flatten(1), dim=1))
             y = (y - y_mean) * (std / y_std.clamp_min(1e-7)) + mean
-        return -y if invert else y
+        return y
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

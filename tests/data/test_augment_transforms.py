@@ -6,13 +6,17 @@ transforms off draw exactly what the first version drew."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from distseg.config import load_config
 from distseg.data.augment import DeviceAugment, rotation_matrix, split_factors
 from distseg.data.config import AugmentConfig
 
@@ -22,6 +26,7 @@ OFF = {
     "gamma_prob": 0.0, "noise_prob": 0.0,
 }
 PATCHES = [(9, 10, 11), (12, 13)]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(**kw) -> AugmentConfig:
@@ -352,3 +357,42 @@ def test_nnunet_preset_validates_and_matches_nnunet() -> None:
         assert cfg.rotate_deg == (30.0 if nd == 3 else 180.0)
         assert (cfg.blur_prob, cfg.contrast_prob, cfg.lowres_prob, cfg.gamma_invert_prob) == (0.2, 0.15, 0.25, 0.1)
         assert cfg.elastic_prob == 0.0 and cfg.gamma_retain_stats and cfg.split_factor_ranges
+
+
+# nnU-Net's set for the budget configs, as a YAML block under `data:` (what the integrator would paste into a config)
+NNUNET_BLOCK = """
+augment:
+  intensity_scale: [0.75, 1.25]
+  intensity_shift: 0.0
+  intensity_prob: 0.15
+  split_factor_ranges: true
+  noise_prob: 0.1
+  blur_prob: 0.2
+  contrast_prob: 0.15
+  lowres_prob: 0.25
+  gamma_invert_prob: 0.1
+  gamma_retain_stats: true
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "nd"),
+    [("brats_budget.yaml", 3), ("lgg_budget_unet.yaml", 2), ("lgg_budget_res_inception_unet.yaml", 2),
+     ("lgg_budget_resnet50_unet.yaml", 2)],
+)
+def test_the_nnunet_block_loads_into_the_budget_configs(config: str, nd: int, tmp_path: Path) -> None:
+    """The block above (+ rotate_deg 180 in 2D), merged into a shipped budget config or given as dotted overrides,
+    resolves to `AugmentConfig.nnunet(nd)`; a shipped config without the block keeps the first version's defaults."""
+    block = yaml.safe_load(NNUNET_BLOCK)["augment"]
+    if nd == 2:
+        block["rotate_deg"] = 180.0
+    shipped = REPO / "configs" / config
+    raw = yaml.safe_load(shipped.read_text())
+    if "augment" not in raw["data"]:
+        assert load_config(shipped).data.augment == AugmentConfig()
+    raw["data"]["augment"] = block
+    path = tmp_path / config
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).data.augment == AugmentConfig.nnunet(nd)
+    overrides = [f"data.augment.{k}={json.dumps(v)}" for k, v in block.items()]
+    assert load_config(shipped, overrides).data.augment == AugmentConfig.nnunet(nd)

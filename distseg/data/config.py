@@ -225,7 +225,7 @@ class DataConfig:
     slice2d / image2d: the largest in-plane size of the validation cases rounded up to a multiple of 16, so every
     whole slice / image is validated (smaller ones zero-padded)."""
     context_margin: int = 0
-    """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling
+    """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling/elastic
     resamples real data instead of zero padding; `DeviceAugment` crops it away, so the model always sees
     `patch_size`. With 0 the loader yields exactly `patch_size` and rotated corners are zero-filled. Patches are
     kept inside the case; the margin around them is not (it is zero-padded past the case border)."""

@@ -40,8 +40,18 @@ def _prob(key: str, value: object) -> None:
 class AugmentConfig:
     """Random augmentation of training samples; one implementation for 2D and 3D.
 
-    Flips and axis permutations run in loader workers; the spatial transform (rotation + scaling) and the intensity
-    transforms run batched on the device (`distseg.data.augment.DeviceAugment`).
+    Flips run in loader workers; the spatial transform (rotation + scaling + optional elastic deformation) and the
+    intensity transforms run batched on the device (`distseg.data.augment.DeviceAugment`), in this order: spatial,
+    intensity scale/shift (brightness), blur, contrast, simulated low resolution, inverted gamma, gamma, noise.
+    Every transform added after the first version (blur, contrast, low resolution, inverted gamma, retained gamma
+    statistics, split factor ranges, elastic, `intensity_prob` < 1) is off by default, so a config that does not set
+    them augments exactly as before.
+
+    nnU-Net v2's default set (`nnUNetTrainer.get_training_transforms`) is `AugmentConfig.nnunet(spatial_dims)`:
+    rotation +-30 deg (3D) / +-180 deg (2D) and zoom 0.7..1.4 each with p 0.2, no elastic, noise std <= 0.1 p 0.1,
+    blur sigma 0.5..1 p 0.2 (each channel p 0.5), brightness 0.75..1.25 p 0.15, contrast 0.75..1.25 p 0.15, low
+    resolution 0.5..1 p 0.25 (each channel p 0.5), inverted gamma p 0.1 and gamma p 0.3 (0.7..1.5, statistics
+    retained), factors drawn from nnU-Net's split ranges, mirroring on every axis.
     """
 
     enabled: bool = True
@@ -72,6 +82,47 @@ class AugmentConfig:
     """Maximum standard deviation of additive Gaussian noise (drawn uniformly in [0, noise_std])."""
     noise_prob: float = 0.15
     """Probability that a sample gets Gaussian noise."""
+    intensity_prob: float = 1.0
+    """Probability that a sample gets the intensity scale/shift (per channel). With intensity_scale (0.75, 1.25),
+    intensity_shift 0 and 0.15 this is nnU-Net's multiplicative brightness transform."""
+    split_factor_ranges: bool = False
+    """Draw the factors of intensity_scale, contrast_range and gamma_range as nnU-Net does: with probability 1/2
+    uniformly from [low, 1), else from [1, high] (so (0.7, 1.5) lowers gamma as often as it raises it). False:
+    uniformly over [low, high]."""
+    blur_prob: float = 0.0
+    """Probability that a sample gets a Gaussian blur (nnU-Net: 0.2)."""
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    """Range of the blur's standard deviation in voxels, drawn per channel and per spatial axis."""
+    blur_channel_prob: float = 0.5
+    """Probability that each channel of a blurred sample is blurred."""
+    contrast_prob: float = 0.0
+    """Probability that a sample gets a contrast change (nnU-Net: 0.15): per channel, intensities move away from
+    (factor > 1) or towards the channel mean, then are clipped to the channel's previous range."""
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    """Range of the per-channel contrast factor."""
+    lowres_prob: float = 0.0
+    """Probability that a sample gets simulated low resolution (nnU-Net: 0.25): a channel is resampled to
+    `zoom` x its size (nearest) and back ((bi/tri)linear), so its shape is kept and its detail is lost."""
+    lowres_zoom: tuple[float, float] = (0.5, 1.0)
+    """Range of the low-resolution zoom factor (one per channel, the same along every axis), within (0, 1]."""
+    lowres_channel_prob: float = 0.5
+    """Probability that each channel of a low-resolution sample is resampled."""
+    gamma_invert_prob: float = 0.0
+    """Probability that a sample gets an inverted gamma transform (nnU-Net: 0.1): gamma (exponent from
+    gamma_range) of the negated intensities, negated back; applied before the plain gamma, drawn independently."""
+    gamma_retain_stats: bool = False
+    """Restore each channel's mean and standard deviation after a (plain or inverted) gamma transform
+    (nnU-Net: true). False keeps the channel's minimum and maximum instead."""
+    elastic_prob: float = 0.0
+    """Probability that a sample gets a smooth elastic deformation (nnU-Net v2: 0, off), applied together with the
+    rotation/scaling in the same resampling, image and label alike."""
+    elastic_magnitude: tuple[float, float] = (0.0, 0.1)
+    """Range of the largest displacement along each axis, as a fraction of the patch size along that axis, drawn
+    per axis. With elastic_points 5 a magnitude <= 0.1 cannot fold the grid (neighbouring control points are a
+    quarter of the patch apart)."""
+    elastic_points: int = 5
+    """Control points per axis of the displacement lattice (normal random values, scaled to the drawn magnitude,
+    interpolated (bi/tri)linearly to the patch); fewer points = smoother deformation."""
 
     def validate(self, prefix: str = "data.augment") -> None:
         """Raise ValueError naming ``<prefix>.<field>`` for the first invalid field."""
@@ -93,6 +144,53 @@ class AugmentConfig:
         if not _is_num(self.noise_std) or self.noise_std < 0:
             raise ValueError(f"{prefix}.noise_std: expected a number >= 0, got {self.noise_std!r}")
         _prob(f"{prefix}.noise_prob", self.noise_prob)
+        _prob(f"{prefix}.intensity_prob", self.intensity_prob)
+        for name in ("split_factor_ranges", "gamma_retain_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{prefix}.{name}: expected true/false, got {getattr(self, name)!r}")
+        _prob(f"{prefix}.blur_prob", self.blur_prob)
+        _range(f"{prefix}.blur_sigma", self.blur_sigma, 0.0, 5.0)
+        _prob(f"{prefix}.blur_channel_prob", self.blur_channel_prob)
+        _prob(f"{prefix}.contrast_prob", self.contrast_prob)
+        _range(f"{prefix}.contrast_range", self.contrast_range, 0.0)
+        _prob(f"{prefix}.lowres_prob", self.lowres_prob)
+        _range(f"{prefix}.lowres_zoom", self.lowres_zoom, 0.05, 1.0)
+        _prob(f"{prefix}.lowres_channel_prob", self.lowres_channel_prob)
+        _prob(f"{prefix}.gamma_invert_prob", self.gamma_invert_prob)
+        _prob(f"{prefix}.elastic_prob", self.elastic_prob)
+        _range(f"{prefix}.elastic_magnitude", self.elastic_magnitude, 0.0, 0.5)
+        if not isinstance(self.elastic_points, int) or isinstance(self.elastic_points, bool) or self.elastic_points < 2:
+            raise ValueError(f"{prefix}.elastic_points: expected an int >= 2, got {self.elastic_points!r}")
+
+    @classmethod
+    def nnunet(cls, spatial_dims: int = 3) -> AugmentConfig:
+        """nnU-Net v2's default training augmentation (`nnUNetTrainer.get_training_transforms`, isotropic data):
+        the values in the class docstring; in-plane rotation up to 180 degrees for `spatial_dims` 2."""
+        return cls(
+            rotate_deg=30.0 if spatial_dims == 3 else 180.0,
+            rotate_prob=0.2,
+            scale_range=(0.7, 1.4),
+            scale_prob=0.2,
+            intensity_scale=(0.75, 1.25),
+            intensity_shift=0.0,
+            intensity_prob=0.15,
+            split_factor_ranges=True,
+            gamma_range=(0.7, 1.5),
+            gamma_prob=0.3,
+            gamma_invert_prob=0.1,
+            gamma_retain_stats=True,
+            noise_std=0.1,
+            noise_prob=0.1,
+            blur_prob=0.2,
+            blur_sigma=(0.5, 1.0),
+            blur_channel_prob=0.5,
+            contrast_prob=0.15,
+            contrast_range=(0.75, 1.25),
+            lowres_prob=0.25,
+            lowres_zoom=(0.5, 1.0),
+            lowres_channel_prob=0.5,
+            elastic_prob=0.0,
+        )
 
 
 @dataclass
@@ -127,7 +225,7 @@ class DataConfig:
     slice2d / image2d: the largest in-plane size of the validation cases rounded up to a multiple of 16, so every
     whole slice / image is validated (smaller ones zero-padded)."""
     context_margin: int = 0
-    """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling
+    """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling/elastic
     resamples real data instead of zero padding; `DeviceAugment` crops it away, so the model always sees
     `patch_size`. With 0 the loader yields exactly `patch_size` and rotated corners are zero-filled. Patches are
     kept inside the case; the margin around them is not (it is zero-padded past the case border)."""

@@ -185,15 +185,21 @@ class _Factories(TorchFunctionMode):
 @pytest.mark.parametrize("patch", [(16, 16, 16), (24, 24)])
 def test_the_training_data_path_never_stalls_the_host(patch: tuple[int, ...]) -> None:
     """Per micro-step on the device: batch copies (pinned, non-blocking), augmentation with every transform drawn
-    (one non-blocking copy of all its parameters), region targets (a cached table) -> no scalar read, no blocking
-    copy. (Gaussian noise needs a device generator, which `meta` lacks; it adds no host traffic on CUDA.)"""
+    (nnU-Net's set included: one non-blocking copy of all its parameters), region targets (a cached table) -> no
+    scalar read, no blocking copy. (Gaussian noise needs a device generator, which `meta` lacks; it adds no host
+    traffic on CUDA.)"""
     from distseg.data.labels import BRATS_REGIONS
     from distseg.data.targets import labels_to_targets
 
     margin, batch, dev = 4, 3, torch.device("meta")
     size = tuple(p + 2 * margin for p in patch)
-    cfg = AugmentConfig(rotate_prob=0.7, scale_prob=0.5, gamma_prob=0.5, noise_prob=0.0)
+    cfg = AugmentConfig(
+        rotate_prob=0.7, scale_prob=0.5, gamma_prob=0.5, noise_prob=0.0, elastic_prob=0.5, intensity_prob=0.5,
+        blur_prob=0.5, contrast_prob=0.5, lowres_prob=0.5, gamma_invert_prob=0.5, gamma_retain_stats=True,
+        split_factor_ranges=True,
+    )
     aug = DeviceAugment(cfg, patch, margin, seed=0)
+    drawn = ("matrix", "gamma", "elastic", "blur", "contrast", "lowres", "gamma_invert")
 
     def micro_step(i: int) -> None:
         image = torch.randn(batch, 4, *size).to(dev, non_blocking=True)  # the loader's pinned batch
@@ -204,13 +210,13 @@ def test_the_training_data_path_never_stalls_the_host(patch: tuple[int, ...]) ->
 
     micro_step(0)  # first use builds the cached region table
     traffic = HostTraffic()
-    drew = {"spatial": 0, "gamma": 0}
+    drew = dict.fromkeys(drawn, 0)
     with traffic:
         for i in range(1, 9):
             micro_step(i)
             params = [aug.draw(j, 4) for j in range(i * batch, (i + 1) * batch)]
-            drew["spatial"] += any(p["matrix"] is not None for p in params)
-            drew["gamma"] += any(p["gamma"] is not None for p in params)
-    assert drew["spatial"] > 0 and drew["gamma"] > 0  # the paths that used to copy did run
+            for key in drawn:
+                drew[key] += any(p[key] is not None for p in params)
+    assert all(drew.values()), drew  # every path that needs device parameters did run
     assert traffic.scalar_reads == 0 and traffic.blocking_copies == 0, vars(traffic)
     assert traffic.async_copies == 8 * 3  # image, label, and ONE packed parameter copy per micro-step

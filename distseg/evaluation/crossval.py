@@ -268,7 +268,7 @@ def finish(plan: CrossvalPlan, settings: PredictSettings, test: bool = False) ->
     if pp.rules:
         post_meta = evaluation_meta(ModelSet([first], None, str(plan.path)), store, what, list(regions), "validation",
                                     note=json.dumps(pp.to_dict()))
-        post = evaluate_arrays(postprocessed_cases(cache, store, all_cases, regions, pp), oof_dir / "postprocessed",
+        post = evaluate_arrays(postprocessed_cases(cache, store, all_cases, first.io, pp), oof_dir / "postprocessed",
                                post_meta, total=len(all_cases))
     write_ensemble(plan.path, [tags[k] for k in plan.folds],
                    {"folds": plan.folds, "config": plan.config, "overrides": plan.overrides, "store": plan.store})

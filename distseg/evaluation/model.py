@@ -33,17 +33,15 @@ import numpy as np
 from tqdm import tqdm
 
 from distseg.core.fileio import atomic_write
-from distseg.data.geometry import paste_to_source, restore_to_source_geometry
-from distseg.data.labels import to_source_convention
+from distseg.data.geometry import restore_to_source_geometry
 from distseg.data.store import Store
-from distseg.data.targets import regions_to_labels
 from distseg.evaluation.report import EvaluationMeta, EvaluationResult, ModelInfo, log_evaluation
 from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import CaseFailure, ScoredCase, region_masks
 from distseg.inference.ensemble import ModelSet
-from distseg.inference.loading import POSTPROCESSING_FILE
-from distseg.inference.postprocess import Postprocessing, RegionRule, component_labels, nesting
-from distseg.inference.predictor import Predictor
+from distseg.inference.loading import POSTPROCESSING_FILE, ModelIO
+from distseg.inference.postprocess import Postprocessing, RegionRule, component_labels, component_spacing, nesting
+from distseg.inference.predictor import Predictor, decode
 from distseg.metrics import mask_counts
 
 logger = logging.getLogger(__name__)
@@ -109,22 +107,20 @@ def _source_spacing(attrs: dict[str, Any]) -> tuple[float, ...] | None:
     return tuple(float(spacing[a]) for a in attrs["store_to_source_axes"])
 
 
-def _stored_spacing(attrs: dict[str, Any]) -> list[float] | None:
-    """Voxel volume for component sizes in the stored frame: mm (3D), pixels (2D: None)."""
-    return None if attrs.get("source_ndim") == 2 else attrs.get("spacing")
-
-
-def _scored(case_id: str, pred_masks: np.ndarray, regions: dict[str, list[int]], attrs: dict[str, Any],
+def _scored(case_id: str, pred_source_labels: np.ndarray, io: ModelIO, attrs: dict[str, Any],
             gt_label: np.ndarray, source: str) -> ScoredCase:
-    """Stored-frame region masks -> source-grid labels in the source convention -> region masks vs ground truth."""
+    """The prediction as written (source grid and convention: `distseg.inference.predictor.decode`) -> region masks
+    vs the ground truth's, in the source grid."""
     convention = attrs["label_convention"]
-    pred_src = to_source_convention(paste_to_source(regions_to_labels(pred_masks, regions), attrs), convention)
     gt_src = restore_to_source_geometry(gt_label, attrs)
-    names = dict(regions)
-    return ScoredCase(case_id, region_masks(pred_src, convention, names, what=f"{case_id} prediction"),
-                      region_masks(gt_src, convention, names, what=f"{case_id} ground truth"),
-                      _source_spacing(attrs), subject=attrs.get("subject"), pred_source=source, gt_source=source,
-                      label_convention=convention)
+    names = io.decode_regions
+    gt = region_masks(gt_src, convention, names, what=f"{case_id} ground truth")
+    if io.target == "binary" and len(next(iter(names.values()))) > 1:  # a 0/1 foreground mask (see `decode`)
+        pred = (np.asarray(pred_source_labels) > 0)[None]
+    else:
+        pred = region_masks(pred_source_labels, convention, names, what=f"{case_id} prediction")
+    return ScoredCase(case_id, pred, gt, _source_spacing(attrs), subject=attrs.get("subject"), pred_source=source,
+                      gt_source=source, label_convention=convention)
 
 
 def model_info(models: ModelSet) -> ModelInfo:
@@ -162,7 +158,6 @@ def predict_and_score(predictor: Predictor, store: Store, case_ids: Sequence[str
     that fails becomes a `CaseFailure` (scored as failed: Dice 0, HD95 penalty) and the next one goes on."""
     from distseg.inference.outputs import write_prediction
 
-    regions = predictor.io.decode_regions
     if pred_dir is not None:
         pred_dir.mkdir(parents=True, exist_ok=True)
     for cid in tqdm(case_ids, desc=desc, unit="case", dynamic_ncols=True):
@@ -176,7 +171,7 @@ def predict_and_score(predictor: Predictor, store: Store, case_ids: Sequence[str
                 write_prediction(pred_dir, case, pred, predictor.io.kind, predictor.io.channels)
             if cache is not None:
                 cache.put(cid, pred.probabilities)
-            item = _scored(cid, pred.masks, regions, case.attrs, case.label, source)
+            item = _scored(cid, pred.labels_source, predictor.io, case.attrs, case.label, source)
         except Exception as e:  # one bad case never stops the others; its row says why
             logger.exception("case %s failed", cid)
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -186,11 +181,9 @@ def predict_and_score(predictor: Predictor, store: Store, case_ids: Sequence[str
         yield item
 
 
-def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequence[str],
-                        regions: dict[str, list[int]], pp: Postprocessing) -> Iterator[ScoredCase | CaseFailure]:
+def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequence[str], io: ModelIO,
+                        pp: Postprocessing) -> Iterator[ScoredCase | CaseFailure]:
     """The cached predictions with `pp` applied, scored (cases without cached probabilities are failed rows)."""
-    from distseg.inference.postprocess import postprocess
-
     for cid in case_ids:
         source = f"{store.path}:{cid}"
         if not cache.has(cid):
@@ -198,8 +191,8 @@ def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequenc
                               gt_source=source)
             continue
         label, attrs = store.read_label(cid), store.case_attrs(cid)
-        masks = postprocess(cache.get(cid) > 0.5, regions, pp, _stored_spacing(attrs))
-        yield _scored(cid, masks, regions, attrs, label, source)
+        _, _, labels_source = decode(cache.get(cid), io, attrs, pp)
+        yield _scored(cid, labels_source, io, attrs, label, source)
 
 
 # ------------------------------------------------------------------------------------------------ choosing
@@ -254,7 +247,7 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
             label, attrs = truth(cid)
             gt = np.stack([np.isin(label, vals) for vals in regions.values()])
             masks = cache.get(cid) > 0.5
-            spacing = _stored_spacing(attrs)
+            spacing = component_spacing(attrs)
             voxel = float(np.prod(spacing)) if spacing is not None else 1.0
             ruled = masks.copy()
             for j, other in enumerate(names):
@@ -334,7 +327,7 @@ def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_
         if pp.rules:
             note = json.dumps(pp.to_dict())
             evaluation.postprocessed = evaluate_arrays(
-                postprocessed_cases(cache, store, case_ids, regions, pp), out_dir / "postprocessed",
+                postprocessed_cases(cache, store, case_ids, predictor.io, pp), out_dir / "postprocessed",
                 evaluation_meta(models, store, what, list(regions), role, note=note), total=len(case_ids))
     run = models.members[0].meta.get("run") if len(models.members) == 1 else None
     if tensorboard and run and Path(run).is_dir():

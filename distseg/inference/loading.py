@@ -70,8 +70,8 @@ class ModelIO:
     @property
     def decode_regions(self) -> dict[str, list[int]]:
         """Output channel -> canonical labels it covers (binary target: one channel covering every tumour label)."""
-        if self.target == "binary":
-            return {"foreground": [1]}
+        if self.target == "binary":  # every tumour label of the store (BraTS: 1, 2, 3 = the whole tumour)
+            return {"foreground": sorted({int(v) for vals in self.regions.values() for v in vals})}
         return {k: list(v) for k, v in self.regions.items()}
 
     def window(self) -> tuple[int, ...]:

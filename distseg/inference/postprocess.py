@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -87,3 +88,9 @@ def postprocess(masks: np.ndarray, regions: Mapping[str, Sequence[int]], pp: Pos
         for j in outers:
             masks[k] &= masks[j]
     return masks
+
+
+def component_spacing(attrs: Mapping[str, Any]) -> Sequence[float] | None:
+    """What component volumes are measured in for a stored case: its voxel spacing in mm (3D), pixels for 2D
+    images (None: a voxel counts 1), as `min_volume` rules are chosen and applied."""
+    return None if attrs.get("source_ndim") == 2 else attrs.get("spacing")

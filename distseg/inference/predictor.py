@@ -21,7 +21,7 @@ from distseg.data.store import CaseArrays
 from distseg.data.targets import regions_to_labels
 from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, LoadedModel, ModelIO, ModelLoadError
-from distseg.inference.postprocess import postprocess
+from distseg.inference.postprocess import Postprocessing, component_spacing, postprocess
 from distseg.inference.window import SlidingWindow, case_logits, window_predictor
 
 logger = logging.getLogger(__name__)
@@ -164,13 +164,35 @@ class Predictor:
         """Segment one whole case (stored frame in, stored frame + source grid out)."""
         self.check_case(case)
         probs = self.probabilities(case.normalised()).cpu().numpy()
-        masks = probs > 0.5
-        regions = self.io.decode_regions
-        spacing = case.attrs.get("spacing")
-        if self.postprocessing is not None:
-            masks = postprocess(masks, regions, self.postprocessing, spacing)
-        labels = regions_to_labels(masks, regions)
-        source = to_source_convention(paste_to_source(labels, case.attrs), case.attrs["label_convention"])
+        masks, labels, source = decode(probs, self.io, case.attrs, self.postprocessing)
         return Prediction(case.case_id, probs if keep_probabilities else np.zeros((0,)), masks, labels, source,
                           self.io.output_names)
+
+
+def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Postprocessing | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stored-frame probabilities float (K, Z, Y, X) -> (region masks bool (K, Z, Y, X) after `pp`, canonical labels
+    uint8 (Z, Y, X), labels in the source grid and convention).
+
+    The one decoding used by prediction and evaluation. A binary model on a multi-label store (BraTS with
+    `data.target: binary`) has no label of its own: its source output is the foreground mask as 0/1. A 2D case
+    resized on conversion is brought back to its source size by resampling the probabilities (bilinear; pixels that
+    `pp` removed set to 0 first) and thresholding there, never by resizing hard labels.
+    """
+    regions = io.decode_regions
+    masks = probabilities > 0.5
+    if pp is not None:
+        masks = postprocess(masks, regions, pp, component_spacing(attrs))
+    binary_multilabel = io.target == "binary" and len(next(iter(regions.values()))) > 1
+    labels = masks[0].astype(np.uint8) if binary_multilabel else regions_to_labels(masks, regions)
+    if attrs.get("resized_from") is not None:
+        removed = (probabilities > 0.5) & ~masks  # what `pp` took away stays away after resampling
+        kept = np.where(removed, 0.0, probabilities).astype(np.float32)
+        src_masks = np.stack([paste_to_source(p, attrs) for p in kept]) > 0.5
+        src = src_masks[0].astype(np.uint8) if binary_multilabel else regions_to_labels(src_masks, regions)
+    else:
+        src = paste_to_source(labels, attrs)
+    if not binary_multilabel:
+        src = to_source_convention(src, attrs["label_convention"])
+    return masks, labels, src
 

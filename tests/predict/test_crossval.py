@@ -38,7 +38,8 @@ def cv(tmp_path_factory: pytest.TempPathFactory) -> dict:
     fold0 = _tree(out / "runs" / "fold_0" / "checkpoints")
     only_fold0 = sorted(p.name for p in (out / "runs").iterdir())
     second = ok(run_cmd([*cmd, "--test"], timeout=1500))
-    return {"root": root, "store": store, "out": out, "first": first, "second": second, "fold0": fold0, "only_fold0": only_fold0}
+    return {"root": root, "store": store, "out": out, "first": first, "second": second, "fold0": fold0,
+            "only_fold0": only_fold0}
 
 
 @pytest.mark.slow

@@ -100,3 +100,47 @@ def test_postprocessing_kept_only_when_the_mean_rises_and_no_region_drops(tmp_pa
     cache.put("c", np.stack([np.isin(label, v) for v in REGIONS.values()]).astype(np.float32))
     pp, _ = choose_postprocessing(cache, truths.__getitem__, ["c"], REGIONS)
     assert not pp.rules  # every candidate either changes nothing or lowers a region: no rule kept
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def test_binary_model_on_a_brats_store_predicts_and_scores_the_whole_tumour() -> None:
+    """`data.target: binary` trains on label > 0: its output is the whole tumour (0/1), scored against all tumour
+    labels, not against label 1 (necrosis) alone."""
+    from distseg.evaluation.model import _scored
+    from distseg.inference.predictor import decode
+
+    label, _ = _case((16, 16, 16))
+    attrs = {"shape": [4, 16, 16, 16], "original_shape_zyx": [16, 16, 16], "crop_box_zyx": [[0, 16]] * 3,
+             "store_to_source_axes": [2, 1, 0], "label_convention": "brats2018", "spacing": [1.0, 1.0, 1.0]}
+    io = _member(0).io
+    io.target = "binary"
+    assert io.decode_regions == {"foreground": [1, 2, 3]}
+    probs = (label > 0)[None].astype(np.float32)  # a perfect whole-tumour prediction
+    masks, labels, source = decode(probs, io, attrs)
+    assert set(np.unique(source).tolist()) == {0, 1} and source.sum() == (label > 0).sum()
+    scored = _scored("c", source, io, attrs, label, "test")
+    assert scored.pred.shape == scored.gt.shape == (1, 16, 16, 16)
+    np.testing.assert_array_equal(scored.pred, scored.gt)  # Dice 1: the ground truth is the whole tumour too
+
+
+def test_resized_2d_case_is_restored_from_probabilities(tmp_path: Path) -> None:
+    """A 2D store made with --size: the source-size mask comes from resampled probabilities (smooth boundary), not
+    from nearest-resized hard labels (a staircase)."""
+    from distseg.data.geometry import paste_to_source
+    from distseg.inference.predictor import decode
+    from preprocess.discover import discover_images2d
+    from preprocess.images2d import prepare_2d_case
+    from preprocess.synth import write_synth
+
+    write_synth("images2d", 1, tmp_path, shape=(64, 64))
+    case = prepare_2d_case(discover_images2d(tmp_path)[0], ["gray"], 16)[0]
+    assert case.attrs["resized_from"] == [64, 64] and case.image.shape[-2:] == (16, 16)
+    yy, xx = np.mgrid[0:16, 0:16]
+    probs = np.clip(1.2 - np.hypot(yy - 7.3, xx - 8.1) / 6.0, 0, 1)[None, None].astype(np.float32)  # (K, 1, H, W)
+    io = ModelIO(kind="images2d", channels=["gray"], target="regions", regions={"tumour": [1]}, mode="image2d",
+                 patch_size=[16, 16], resize=16)
+    _, labels, source = decode(probs, io, case.attrs)
+    expected = paste_to_source(probs[0].astype(np.float32), case.attrs) > 0.5
+    np.testing.assert_array_equal(source > 0, expected)
+    nearest = paste_to_source(labels, case.attrs) > 0
+    assert (nearest != expected).sum() > 8  # the old way differs along the boundary: this test can tell them apart

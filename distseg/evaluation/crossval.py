@@ -166,7 +166,8 @@ def launcher_command(launcher: Sequence[str], train_script: Path, plan: Crossval
     """`launcher` (e.g. ``deepspeed --num_gpus 2``) + the training script + the fold's config and overrides. A
     local `deepspeed` launcher without ``--master_port`` gets a free loopback port, so folds never collide."""
     cmd = list(launcher)
-    if Path(cmd[0]).name == "deepspeed" and "--master_port" not in cmd and "--hostfile" not in cmd:
+    local = any(Path(c).name == "deepspeed" for c in cmd) and "--hostfile" not in cmd
+    if local and "--master_port" not in cmd:
         cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     return [*cmd, str(train_script), "--config", plan.config, *plan.fold_overrides(fold)]
 

@@ -97,3 +97,25 @@ def test_slurm_warning_signal_saves_requeues_and_the_requeued_job_resumes(brats_
                   "train.val_every=0", "checkpoint.every=2"], **env))
     assert f"resumed from checkpoint {stopped}" in out
     assert (tmp_path / "requeued.txt").read_text().split() == ["4242"], "the finished job must not requeue again"
+
+
+@pytest.mark.slow
+def test_crossval_array_task_trains_its_fold_where_crossval_finds_it(tmp_path: Path, no_leftovers):
+    """`cluster/slurm_crossval.sbatch` as array task 1: fold 1's run, validated on fold 1 only, in the CV folder;
+    the finishing step (`launch/crossval.py --skip-train`) then finds it and names the folds still missing."""
+    py = [sys.executable, "-m", "preprocess"]
+    ok(run([*py, "synth", "--kind", "brats", "--n", "6", "--dst", str(tmp_path / "src"), "--shape", "48x48x32"]))
+    ok(run([*py, "brats", "--src", str(tmp_path / "src"), "--dst", str(tmp_path), "--name", "b", "--serial",
+            "--folds", "3", "--fold-assignment", "balanced"]))
+    cv = tmp_path / "cv"
+    env = {**_slurm_env(tmp_path), "CV_DIR": str(cv), "SLURM_ARRAY_TASK_ID": "1"}
+    args = ["configs/debug.yaml", f"data.store={tmp_path / 'b.zarr'}", "train.steps=2", "train.val_every=2",
+            "checkpoint.every=2", "monitor.image_every=0"]
+    ok(run(["bash", "cluster/slurm_crossval.sbatch", *args], **env))
+    seen = json.loads((cv / "runs" / "fold_1" / "cases.json").read_text())
+    assert seen["val_folds"] == [1] and len(seen["validation"]) == 2 and len(seen["train"]) == 4
+    env.pop("SLURM_ARRAY_TASK_ID")
+    res = run(["bash", "cluster/slurm_crossval.sbatch", *args], **env)
+    assert res.returncode == 2 and "fold(s) [0, 2] not trained" in res.stdout, res.stdout[-3000:]
+    plan = json.loads((cv / "crossval.json").read_text())
+    assert plan["status"] == {"0": "pending", "1": "done", "2": "pending"}

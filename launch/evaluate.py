@@ -54,8 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--choose-postprocessing", action="store_true",
                         help="with --model: choose the connected-component rule on these validation cases and write "
                              "it to OUTPUT/postprocessing.json (refused with --split test)")
-    parser.add_argument("--postprocess", action="store_true",
-                        help="with --model: also score the rule the model (or CV folder) carries (postprocessing.json)")
+    parser.add_argument("--postprocess", nargs="?", const=True, default=False, metavar="FILE",
+                        help="with --model: also score a postprocessing rule chosen on validation cases: the one the "
+                             "CV folder (or run) carries, or FILE (a postprocessing.json)")
     parser.add_argument("--output", type=Path, required=True, help="folder for the evaluation outputs")
     parser.add_argument("--hd95-one-empty", type=float, default=BRATS_HD95_ONE_EMPTY,
                         help="HD95 when exactly one of prediction and ground truth is empty (default: BraTS 373.13)")
@@ -98,7 +99,7 @@ def run_model(args: argparse.Namespace) -> int:
     from distseg.data.store import Store
     from distseg.evaluation.model import PredictSettings, evaluate_model
     from distseg.inference.ensemble import load_models
-    from distseg.inference.loading import ModelLoadError
+    from distseg.inference.loading import ModelLoadError, read_postprocessing
     from distseg.inference.outputs import OutputError, check_output_dir
 
     device = args.device
@@ -115,6 +116,10 @@ def run_model(args: argparse.Namespace) -> int:
         check_output_dir(args.output, [args.store])
         models = load_models(args.model, device)
         store = Store.open(args.store)
+        if isinstance(args.postprocess, str):
+            models.postprocessing = read_postprocessing(Path(args.postprocess))
+            if models.postprocessing is None:
+                raise ModelLoadError(f"--postprocess {args.postprocess}: no such postprocessing file")
     except (OutputError, ModelLoadError, StoreError) as e:
         logger.error("%s", e)
         return 2

@@ -1,21 +1,22 @@
-"""Reproduce the results tables on the shared real data (`make reproduce`): convert, train the budget configs,
-evaluate held-out subjects on whole cases, write the tables.
+"""Reproduce the results tables on the shared real data (`make reproduce`): a test split no choice touches,
+cross-validation on the rest, the fold ensemble and the single budget model, each scored on the test split.
 
     python -m launch.reproduce [--data ../shared/data] [--out reproduce_out] [--only brats,lgg] [--ranks 2]
-                               [--configs brats_budget,lgg_budget_unet,...] [key=value ...]
+                               [--skip-single] [--skip-cv] [key=value ...]
 
 Each stage runs the product's own command in a subprocess, as a user types it:
-1. `python -m preprocess brats` on the 12 labelled BraTS cases (2018 + 2021 namings; folds 4, validation fold 2 =
-   4 cases never trained on) and `python -m preprocess images2d` on the LGG kaggle_3m patients (folds per patient,
-   validation fold 0 = 3 patients);
-2. `deepspeed --num_gpus 2 launch/train.py --config configs/<budget>.yaml` for each budget config (each stops at its
-   `train.max_minutes` with a final checkpoint; a rerun resumes or, when finished, does nothing);
-3. `python launch/evaluate.py --model RUN --store STORE` on the validation fold (whole cases / whole slices, sliding
-   window, postprocessing chosen on the same cases and reported separately);
-4. `python launch/evaluate.py compare` -> `<out>/results.md`: the 2D table (Dice, IoU, pixel accuracy, precision,
-   recall, parameters, training minutes, per-patient Dice) and the BraTS table (WT/TC/ET Dice, sensitivity,
-   specificity, HD95), with the hardware and the commands.
-Extra `key=value` arguments go to every training run (e.g. `train.max_minutes=5` for a quick pass).
+1. `python -m preprocess brats|images2d ... --test-subjects ...`: BraTS: the three cases from institutions other
+   than CBICA (Brats18_2013_3_1, Brats18_TCIA01_201_1, BraTS2021_00006: the only cross-institution check the
+   shared data offers) are the test split; the 16 CBICA cases are the pool, 3 balanced folds. LGG: the patients of
+   institutions CS and EZ are the test split; the others (DU, FG, HT) the pool, 3 balanced folds.
+2. `python launch/crossval.py --config configs/<x>_budget_cv.yaml --test`: folds, out-of-fold predictions (the
+   validation numbers), postprocessing chosen on them, the fold ensemble scored on the test split.
+3. the single budget model (`configs/brats_budget.yaml`, `configs/lgg_budget_res_inception_unet.yaml`) trained by
+   `deepspeed launch/train.py` on the pool with fold 0 as its validation fold (its "best" checkpoint and its
+   postprocessing are chosen there: `launch/evaluate.py --choose-postprocessing`), then scored on the test split
+   with that postprocessing (`launch/evaluate.py --split test --postprocess FILE`).
+4. `<out>/results.md`: validation and test numbers side by side, labelled, with the hardware, commands and times.
+Extra `key=value` arguments go to every training run (e.g. `train.max_minutes=2` for a quick pass).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from pathlib import Path
 logger = logging.getLogger("launch.reproduce")
 REPO = Path(__file__).resolve().parents[1]
 
-BRATS_CONFIGS = ["brats_budget"]
-LGG_CONFIGS = ["lgg_budget_res_inception_unet", "lgg_budget_resnet50_unet", "lgg_budget_unet"]
 BRATS_SOURCES = ("brats2018", "brats2021")
+BRATS_TEST = ("Brats18_2013_3_1", "Brats18_TCIA01_201_1", "BraTS2021_00006")
 LGG_SOURCE = "seg2d/lgg-kaggle3m"
+LGG_TEST_INSTITUTIONS = ("CS", "EZ")
+FOLDS = 3
 
 
 def _run(cmd: list[str], env: dict[str, str], log: Path, ok_codes: tuple[int, ...] = (0,)) -> int:
@@ -76,6 +78,11 @@ def _link_cases(data: Path, out: Path) -> Path:
     return src
 
 
+def lgg_test_patients(src: Path) -> list[str]:
+    """The LGG patients (folders `TCGA_<inst>_<id>_<date>`) of the test institutions."""
+    return sorted(p.name for p in src.iterdir() if p.is_dir() and p.name.split("_")[1] in LGG_TEST_INSTITUTIONS)
+
+
 def _hardware() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -91,19 +98,49 @@ def _hardware() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def _summary(eval_dir: Path) -> dict | None:
+    f = eval_dir / "summary.json"
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+
+def _means(summary: dict, key: str, metric: str) -> dict[str, float]:
+    return {r["region"]: r["mean"] for r in summary.get(key) or [] if r["metric"] == metric}
+
+
+def table(rows: list[tuple[str, str, Path]], per_subject: bool) -> list[str]:
+    """Markdown rows: model | cases (role) | n | Dice per region [| per-patient Dice] | HD95 per region."""
+    out: list[str] = []
+    for model, label, eval_dir in rows:
+        s = _summary(eval_dir)
+        if s is None:
+            continue
+        meta = json.loads((eval_dir / "evaluation.json").read_text(encoding="utf-8"))
+        dice, hd = _means(s, "cases", "dice"), _means(s, "cases", "hd95")
+        if not out:
+            head = ["model", "cases", "n", *(f"Dice {r}" for r in dice)]
+            if per_subject:
+                head.append("per-patient Dice")
+            head += [f"HD95 {r}" for r in hd]
+            out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        cells = [model, f"{label} ({meta['role']})", str(meta["n_cases"]), *(f"{v:.3f}" for v in dice.values())]
+        if per_subject:
+            subj = _means(s, "subjects", "dice")
+            cells.append(f"{next(iter(subj.values())):.3f}" if subj else "–")
+        cells += [f"{v:.1f}" for v in hd.values()]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m launch.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared real data")
     p.add_argument("--out", type=Path, default=REPO / "reproduce_out")
-    p.add_argument("--only", default="brats,lgg", help="which tables: brats, lgg or both")
-    p.add_argument("--configs", default="", help="comma list of config names (default: every budget config)")
+    p.add_argument("--only", default="brats,lgg", help="which datasets: brats, lgg or both")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks per training run")
-    p.add_argument("--skip-train", action="store_true", help="evaluate the runs already in --out")
-    p.add_argument("--tta", choices=("none", "mirror"), default="none",
-                   help="test-time augmentation of the evaluation (mirror: every flip, as nnU-Net); with mirror the "
-                        "evaluations go to <out>/eval-mirror and the tables to <out>/results-mirror.md")
+    p.add_argument("--skip-single", action="store_true", help="no single budget model")
+    p.add_argument("--skip-cv", action="store_true", help="no cross-validation")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = p.parse_args(argv)
     data, out = args.data.resolve(), args.out.resolve()
@@ -113,73 +150,75 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     py = sys.executable
     only = set(args.only.split(","))
-    chosen = [c for c in args.configs.split(",") if c]
-    logs = out / "logs"
-    stores = out / "stores"
+    logs, stores = out / "logs", out / "stores"
     timings: dict[str, float] = {}
-    plan: list[tuple[str, Path]] = []
+    datasets = []
     if "brats" in only:
-        t0 = time.perf_counter()
-        _run([py, "-m", "preprocess", "brats", "--src", str(_link_cases(data, out)), "--dst", str(stores),
-              "--name", "brats_real", "--folds", "4"], env, logs / "preprocess.log")
-        timings["preprocess brats"] = time.perf_counter() - t0
-        plan += [(c, stores / "brats_real.zarr") for c in BRATS_CONFIGS if not chosen or c in chosen]
+        datasets.append(("brats", "brats_budget", "brats_budget_cv", stores / "brats_real.zarr", list(BRATS_TEST),
+                         ["brats", "--src", str(_link_cases(data, out)), "--name", "brats_real"]))
     if "lgg" in only:
+        src = data / LGG_SOURCE
+        datasets.append(("lgg", "lgg_budget_res_inception_unet", "lgg_budget_cv", stores / "lgg.zarr",
+                         lgg_test_patients(src), ["images2d", "--src", str(src), "--name", "lgg",
+                                                  "--channel-names", "pre,flair,post"]))
+    sections: list[str] = []
+    for name, single, cv_config, store, test, prep in datasets:
         t0 = time.perf_counter()
-        _run([py, "-m", "preprocess", "images2d", "--src", str(data / LGG_SOURCE), "--dst", str(stores),
-              "--name", "lgg", "--folds", "4", "--channel-names", "pre,flair,post"], env, logs / "preprocess.log")
-        timings["preprocess lgg"] = time.perf_counter() - t0
-        plan += [(c, stores / "lgg.zarr") for c in LGG_CONFIGS if not chosen or c in chosen]
-    evals = []
-    for name, store in plan:
-        config = REPO / "configs" / f"{name}.yaml"
-        overrides = [f"data.store={store}", f"run.output_root={out}", f"run.name={name}", *args.overrides]
-        run_dir = out / "runs" / name
-        if not args.skip_train:
+        _run([py, "-m", "preprocess", *prep, "--dst", str(stores), "--folds", str(FOLDS), "--fold-assignment",
+              "balanced", "--test-subjects", ",".join(test)], env, logs / "preprocess.log", ok_codes=(0, 3))
+        timings[f"preprocess {name}"] = time.perf_counter() - t0
+        rows: list[tuple[str, str, Path]] = []
+        if not args.skip_cv:
+            cv_dir = out / "crossval" / cv_config
+            t0 = time.perf_counter()
+            _run([py, "launch/crossval.py", "--config", str(REPO / "configs" / f"{cv_config}.yaml"), "--ranks",
+                  str(args.ranks), "--output", str(cv_dir), "--test", f"data.store={store}", *args.overrides], env,
+                 logs / f"crossval_{cv_config}.log", ok_codes=(0, 3))
+            timings[f"crossval {cv_config} (folds + out of fold + choices + test)"] = time.perf_counter() - t0
+            rows += [(f"{cv_config}: {FOLDS}-fold ensemble", "out of fold", cv_dir / "oof"),
+                     (f"{cv_config}: {FOLDS}-fold ensemble + pp", "out of fold", cv_dir / "oof" / "postprocessed"),
+                     (f"{cv_config}: {FOLDS}-fold ensemble", "test split", cv_dir / "test"),
+                     (f"{cv_config}: {FOLDS}-fold ensemble + pp", "test split", cv_dir / "test" / "postprocessed")]
+        if not args.skip_single:
+            run_dir = out / "runs" / single
             t0 = time.perf_counter()
             _run([_deepspeed(), "--num_gpus", str(args.ranks), "--master_addr", "127.0.0.1", "--master_port",
-                  str(_free_port()), "launch/train.py", "--config", str(config), *overrides], env,
-                 logs / f"train_{name}.log")
-            timings[f"train {name}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        eval_dir = out / ("eval" if args.tta == "none" else f"eval-{args.tta}") / name
-        _run([py, "launch/evaluate.py", "--model", str(run_dir), "--store", str(store), "--output", str(eval_dir),
-              "--tta", args.tta], env, logs / f"evaluate_{name}.log")
-        timings[f"evaluate {name}"] = time.perf_counter() - t0
-        evals.append(eval_dir)
-    table = subprocess.run([py, "launch/evaluate.py", "compare", *map(str, evals)], cwd=REPO, env=env,
-                           capture_output=True, text=True, check=True).stdout
-    post = [d / "postprocessed" for d in evals if (d / "postprocessed" / "evaluation.json").is_file()]
-    post_table = ""
-    if post:
-        post_table = subprocess.run([py, "launch/evaluate.py", "compare", *map(str, post)], cwd=REPO, env=env,
-                                    capture_output=True, text=True, check=True).stdout
-    summaries = {d.name: json.loads((out / "runs" / d.name / "summary.json").read_text())
-                 for d in evals if (out / "runs" / d.name / "summary.json").is_file()}
+                  str(_free_port()), "launch/train.py", "--config", str(REPO / "configs" / f"{single}.yaml"),
+                  f"data.store={store}", "data.val_folds=[0]", f"run.output_root={out}", f"run.name={single}",
+                  *args.overrides], env, logs / f"train_{single}.log")
+            timings[f"train {single}"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            val, tst = out / "eval" / single / "validation", out / "eval" / single / "test"
+            _run([py, "launch/evaluate.py", "--model", str(run_dir), "--store", str(store), "--output", str(val),
+                  "--choose-postprocessing"], env, logs / f"evaluate_{single}.log", ok_codes=(0, 3))
+            _run([py, "launch/evaluate.py", "--model", str(run_dir), "--store", str(store), "--split", "test",
+                  "--output", str(tst), "--postprocess", str(val / "postprocessing.json")], env,
+                 logs / f"evaluate_{single}.log", ok_codes=(0, 3))
+            timings[f"evaluate {single}"] = time.perf_counter() - t0
+            rows += [(f"{single}: single model", "fold 0", val),
+                     (f"{single}: single model + pp", "fold 0", val / "postprocessed"),
+                     (f"{single}: single model", "test split", tst),
+                     (f"{single}: single model + pp", "test split", tst / "postprocessed")]
+        title = ("BraTS (3D; Dice/HD95 per region, whole cases in the source grid)" if name == "brats" else
+                 "LGG (2D FLAIR abnormality; slice Dice and per-patient Dice of the stacked slices)")
+        sections += [f"## {title}", "", f"Test split: {', '.join(test)}.", "",
+                     *table(rows, per_subject=name == "lgg"), ""]
     lines = [
-        "# distseg: results on the shared real data",
-        "",
+        "# distseg: results on the shared real data", "",
         f"Hardware: {_hardware()}. Date: {time.strftime('%Y-%m-%d')}.",
-        f"Command: `python -m launch.reproduce {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        "",
-        "Held out (never trained on): BraTS fold 2 of 4 (4 cases), LGG fold 0 of 4 (3 patients, every slice).",
-        "Whole cases / whole slices, sliding window, "
-        + ("no test-time augmentation" if args.tta == "none" else "mirror test-time augmentation (every flip)")
-        + "; metrics in the source grid.",
-        "",
-        table,
+        f"Command: `python -m launch.reproduce {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+        "Roles: **test** = the test split set aside at preprocessing, never trained on, validated on or chosen on "
+        "(checkpoint, postprocessing, configuration): the numbers to report. **validation** = cases that chose "
+        "something (out-of-fold cases chose each fold's checkpoint and the postprocessing; fold 0 chose the single "
+        "model's checkpoint and postprocessing): optimistic. `+ pp` = with the connected-component postprocessing "
+        "chosen on the validation cases. Whole cases / whole slices, sliding window, no test-time augmentation.", "",
+        *sections, "## Stage times (s)", "", *[f"- {k}: {v:.0f}" for k, v in timings.items()],
+        f"- total: {sum(timings.values()):.0f}",
     ]
-    if post_table:
-        lines += ["", "## With the connected-component postprocessing chosen on the same cases", "",
-                  "(chosen and scored on the same held-out cases, so optimistic; shown for reference)", "", post_table]
-    lines += ["", "## Runs", ""]
-    keys = ("step", "elapsed_s", "seconds_per_step", "world_size", "val_dice", "budget")
-    for name, s in summaries.items():
-        lines.append(f"- {name}: {json.dumps({k: s[k] for k in keys if k in s})}")
-    lines += ["", "## Stage times (s)", ""] + [f"- {k}: {v:.0f}" for k, v in timings.items()]
-    results = out / ("results.md" if args.tta == "none" else f"results-{args.tta}.md")
+    results = out / "results.md"
     results.write_text("\n".join(lines) + "\n", encoding="utf-8")
     sys.stdout.write("\n".join(lines) + "\n")
     logger.info("wrote %s", results)

@@ -15,6 +15,15 @@
 4. with --test, then evaluates the ensemble (+ postprocessing) on the test split set aside at preprocessing
    (`--test-subjects` / `--test-fraction`): the number to report. No choice ever reads the test split.
 
+Several configurations (nnU-Net's `find_best_configuration`):
+
+    python launch/crossval.py choose CV_DIR_A CV_DIR_B ... --output DIR [--max-members N]
+
+scores each CV folder and each ensemble of them on the same out-of-fold cases, keeps the best mean Dice, chooses
+its postprocessing on its out-of-fold predictions and writes DIR as a model (ensemble.json, postprocessing.json,
+choice.json). The test split is not read; evaluate DIR on it afterwards (`launch/evaluate.py --model DIR --split
+test --postprocess`).
+
 Cluster: `--only-train --folds K` trains one fold (one job-array task each: cluster/slurm_crossval.sbatch), then
 `--skip-train` (a job depending on the array) does steps 2-4. `--launcher "deepspeed --hostfile H ..."` replaces
 the local launcher. Extra key=value arguments go to every fold's training (e.g. train.max_minutes=5).
@@ -63,8 +72,37 @@ def _deepspeed() -> str:
     return str(beside) if beside.exists() else "deepspeed"
 
 
+def run_choose(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch/crossval.py choose",
+                                description="Choose the best configuration or ensemble on out-of-fold predictions.")
+    p.add_argument("cv_dirs", type=Path, nargs="+", help="CV folders of launch/crossval.py (same store)")
+    p.add_argument("--output", type=Path, required=True, help="folder for the chosen model (ensemble + choices)")
+    p.add_argument("--max-members", type=int, default=None, help="largest ensemble tried (default: all folders)")
+    args = p.parse_args(argv)
+    from distseg.evaluation.choose import choose_configuration
+    from distseg.evaluation.crossval import CrossvalError
+    from distseg.inference.loading import ModelLoadError
+
+    try:
+        choice = choose_configuration(args.cv_dirs, args.output, args.max_members)
+    except (CrossvalError, ModelLoadError) as e:
+        logger.error("%s", e)
+        return 2
+    lines = ["| candidate | mean out-of-fold Dice | " + " | ".join(k for k in next(iter(choice.scores.values()))
+                                                             if k != "mean") + " |"]
+    lines.append("|" + " --- |" * (len(next(iter(choice.scores.values()))) + 1))
+    for name, s in sorted(choice.scores.items(), key=lambda kv: -kv[1]["mean"]):
+        lines.append(f"| {name} | {s['mean']:.4f} | " + " | ".join(f"{v:.4f}" for k, v in s.items() if k != "mean")
+                     + " |")
+    sys.stdout.write("\n".join(lines) + f"\n\nchosen: {' + '.join(choice.winner)} -> {choice.folder}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "choose":
+        return run_choose(argv[1:])
     args = parse_args(argv)
     import torch
 

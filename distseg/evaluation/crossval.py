@@ -114,6 +114,7 @@ class CrossvalPlan:
             doc = json.loads(f.read_text(encoding="utf-8"))
             if doc.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format {doc.get('format')!r}, expected {PLAN_FORMAT!r}")
+            doc["folder"] = str(Path(folder).resolve())  # where it is now: a CV folder may be moved or copied
             return cls(**doc)
         except (OSError, ValueError, TypeError) as e:
             raise CrossvalError(f"{f}: unreadable cross-validation plan ({e}); expected the file "

@@ -132,3 +132,26 @@ def test_a_case_that_fails_is_a_counted_row(cv: dict, tmp_path: Path) -> None:
     failed = [r for r in rows if r["status"] == "failed"]
     assert [r["case_id"] for r in failed] == [victim] and chunk.name in failed[0]["error"]
     assert any(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.slow
+def test_choose_configuration_on_out_of_fold_predictions(cv: dict, tmp_path: Path) -> None:
+    """Two configurations: the CV folder and a copy whose out-of-fold probabilities are all zero (a useless model).
+    The choice is made on out-of-fold Dice only: the good one alone beats the copy and the ensemble of both."""
+    import numpy as np
+
+    bad = tmp_path / "bad_cv"
+    shutil.copytree(cv["out"], bad)
+    for f in (bad / "oof" / "probabilities").glob("*.npz"):
+        with np.load(f) as z:
+            zeros = np.zeros_like(z["probabilities"])
+        np.savez_compressed(f, probabilities=zeros)
+    res = ok(run_cmd([PYTHON, "launch/crossval.py", "choose", str(cv["out"]), str(bad), "--output",
+                      str(tmp_path / "chosen")]))
+    choice = json.loads((tmp_path / "chosen" / "choice.json").read_text())
+    assert choice["winner"] == [cv["out"].name] and f"chosen: {cv['out'].name}" in res
+    assert set(choice["scores"]) == {cv["out"].name, "bad_cv", f"{cv['out'].name} + bad_cv"}
+    assert choice["scores"]["bad_cv"]["mean"] < choice["scores"][cv["out"].name]["mean"]
+    members = json.loads((tmp_path / "chosen" / "ensemble.json").read_text())["members"]
+    assert len(members) == 3 and all(str(cv["out"]) in m for m in members)
+    assert (tmp_path / "chosen" / "postprocessing.json").is_file()

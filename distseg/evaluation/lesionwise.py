@@ -118,12 +118,14 @@ def _union_box(boxes: Sequence[tuple[slice, ...]], shape: tuple[int, ...], margi
 
 def lesion_wise(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, *,
                 dilation: int = LESION_DILATION, min_volume: float = LESION_MIN_VOLUME,
-                penalty: float = LESION_HD95_PENALTY) -> LesionWiseResult:
+                penalty: float = LESION_HD95_PENALTY, whole_hd95: float | None = None) -> LesionWiseResult:
     """BraTS 2023 lesion-wise Dice and HD95 of one region (see the module doc for the definition).
 
     pred, gt: bool (*S) masks of one region (2D or 3D); spacing: mm per axis in the arrays' axis order (None:
     1 per axis, volumes in voxels and HD95 in voxels). dilation: voxels; min_volume: mm^3; penalty: HD95 of a missed
-    lesion or a false-positive component (mm)."""
+    lesion or a false-positive component (mm). whole_hd95: `hausdorff95(pred, gt, spacing)` when the caller has it
+    already (`evaluate_case` does): a lesion that is the whole of both masks (one lesion, every component matched to
+    it: the usual good prediction) then costs no second pair of distance transforms."""
     pred, gt = _check(pred, gt, spacing)
     voxel_volume = 1.0 if spacing is None else math.prod(float(s) for s in spacing)
     # Everything happens within `dilation` (catchments) + 1 (surfaces, see `hausdorff95`) voxels of pred | gt: on
@@ -163,8 +165,11 @@ def lesion_wise(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | Non
             continue
         inter = sum(overlap.get((i, c), 0) for c in hits)
         dice = 2.0 * inter / (float(lesion_size[i]) + float(component_size[hits].sum()))
-        sub = _union_box([lesion_boxes[i - 1], *(component_boxes[c - 1] for c in hits)], pred.shape, margin=1)
-        hd = hausdorff95(np.isin(components[sub], hits), lesion[sub] == i, spacing, one_empty=penalty)
+        if whole_hd95 is not None and n_lesions == 1 and len(hits) == n_components:
+            hd = float(whole_hd95)  # the lesion is all of gt and its components all of pred
+        else:
+            sub = _union_box([lesion_boxes[i - 1], *(component_boxes[c - 1] for c in hits)], pred.shape, margin=1)
+            hd = hausdorff95(np.isin(components[sub], hits), lesion[sub] == i, spacing, one_empty=penalty)
         scores.append(LesionScore(volume, dice, hd, len(hits)))
     n_fp = n_components - len({c for _, c in touching})
     n_kept = len(scores)

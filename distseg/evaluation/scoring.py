@@ -204,7 +204,7 @@ def evaluate_case(pred_masks: np.ndarray, gt_masks: np.ndarray, spacing: Sequenc
         row["gt_ml"] = None if ml_per_voxel is None else (tp + fn) * ml_per_voxel
         row.update(zip(COUNT_COLUMNS, (tp, fp, fn, tn), strict=True))
         if lesion_wise_metrics:
-            lw = lesion_wise(pred[k], gt[k], spacing)
+            lw = lesion_wise(pred[k], gt[k], spacing, whole_hd95=row["hd95"])
             row.update(lesion_dice=lw.dice, lesion_hd95=lw.hd95, lesion_tp=lw.tp, lesion_fn=lw.fn, lesion_fp=lw.fp)
         rows.append(row)
     return rows

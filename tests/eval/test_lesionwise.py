@@ -135,6 +135,18 @@ def test_spacing_scales_hd95_and_penalty_and_border_lesions() -> None:
     assert r.hd95 == 100.0
 
 
+def test_whole_hd95_is_reused_only_when_the_lesion_is_both_whole_masks() -> None:
+    gt = _cubes((5, 5, 5))
+    pred = gt.copy()
+    pred[6, 6, 11] = True  # a second component, matched to the one lesion: the lesion is the whole of both masks
+    assert lesion_wise(pred, gt, whole_hd95=-1.0).lesions[0].hd95 == -1.0  # the given value was used
+    assert lesion_wise(pred, gt).lesions[0].hd95 == hausdorff95(pred, gt)
+    with_fp = pred | _cubes((30, 30, 30), size=2)  # a false positive: pred is more than the lesion's components
+    assert lesion_wise(with_fp, gt, whole_hd95=-1.0).lesions[0].hd95 == 0.0
+    two = gt | _cubes((25, 25, 25))  # two lesions: neither is the whole ground truth
+    assert all(s.hd95 != -1.0 for s in lesion_wise(two, two, whole_hd95=-1.0).lesions)
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="one 2D or 3D shape"):
         lesion_wise(np.zeros((3, 3, 3), bool), np.zeros((3, 3, 4), bool))

@@ -17,8 +17,11 @@ the model); --postprocess applies the rule the model or CV folder carries and sc
 --pred: files written by the predictor (3D `<case_id>.nii.gz`, 2D `<case_id>_mask.png`); --gt: BraTS case folders
 (any release naming), `<case_id>[_seg].nii.gz` label files, or 2D masks (see `preprocess/label_files.py`). Writes
 metrics.parquet/.csv, summary.md/.json, boxplot_<metric>.png and evaluation.json to --output (never into --pred or
---gt) and prints summary.md. Exit status: 0 all cases scored, 3 some cases failed (each a row with its reason; the
-others are scored), 2 bad usage (missing folder, nothing paired, output inside an input).
+--gt) and prints summary.md. Every ground-truth case counts: one without a prediction file, or whose files cannot
+be scored (unreadable, wrong grid, unknown label values), is a failed row per region scored by the BraTS convention
+(Dice 0, HD95 --hd95-one-empty, lesion-wise Dice 0 / HD95 374) and included in the means. Exit status: 0 every
+case scored, 3 some cases failed or had no prediction (each a row with its reason; the others are scored), 2 bad
+usage (missing folder, nothing paired, output inside an input).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "CV folder (or run) carries, or FILE (a postprocessing.json)")
     parser.add_argument("--output", type=Path, required=True, help="folder for the evaluation outputs")
     parser.add_argument("--hd95-one-empty", type=float, default=BRATS_HD95_ONE_EMPTY,
-                        help="HD95 when exactly one of prediction and ground truth is empty (default: BraTS 373.13)")
+                        help="HD95 when exactly one of prediction and ground truth is empty, and of a failed or "
+                             "missing case (default: BraTS 373.13)")
     parser.add_argument("--workers", type=int, default=1, help="processes that read and score cases (default 1)")
     return parser.parse_args(argv)
 

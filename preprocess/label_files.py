@@ -59,9 +59,10 @@ class Pairing:
     pairs: list[tuple[str, Path, GroundTruth]] = field(default_factory=list)
     """(case_id, prediction file, ground truth), sorted by case id."""
     failures: list[CaseFailure] = field(default_factory=list)
-    """Cases found but unscorable before reading (duplicate files, discovery problems)."""
+    """Cases found but unscorable before reading (duplicate files, discovery problems) and ground-truth cases without
+    a prediction: each is scored as failed (worst values), never left out."""
     no_prediction: list[str] = field(default_factory=list)
-    """Ground-truth cases without a prediction file (not scored; e.g. a GT folder wider than one fold)."""
+    """Ground-truth cases without a prediction file (also in `failures`: every ground-truth case counts)."""
     no_ground_truth: list[str] = field(default_factory=list)
     """Prediction files without ground truth (not scored)."""
 
@@ -168,8 +169,13 @@ def pair_label_files(pred_dir: Path, gt_dir: Path) -> Pairing:
         shown = ", ".join(sorted(gt)[:3]) + (", ..." if len(gt) > 3 else "")
         raise PairingError(f"--pred {pred_dir}: no prediction pairs with the {len(gt)} ground-truth cases in {gt_dir}; "
                            f"expected {expected} files named after those cases ({shown})")
+    for case_id in pairing.no_prediction:  # every ground-truth case counts: a missing prediction is a failed case
+        name = f"{case_id}.nii.gz" if kind == "brats3d" else f"{case_id}_mask.png"
+        pairing.failures.append(CaseFailure(
+            case_id, f"no prediction for case {case_id!r} in {pred_dir}; expected {name} (scored as failed: Dice 0, "
+                     "HD95 penalty)", gt_source=str(gt[case_id].path)))
     if pairing.no_prediction:
-        logger.warning("%d ground-truth cases have no prediction in %s and are not scored: %s",
+        logger.warning("%d ground-truth cases have no prediction in %s and are scored as failed: %s",
                        len(pairing.no_prediction), pred_dir, ", ".join(pairing.no_prediction[:10]))
     if pairing.no_ground_truth:
         logger.warning("%d predictions have no ground truth in %s and are not scored: %s",

@@ -4,14 +4,18 @@ Arrays in, files out; never imports `preprocess` or `ray` (`launch/evaluate.py` 
 
     masks = region_masks(label, "brats2018")                       # bool (K, *S): WT, TC, ET
     rows = evaluate_case(pred_masks, gt_masks, spacing_mm, ["WT", "TC", "ET"], case_id="c1")
+    lesion_wise(pred_masks[0], gt_masks[0], spacing_mm).dice             # BraTS 2023 lesion-wise, one region
     result = evaluate_arrays(cases, out_dir, EvaluationMeta(kind="brats3d", regions=["WT", "TC", "ET"]))
     print(compare([eval_dir_a, eval_dir_b]))
 
-Modules: `scoring` (region masks, per-case rows, per-subject stacking), `report` (tables, summary, box plots,
-evaluation.json, TensorBoard), `run` (`evaluate_arrays`), `compare` (side-by-side Markdown tables).
+Modules: `scoring` (region masks, per-case rows, failed rows, per-subject stacking), `lesionwise` (BraTS 2023
+lesion-wise Dice/HD95), `report` (tables, summary, box plots, evaluation.json, TensorBoard), `run`
+(`evaluate_arrays`), `compare` (side-by-side Markdown tables). Every case counts: a failed or missing case is a row
+per region with the worst value of every metric, included in the means.
 """
 
 from distseg.evaluation.compare import compare
+from distseg.evaluation.lesionwise import LESION_HD95_PENALTY, LesionWiseResult, lesion_wise
 from distseg.evaluation.report import (
     EvaluationMeta,
     EvaluationResult,
@@ -27,6 +31,7 @@ from distseg.evaluation.report import (
 from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import (
     BRATS_HD95_ONE_EMPTY,
+    LESION_METRICS,
     METRICS,
     CaseFailure,
     ScoredCase,
@@ -38,8 +43,9 @@ from distseg.evaluation.scoring import (
 )
 
 __all__ = [
-    "BRATS_HD95_ONE_EMPTY", "METRICS", "ScoredCase", "CaseFailure", "EvaluationMeta", "EvaluationResult",
-    "ModelInfo", "compare", "conventions_text", "default_regions", "evaluate_arrays", "evaluate_case",
-    "infer_brats_convention", "log_evaluation", "read_evaluation_meta", "read_table", "region_masks", "summarise",
-    "subject_metrics", "write_evaluation", "write_evaluation_meta",
+    "BRATS_HD95_ONE_EMPTY", "LESION_HD95_PENALTY", "LESION_METRICS", "METRICS", "ScoredCase", "CaseFailure",
+    "EvaluationMeta", "EvaluationResult", "LesionWiseResult", "ModelInfo", "compare", "conventions_text",
+    "default_regions", "evaluate_arrays", "evaluate_case", "infer_brats_convention", "lesion_wise", "log_evaluation",
+    "read_evaluation_meta", "read_table", "region_masks", "summarise", "subject_metrics", "write_evaluation",
+    "write_evaluation_meta",
 ]

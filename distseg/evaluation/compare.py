@@ -1,8 +1,10 @@
 """Several evaluation folders side by side, as Markdown tables in the seed's layout.
 
 2D (binary): one row per model: Dice, IoU, pixel accuracy, precision, recall, parameters (+ training minutes and
-per-patient Dice when known). BraTS 3D: per model the WT/TC/ET rows of Dice, sensitivity, specificity, HD95.
-Cells are mean ± std over cases (std: population). Folders of different kinds give one table per kind.
+per-patient Dice when known). BraTS 3D: per model the WT/TC/ET rows of Dice, sensitivity, specificity, HD95 and the
+BraTS 2023 lesion-wise Dice and HD95 ("–" for evaluations written before they existed). Cells are mean ± std over
+every case, failed ones included with their worst values (std: population); n is the number of cases, with the
+failed ones named. Folders of different kinds give one table per kind.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from distseg.evaluation.report import EvaluationMeta, read_evaluation_meta
 
 TWO_D_COLUMNS = (("dice", "Dice"), ("iou", "IoU"), ("accuracy", "Pixel accuracy"), ("precision", "Precision"),
                  ("recall", "Recall"))
-BRATS_COLUMNS = (("dice", "Dice"), ("recall", "Sensitivity"), ("specificity", "Specificity"), ("hd95", "HD95"))
+BRATS_COLUMNS = (("dice", "Dice"), ("recall", "Sensitivity"), ("specificity", "Specificity"), ("hd95", "HD95"),
+                 ("lesion_dice", "Lesion Dice"), ("lesion_hd95", "Lesion HD95"))
 
 
 def _load(eval_dir: Path) -> tuple[EvaluationMeta, dict[str, Any]]:
@@ -36,9 +39,14 @@ def _stat(summary: Sequence[Mapping[str, Any]], region: str, metric: str) -> Map
 def _cell(stat: Mapping[str, Any] | None, metric: str) -> str:
     if stat is None or not stat.get("n"):
         return "–"
-    digits = 2 if metric == "hd95" else 3
+    digits = 2 if metric.endswith("hd95") else 3
     mean, std = float(stat["mean"]), float(stat["std"])  # "inf"/"nan" strings from summary.json parse as floats
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _n(meta: EvaluationMeta) -> str:
+    """Cases counted in the means, e.g. "19" or "19 (2 failed)"."""
+    return f"{meta.n_cases} ({meta.n_failed} failed)" if meta.n_failed else str(meta.n_cases)
 
 
 def _label(meta: EvaluationMeta, eval_dir: Path) -> str:
@@ -64,20 +72,20 @@ def _two_d_table(entries: list[tuple[str, EvaluationMeta, dict[str, Any]]]) -> l
                 cells.append(f"{minutes:.1f}" if minutes is not None else "–")
             if with_subjects:
                 cells.append(_cell(_stat(summary.get("subjects") or [], region, "dice"), "dice"))
-            cells.append(str(meta.n_cases - meta.n_failed))
+            cells.append(_n(meta))
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _brats_table(entries: list[tuple[str, EvaluationMeta, dict[str, Any]]]) -> list[str]:
     units = {meta.hd95_unit for _, meta, _ in entries}
-    head = ["Model", "Region", *(f"{t} ({'/'.join(sorted(units))})" if m == "hd95" else t
+    head = ["Model", "Region", *(f"{t} ({'/'.join(sorted(units))})" if m.endswith("hd95") else t
                                  for m, t in BRATS_COLUMNS), "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label, meta, summary in entries:
         for region in meta.regions:
             cells = [label, region, *(_cell(_stat(summary["cases"], region, m), m) for m, _ in BRATS_COLUMNS),
-                     str(meta.n_cases - meta.n_failed)]
+                     _n(meta)]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 

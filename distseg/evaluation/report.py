@@ -2,9 +2,11 @@
 box plots, evaluation.json and a TensorBoard entry. Every file is written under a temporary name and renamed.
 
 Files in the output folder:
-    metrics.parquet, metrics.csv     one row per (case, region); failed cases: one row, status "failed" + error
+    metrics.parquet, metrics.csv     one row per (case, region); a failed case: status "failed" + error and the
+                                     worst value of every metric (Dice 0, HD95 penalty), counted in the statistics
     subjects.parquet, subjects.csv   one row per (subject, region) when cases carry a subject (2D slices)
-    summary.md, summary.json         mean, std, median, 25 %, 75 %, n per region and metric + the conventions
+    summary.md, summary.json         mean, std, median, 25 %, 75 %, n per region and metric over every case + the
+                                     conventions
     boxplot_<metric>.png             the regions side by side
     evaluation.json                  what was evaluated (`EvaluationMeta`)
 """
@@ -23,13 +25,23 @@ from typing import Any
 import numpy as np
 
 from distseg.core.fileio import atomic_write
-from distseg.evaluation.scoring import BRATS_HD95_ONE_EMPTY, METRICS, SUBJECT_METRICS, subject_metrics
+from distseg.evaluation.lesionwise import LESION_DILATION, LESION_HD95_PENALTY, LESION_MIN_VOLUME
+from distseg.evaluation.scoring import (
+    BRATS_HD95_ONE_EMPTY,
+    LESION_COUNTS,
+    LESION_METRICS,
+    METRICS,
+    SUBJECT_METRICS,
+    case_metrics_of,
+    subject_metrics,
+)
 
 log = logging.getLogger(__name__)
 
 KINDS = ("brats3d", "images2d")
 METRIC_TITLES = {"dice": "Dice", "iou": "IoU", "accuracy": "Pixel accuracy", "precision": "Precision",
-                 "recall": "Recall (sensitivity)", "specificity": "Specificity", "hd95": "HD95"}
+                 "recall": "Recall (sensitivity)", "specificity": "Specificity", "hd95": "HD95",
+                 "lesion_dice": "Lesion-wise Dice", "lesion_hd95": "Lesion-wise HD95"}
 
 
 @dataclass
@@ -76,16 +88,28 @@ class EvaluationMeta:
     """HD95 when exactly one of prediction and ground truth is empty."""
     empty_value: float = 1.0
     """Value of a ratio whose denominator is 0 (Dice of two empty masks)."""
+    lesion_wise: bool = True
+    """BraTS 2023 lesion-wise Dice/HD95 per region (brats3d only: 2D evaluations never compute them)."""
     n_cases: int = 0
     """Cases scored or failed (filled when the outputs are written)."""
     n_failed: int = 0
-    """Cases that could not be scored."""
+    """Cases that could not be scored (missing predictions included): counted with the worst value of each metric."""
     notes: dict[str, Any] = field(default_factory=dict)
     """Anything else worth keeping, e.g. cases without a prediction."""
     role: str = "unspecified"
     """What these cases were to the model: "validation" (they made choices: best checkpoint, postprocessing,
     learning rate, configuration; their scores are optimistic), "test" (no choice saw them: the number to report),
     or "unspecified" (files mode: the tool cannot know which cases made choices)."""
+
+    @property
+    def with_lesion_wise(self) -> bool:
+        """Whether the rows carry the lesion-wise metrics (asked for, and a BraTS 3D evaluation)."""
+        return self.lesion_wise and self.kind == "brats3d"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The per-case metrics summarised and plotted."""
+        return case_metrics_of(self.with_lesion_wise)
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -101,19 +125,35 @@ class EvaluationMeta:
 def conventions_text(meta: EvaluationMeta) -> str:
     """The metric conventions, as Markdown bullets (in summary.md, summary.json and evaluation.json)."""
     unit = "mm from the voxel spacing" if meta.hd95_unit == "mm" else "pixels (no physical pixel size)"
-    return "\n".join([
+    lines = [
         "- Dice, IoU, precision, recall (= sensitivity), specificity and pixel accuracy come from tp/fp/fn/tn "
         "counted over every voxel of the grid (background included).",
         f"- A ratio whose denominator is 0 is {meta.empty_value:g} (BraTS: prediction and ground truth both empty "
         "-> Dice 1); prediction empty but ground truth not -> Dice 0.",
         f"- HD95: 95th percentile of the pooled symmetric distances between the face-connected surfaces "
         f"(MedPy / BraTS), in {unit}; both empty -> 0, exactly one empty -> {meta.hd95_one_empty:g}.",
+    ]
+    if meta.with_lesion_wise:
+        lines.append(
+            f"- Lesion-wise Dice / HD95 (BraTS 2023): ground-truth lesions = 26-connected components after a "
+            f"{LESION_DILATION}-voxel dilation (nearby pieces merge; scored on their undilated voxels), lesions of "
+            f"<= {LESION_MIN_VOLUME:g} mm^3 dropped; each lesion vs the predicted components touching its dilated "
+            f"extent; a missed lesion and each false-positive component score Dice 0 / HD95 "
+            f"{LESION_HD95_PENALTY:g} mm; score = sum / (lesions + false positives); nothing on either side -> "
+            "Dice 1 / HD95 0. lesion_tp / lesion_fn / lesion_fp count found and missed lesions and false-positive "
+            "components. Per-lesion HD95 is the HD95 above (the official script uses DeepMind's surface-distance "
+            "robust Hausdorff).")
+    lesion = (f"; lesion-wise Dice 0, HD95 {LESION_HD95_PENALTY:g}" if meta.with_lesion_wise else "")
+    lines += [
         "- Volumes: pred_ml / gt_ml = voxels x voxel volume / 1000 (null without a spacing).",
-        "- Summary: std is the population std (ddof 0); 25 % / 75 % are linear-interpolated quantiles; failed "
-        "cases are left out of the statistics and listed.",
+        "- Every case counts: a ground-truth case without a prediction, or one that could not be scored, is a failed "
+        f"row per region with the worst value of every metric (ratios 0, HD95 {meta.hd95_one_empty:g}{lesion}: the "
+        "BraTS convention) and is included in every statistic; failed cases are listed.",
+        "- Summary: std is the population std (ddof 0); 25 % / 75 % are linear-interpolated quantiles.",
         "- Per subject: the counts of a subject's cases (slices) are summed, i.e. the metrics of the stacked "
-        "volume; HD95 is not defined there.",
-    ])
+        "volume; HD95 is not defined there; a subject with a failed case scores 0.",
+    ]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -143,10 +183,10 @@ def case_schema():
     f64, i64, s = pa.float64(), pa.int64(), pa.string()
     return pa.schema([
         ("case_id", s), ("subject", s), ("region", s), ("status", s), ("error", s),
-        *[(m, f64) for m in METRICS],
+        *[(m, f64) for m in METRICS], *[(m, f64) for m in LESION_METRICS],
         ("pred_voxels", i64), ("gt_voxels", i64), ("pred_ml", f64), ("gt_ml", f64),
-        ("tp", i64), ("fp", i64), ("fn", i64), ("tn", i64), ("label_convention", s), ("pred_source", s),
-        ("gt_source", s),
+        ("tp", i64), ("fp", i64), ("fn", i64), ("tn", i64), *[(c, i64) for c in LESION_COUNTS],
+        ("label_convention", s), ("pred_source", s), ("gt_source", s),
     ])
 
 
@@ -156,7 +196,7 @@ def subject_schema():
 
     i64 = pa.int64()
     return pa.schema([
-        ("subject", pa.string()), ("region", pa.string()), ("n_cases", i64),
+        ("subject", pa.string()), ("region", pa.string()), ("n_cases", i64), ("n_failed", i64),
         *[(m, pa.float64()) for m in SUBJECT_METRICS],
         ("pred_voxels", i64), ("gt_voxels", i64), ("tp", i64), ("fp", i64), ("fn", i64), ("tn", i64),
     ])
@@ -194,23 +234,23 @@ def _stats(values: Sequence[float]) -> dict[str, float | int]:
 
 def summarise(rows: Sequence[Mapping[str, Any]], regions: Sequence[str],
               metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
-    """Per region and metric over the ok rows: {region, metric, mean, std, median, q25, q75, n}."""
-    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    """Per region and metric over every row, failed ones included (they hold the worst values):
+    {region, metric, mean, std, median, q25, q75, n}. Null values (a metric a row does not have) are skipped."""
     return [{"region": region, "metric": metric,
-             **_stats([r[metric] for r in ok if r["region"] == region])}
+             **_stats([r.get(metric) for r in rows if r["region"] == region])}
             for region in regions for metric in metrics]
 
 
 def _fmt(value: float, metric: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.2f}" if metric == "hd95" else f"{value:.4f}"
+    return f"{value:.2f}" if metric.endswith("hd95") else f"{value:.4f}"
 
 
 def _stats_table(summary: Sequence[Mapping[str, Any]], hd95_unit: str) -> list[str]:
     lines = ["| region | metric | mean | std | median | 25 % | 75 % | n |", "|" + " --- |" * 8]
     for s in summary:
-        name = METRIC_TITLES[s["metric"]] + (f" ({hd95_unit})" if s["metric"] == "hd95" else "")
+        name = METRIC_TITLES[s["metric"]] + (f" ({hd95_unit})" if s["metric"].endswith("hd95") else "")
         cells = [_fmt(s[k], s["metric"]) for k in ("mean", "std", "median", "q25", "q75")]
         lines.append(f"| {s['region']} | {name} | {' | '.join(cells)} | {s['n']} |")
     return lines
@@ -239,11 +279,13 @@ def summary_markdown(meta: EvaluationMeta, summary: Sequence[Mapping[str, Any]],
     lines += [f"- {key}: `{value}`" for key, value in meta.sources.items()]
     if meta.label_conventions:
         lines.append(f"- label conventions: {', '.join(meta.label_conventions)}")
-    lines.append(f"- cases: {meta.n_cases - meta.n_failed} scored, {meta.n_failed} failed")
-    for key, what in (("no_prediction", "ground-truth cases without a prediction"),
-                      ("no_ground_truth", "predictions without ground truth")):
-        if meta.notes.get(key):
-            lines.append(f"- not scored: {len(meta.notes[key])} {what} (listed in evaluation.json)")
+    missing = len(meta.notes.get("no_prediction") or [])
+    lines.append(f"- cases: {meta.n_cases} counted, {meta.n_cases - meta.n_failed} scored, {meta.n_failed} failed"
+                 + (f" ({missing} without a prediction)" if missing else "")
+                 + (" -- failed cases score Dice 0 and the HD95 penalty in every mean" if meta.n_failed else ""))
+    if meta.notes.get("no_ground_truth"):
+        lines.append(f"- not scored: {len(meta.notes['no_ground_truth'])} predictions without ground truth (listed "
+                     "in evaluation.json)")
     lines += ["",
               "## Per case", "", *_stats_table(summary, meta.hd95_unit), ""]
     if subject_summary:
@@ -263,13 +305,13 @@ def plot_boxplots(rows: Sequence[Mapping[str, Any]], regions: Sequence[str], out
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ok = [r for r in rows if r.get("status", "ok") == "ok"]
     paths = []
     rng = np.random.default_rng(0)  # fixed jitter: the same rows give the same picture
     for metric in metrics:
         data, left_out = [], 0
         for region in regions:
-            v = np.asarray([r[metric] for r in ok if r["region"] == region and r[metric] is not None], dtype=float)
+            v = np.asarray([r[metric] for r in rows if r["region"] == region and r.get(metric) is not None],
+                           dtype=float)
             left_out += int((~np.isfinite(v)).sum())
             data.append(v[np.isfinite(v)])
         fig = Figure(figsize=(1.6 + 1.3 * len(regions), 3.6), dpi=100)
@@ -278,7 +320,7 @@ def plot_boxplots(rows: Sequence[Mapping[str, Any]], regions: Sequence[str], out
         ax.boxplot(data, tick_labels=list(regions), showfliers=False, widths=0.5)
         for i, v in enumerate(data, start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, v.size), v, s=10, alpha=0.6, color="tab:blue", zorder=3)
-        unit = f" ({hd95_unit})" if metric == "hd95" else ""
+        unit = f" ({hd95_unit})" if metric.endswith("hd95") else ""
         title = f"{METRIC_TITLES[metric]}{unit}, n = {max((len(v) for v in data), default=0)}"
         ax.set_title(title + (f" ({left_out} non-finite left out)" if left_out else ""), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -369,13 +411,13 @@ def write_evaluation(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, met
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in rows]
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = list({r["case_id"]: r for r in rows if r["status"] != "ok"}.values())  # one per case
     meta.n_cases = len({r["case_id"] for r in rows})
-    meta.n_failed = len({r["case_id"] for r in failed})
+    meta.n_failed = len(failed)
     if not meta.label_conventions:
         meta.label_conventions = sorted({r["label_convention"] for r in rows if r.get("label_convention")})
     subjects = subject_metrics(rows, meta.empty_value)
-    summary = summarise(rows, meta.regions)
+    summary = summarise(rows, meta.regions, meta.metrics)
     subject_summary = summarise(subjects, meta.regions, SUBJECT_METRICS) if subjects else []
     n_subjects = len({r["subject"] for r in subjects})
     # The per-subject table repeats the per-case one when every subject is one case (BraTS); show it only when
@@ -385,7 +427,7 @@ def write_evaluation(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, met
     files = write_table(rows, case_schema(), out_dir, "metrics")
     if subjects:
         files += write_table(subjects, subject_schema(), out_dir, "subjects")
-    files += plot_boxplots(rows, meta.regions, out_dir, hd95_unit=meta.hd95_unit)
+    files += plot_boxplots(rows, meta.regions, out_dir, meta.metrics, hd95_unit=meta.hd95_unit)
     _write_text(out_dir / "summary.md", markdown)
     _write_json(out_dir / "summary.json", {
         "kind": meta.kind, "regions": meta.regions, "n_cases": meta.n_cases, "n_failed": meta.n_failed,

@@ -27,13 +27,16 @@ def evaluate_arrays(cases: Iterable[CaseItem], out_dir: str | Path, meta: Evalua
     loaders returning either (with `workers` > 1 they run in the worker processes, so loading is parallel too;
     they must then be picklable, e.g. module-level classes). Consumed lazily: at most 2 x `workers` cases are in
     flight, so a generator of large volumes stays bounded in memory. Region names, empty-set conventions and the
-    HD95 penalty come from `meta`. A bad case becomes a failed row; it never stops the others.
+    HD95 penalty come from `meta` (and the BraTS 2023 lesion-wise metrics for brats3d, `meta.lesion_wise`). A bad
+    case becomes failed rows (worst value of every metric, counted in the means); it never stops the others. Only
+    the rows are kept (a few hundred bytes per case and region), never the masks: memory does not grow with the
+    number of cases.
     """
     meta.validate()
     if workers < 1:
         raise ValueError(f"workers: expected an integer >= 1, got {workers!r}")
     score = partial(score_item, region_names=list(meta.regions), empty_value=meta.empty_value,
-                    one_empty_hd95=meta.hd95_one_empty)
+                    one_empty_hd95=meta.hd95_one_empty, lesion_wise_metrics=meta.with_lesion_wise)
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="evaluate", unit="case", dynamic_ncols=True) as bar:
         if workers == 1:

@@ -1,6 +1,9 @@
 """Per-case scoring: label volumes -> region masks -> one metrics row per (case, region); per-subject stacking.
 
-Arrays only (numpy); the metric definitions live in `distseg.metrics`, shared with validation during training.
+Arrays only (numpy); the metric definitions live in `distseg.metrics`, shared with validation during training, and
+`distseg.evaluation.lesionwise` (BraTS 2023 lesion-wise Dice/HD95). Every case gives one row per region: a case
+that could not be scored (no prediction, unreadable file, wrong grid) is a "failed" row per region holding the worst
+value of every metric, so that means over cases always count every case (the BraTS convention).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from distseg.data.labels import BINARY_REGIONS, BRATS_REGIONS, LABEL_CONVENTIONS
+from distseg.evaluation.lesionwise import LESION_HD95_PENALTY, lesion_wise
 from distseg.metrics import COUNT_COLUMNS, hausdorff95, mask_counts, ratios_from_counts
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,15 @@ METRICS = (*RATIO_METRICS, "hd95")
 """Every per-case metric summarised in summary.md and plotted."""
 SUBJECT_METRICS = RATIO_METRICS
 """Per-subject metrics: exactly those that stacking counts gives (HD95 needs the stacked geometry)."""
+LESION_METRICS = ("lesion_dice", "lesion_hd95")
+"""BraTS 2023 lesion-wise Dice and HD95 (`distseg.evaluation.lesionwise`); BraTS 3D evaluations only."""
+LESION_COUNTS = ("lesion_tp", "lesion_fn", "lesion_fp")
+"""Ground-truth lesions found / missed and false-positive predicted components (the official Num_TP/FN/FP)."""
+
+
+def case_metrics_of(lesion_wise_metrics: bool) -> tuple[str, ...]:
+    """The per-case metrics an evaluation summarises and plots: `METRICS`, + `LESION_METRICS` when computed."""
+    return (*METRICS, *LESION_METRICS) if lesion_wise_metrics else METRICS
 
 
 def default_regions(convention: str) -> dict[str, list[int]]:
@@ -133,22 +146,35 @@ CaseItem = ScoredCase | CaseFailure | Callable[[], ScoredCase | CaseFailure]
 def _row(case_id: str, region: str | None, status: str, error: str | None, subject: str | None,
          pred_source: str | None, gt_source: str | None, label_convention: str | None = None) -> dict[str, Any]:
     return {"case_id": case_id, "subject": subject, "region": region, "status": status, "error": error,
-            "label_convention": label_convention, "pred_source": pred_source, "gt_source": gt_source}
+            "label_convention": label_convention, "pred_source": pred_source, "gt_source": gt_source,
+            **dict.fromkeys((*LESION_METRICS, *LESION_COUNTS))}
 
 
-def failed_row(failure: CaseFailure) -> dict[str, Any]:
-    """The one row of a case that was not scored: status "failed", metrics null, `error` says why."""
-    return _row(failure.case_id, None, "failed", failure.error, failure.subject, failure.pred_source,
-                failure.gt_source)
+def failed_rows(failure: CaseFailure, region_names: Sequence[str], one_empty_hd95: float = BRATS_HD95_ONE_EMPTY,
+                lesion_wise_metrics: bool = False) -> list[dict[str, Any]]:
+    """The rows of a case that was not scored, one per region: status "failed", `error` says why, and the worst
+    value of every metric (BraTS convention: a missing or failed segmentation scores Dice 0 and the HD95 penalty):
+    every ratio 0, hd95 `one_empty_hd95`, lesion-wise Dice 0 / HD95 374 (when computed); counts and volumes null."""
+    rows = []
+    for region in region_names:
+        row = _row(failure.case_id, str(region), "failed", failure.error, failure.subject, failure.pred_source,
+                   failure.gt_source)
+        row.update(dict.fromkeys(RATIO_METRICS, 0.0), hd95=float(one_empty_hd95))
+        if lesion_wise_metrics:
+            row.update(lesion_dice=0.0, lesion_hd95=LESION_HD95_PENALTY)
+        rows.append(row)
+    return rows
 
 
 def evaluate_case(pred_masks: np.ndarray, gt_masks: np.ndarray, spacing: Sequence[float] | None,
                   region_names: Sequence[str], *, case_id: str = "", subject: str | None = None,
                   empty_value: float = 1.0, one_empty_hd95: float = BRATS_HD95_ONE_EMPTY,
                   pred_source: str | None = None, gt_source: str | None = None,
-                  label_convention: str | None = None) -> list[dict[str, Any]]:
+                  label_convention: str | None = None, lesion_wise_metrics: bool = False) -> list[dict[str, Any]]:
     """Score one case: one row per region with dice, iou, accuracy, precision, recall (= sensitivity),
-    specificity, hd95, pred/gt voxels and ml, and the raw tp/fp/fn/tn counts.
+    specificity, hd95, pred/gt voxels and ml, and the raw tp/fp/fn/tn counts; with `lesion_wise_metrics` also the
+    BraTS 2023 lesion-wise lesion_dice, lesion_hd95 and lesion_tp/fn/fp (`distseg.evaluation.lesionwise`; null
+    otherwise).
 
     pred_masks, gt_masks: bool (K, *S), S 2D or 3D, K = len(region_names). spacing: mm per spatial axis, or None
     for images without a physical size (HD95 in pixels, ml null). Counts cover every voxel of the grid. BraTS
@@ -177,6 +203,9 @@ def evaluate_case(pred_masks: np.ndarray, gt_masks: np.ndarray, spacing: Sequenc
         row["pred_ml"] = None if ml_per_voxel is None else (tp + fp) * ml_per_voxel
         row["gt_ml"] = None if ml_per_voxel is None else (tp + fn) * ml_per_voxel
         row.update(zip(COUNT_COLUMNS, (tp, fp, fn, tn), strict=True))
+        if lesion_wise_metrics:
+            lw = lesion_wise(pred[k], gt[k], spacing, whole_hd95=row["hd95"])
+            row.update(lesion_dice=lw.dice, lesion_hd95=lw.hd95, lesion_tp=lw.tp, lesion_fn=lw.fn, lesion_fp=lw.fp)
         rows.append(row)
     return rows
 
@@ -184,16 +213,26 @@ def evaluate_case(pred_masks: np.ndarray, gt_masks: np.ndarray, spacing: Sequenc
 def subject_metrics(rows: Sequence[Mapping[str, Any]], empty_value: float = 1.0) -> list[dict[str, Any]]:
     """Per-subject metrics from per-case rows: the tp/fp/fn/tn of a subject's ok cases (e.g. the slices of one
     patient) are summed per region, so the ratios are exactly those of the stacked volume. Rows without a subject
-    are left out; returns [] when none has one. Columns: subject, region, n_cases, tp, fp, fn, tn, pred_voxels,
-    gt_voxels and `SUBJECT_METRICS`."""
+    are left out; returns [] when none has one. Columns: subject, region, n_cases (ok cases stacked), n_failed,
+    tp, fp, fn, tn, pred_voxels, gt_voxels (sums over the ok cases) and `SUBJECT_METRICS`. A failed case has no
+    counts, so its subject's stacked volume is unknown: a subject with any failed case scores the worst value, 0,
+    in every metric (as a failed case does), never the ratios of its remaining cases."""
     sums: dict[tuple[str, str], list[int]] = {}
+    failed: dict[tuple[str, str], int] = {}
     for row in rows:
-        if row.get("status") != "ok" or row.get("subject") is None:
+        if row.get("subject") is None:
+            continue
+        if row.get("status") != "ok":
+            if row.get("region") is not None:
+                key = (str(row["subject"]), str(row["region"]))
+                failed[key] = failed.get(key, 0) + 1
             continue
         acc = sums.setdefault((str(row["subject"]), str(row["region"])), [0, 0, 0, 0, 0])
         for i, col in enumerate(COUNT_COLUMNS):
             acc[i] += int(row[col])
         acc[4] += 1
+    for key in failed:
+        sums.setdefault(key, [0, 0, 0, 0, 0])
     if not sums:
         return []
     keys = list(sums)
@@ -203,27 +242,33 @@ def subject_metrics(rows: Sequence[Mapping[str, Any]], empty_value: float = 1.0)
     for i, (subject, region) in enumerate(keys):
         tp, fp, fn, tn = (int(c) for c in counts[i])
         row = {"subject": subject, "region": region, "n_cases": sums[(subject, region)][4],
+               "n_failed": failed.get((subject, region), 0),
                "tp": tp, "fp": fp, "fn": fn, "tn": tn, "pred_voxels": tp + fp, "gt_voxels": tp + fn}
-        row.update({metric: float(ratios[metric][i]) for metric in SUBJECT_METRICS})
+        row.update({metric: 0.0 if row["n_failed"] else float(ratios[metric][i]) for metric in SUBJECT_METRICS})
         out.append(row)
     return sorted(out, key=lambda r: r["subject"])
 
 
 def score_item(item: CaseItem, region_names: Sequence[str], empty_value: float = 1.0,
-               one_empty_hd95: float = BRATS_HD95_ONE_EMPTY) -> list[dict[str, Any]]:
-    """Rows for one `CaseItem`; a loader is called first. Never raises for a bad case: it becomes a failed row."""
+               one_empty_hd95: float = BRATS_HD95_ONE_EMPTY, lesion_wise_metrics: bool = False
+               ) -> list[dict[str, Any]]:
+    """Rows for one `CaseItem`; a loader is called first. Never raises for a bad case: it becomes failed rows (one
+    per region, see `failed_rows`). The masks are dropped when this returns: only rows are kept."""
+    def failed(failure: CaseFailure) -> list[dict[str, Any]]:
+        return failed_rows(failure, region_names, one_empty_hd95, lesion_wise_metrics)
+
     if callable(item):
         try:
             item = item()
         except Exception as e:  # a loader should return CaseFailure; anything unforeseen still becomes a row
             log.exception("case loader %r failed", item)
-            return [failed_row(CaseFailure(getattr(item, "case_id", "?"), f"{type(e).__name__}: {e}"))]
+            return failed(CaseFailure(getattr(item, "case_id", "?"), f"{type(e).__name__}: {e}"))
     if isinstance(item, CaseFailure):
-        return [failed_row(item)]
+        return failed(item)
     try:
         return evaluate_case(item.pred, item.gt, item.spacing, region_names, case_id=item.case_id,
                              subject=item.subject, empty_value=empty_value, one_empty_hd95=one_empty_hd95,
                              pred_source=item.pred_source, gt_source=item.gt_source,
-                             label_convention=item.label_convention)
+                             label_convention=item.label_convention, lesion_wise_metrics=lesion_wise_metrics)
     except ValueError as e:
-        return [failed_row(CaseFailure(item.case_id, str(e), item.subject, item.pred_source, item.gt_source))]
+        return failed(CaseFailure(item.case_id, str(e), item.subject, item.pred_source, item.gt_source))

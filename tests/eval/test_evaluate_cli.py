@@ -18,13 +18,14 @@ from PIL import Image
 from scipy import ndimage
 
 from distseg.evaluation.report import case_schema
-from distseg.evaluation.scoring import METRICS
+from distseg.evaluation.scoring import LESION_METRICS, METRICS
 from tests.conftest import readme_label_counts
 
 medpy_binary = pytest.importorskip("medpy.metric.binary", reason="medpy is a test-only dependency ([dev] extra)")
 
 OUTPUTS = {"metrics.parquet", "metrics.csv", "summary.md", "summary.json", "evaluation.json",
            *(f"boxplot_{m}.png" for m in METRICS)}
+BRATS_OUTPUTS = OUTPUTS | {f"boxplot_{m}.png" for m in LESION_METRICS}
 
 
 def _seg(shared: Path, case: str) -> nib.Nifti1Image:
@@ -37,12 +38,12 @@ def _save(data: np.ndarray, like: nib.Nifti1Image, path: Path) -> None:
     nib.save(img, path)
 
 
-def _rows(out: Path) -> dict[tuple[str, str | None], dict]:
+def _rows(out: Path) -> dict[tuple[str, str], dict]:
     return {(r["case_id"], r["region"]): r for r in pq.read_table(out / "metrics.parquet").to_pylist()}
 
 
-def _check_files(out: Path) -> None:
-    assert {p.name for p in out.iterdir()} >= OUTPUTS
+def _check_files(out: Path, outputs: set[str] = OUTPUTS) -> None:
+    assert {p.name for p in out.iterdir()} >= outputs
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
     table = pq.read_table(out / "metrics.parquet")
     csv = pa_csv.read_csv(out / "metrics.csv", convert_options=pa_csv.ConvertOptions(
@@ -79,13 +80,16 @@ def test_brats_identity_perturbed_and_wrong_grid(shared_data: Path, tmp_path: Pa
     proc = run_evaluate("--pred", pred, "--gt", shared_data / "brats2018", "--output", out)
     assert proc.returncode == 3, proc.stderr
     assert "## Per case" in proc.stdout and "Brats18_CBICA_AMH_1" in proc.stdout
-    _check_files(out)
+    _check_files(out, BRATS_OUTPUTS)
     rows = _rows(out)
 
-    failed = rows[("Brats18_CBICA_AMH_1", None)]
-    assert failed["status"] == "failed"
-    assert "Brats18_CBICA_AMH_1.nii.gz: shape (240, 240, 150) differs" in failed["error"]
-    assert "Brats18_CBICA_AMH_1_seg.nii.gz" in failed["error"]
+    for region in ("WT", "TC", "ET"):  # a failed case: one row per region, scored Dice 0 / HD95 373.13
+        failed = rows[("Brats18_CBICA_AMH_1", region)]
+        assert failed["status"] == "failed"
+        assert "Brats18_CBICA_AMH_1.nii.gz: shape (240, 240, 150) differs" in failed["error"]
+        assert "Brats18_CBICA_AMH_1_seg.nii.gz" in failed["error"]
+        assert (failed["dice"], failed["hd95"], failed["lesion_dice"], failed["lesion_hd95"]) == (0.0, 373.13, 0.0,
+                                                                                                  374.0)
     counts = readme_label_counts(shared_data)  # an independent check of the volumes
     for case in ("Brats18_CBICA_ABM_1", "Brats18_2013_3_1"):
         c = counts[case]
@@ -95,6 +99,7 @@ def test_brats_identity_perturbed_and_wrong_grid(shared_data: Path, tmp_path: Pa
             assert r["status"] == "ok" and r["label_convention"] == "brats2018"
             assert r["dice"] == 1.0 and r["hd95"] == 0.0 and r["fp"] == 0 and r["fn"] == 0
             assert r["gt_voxels"] == expected[region] and r["gt_ml"] == pytest.approx(expected[region] / 1000)
+            assert r["lesion_dice"] == 1.0 and r["lesion_hd95"] == 0.0 and r["lesion_fp"] == r["lesion_fn"] == 0
 
     wt_gt, wt_pred = label > 0, grown
     wt = rows[("Brats18_CBICA_AOP_1", "WT")]
@@ -106,9 +111,22 @@ def test_brats_identity_perturbed_and_wrong_grid(shared_data: Path, tmp_path: Pa
         assert rows[("Brats18_CBICA_AOP_1", region)]["dice"] == 1.0
 
     meta = json.loads((out / "evaluation.json").read_text())
-    assert meta["kind"] == "brats3d" and meta["n_cases"] == 4 and meta["n_failed"] == 1
     n_gt = sum(1 for p in (shared_data / "brats2018").iterdir() if p.is_dir())
-    assert len(meta["notes"]["no_prediction"]) == n_gt - 4  # the other GT cases: not scored, recorded
+    # Every ground-truth case counts: the n_gt - 4 without a prediction are failed rows (Dice 0, HD95 373.13,
+    # lesion-wise 0 / 374) inside the means, beside the one wrong-grid case.
+    assert meta["kind"] == "brats3d" and meta["n_cases"] == n_gt and meta["n_failed"] == 1 + (n_gt - 4)
+    assert len(meta["notes"]["no_prediction"]) == n_gt - 4
+    missing = meta["notes"]["no_prediction"][0]
+    for region in ("WT", "TC", "ET"):
+        r = rows[(missing, region)]
+        assert r["status"] == "failed" and f"no prediction for case {missing!r}" in r["error"]
+        assert (r["dice"], r["hd95"], r["lesion_dice"], r["lesion_hd95"]) == (0.0, 373.13, 0.0, 374.0)
+        assert r["gt_source"].endswith(f"{missing}_seg.nii.gz") and r["pred_source"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    wt_dice = next(s for s in summary["cases"] if s["region"] == "WT" and s["metric"] == "dice")
+    wt_rows = [r["dice"] for (_, region), r in rows.items() if region == "WT"]
+    assert wt_dice["n"] == n_gt == len(wt_rows) and wt_dice["mean"] == pytest.approx(np.mean(wt_rows))
+    assert f"{n_gt} counted, 3 scored, {n_gt - 3} failed ({n_gt - 4} without a prediction)" in proc.stdout
     assert _tree(pred) == before  # nothing written into --pred
 
 
@@ -132,8 +150,8 @@ def test_plain_label_files_infer_the_convention(shared_data: Path, tmp_path: Pat
     proc = run_evaluate("--pred", pred, "--gt", gt, "--output", out)
     assert proc.returncode == 3, proc.stderr
     rows = _rows(out)
-    assert "caseC.nii.gz: not gzip-compressed" in rows[("caseC", None)]["error"]
-    assert "caseD.nii.gz: label values [5] outside the brats2018 convention" in rows[("caseD", None)]["error"]
+    assert "caseC.nii.gz: not gzip-compressed" in rows[("caseC", "WT")]["error"]
+    assert "caseD.nii.gz: label values [5] outside the brats2018 convention" in rows[("caseD", "ET")]["error"]
     assert {r["label_convention"] for k, r in rows.items() if k[0] == "caseA"} == {"brats2023"}
     assert rows[("caseA", "ET")]["dice"] == 1.0 and rows[("caseA", "ET")]["gt_voxels"] == 6159
     assert rows[("caseB", "ET")]["label_convention"] == "brats2018"
@@ -172,8 +190,9 @@ def test_images2d_lgg_and_figshare(shared_data: Path, tmp_path: Path, run_evalua
     assert empty["dice"] == 1.0 and empty["hd95"] == 0.0
     wrong = rows[("TCGA_DU_7018_19911220_31", "tumour")]
     assert wrong["dice"] == 0.0 and wrong["hd95"] == 373.13 and wrong["pred_voxels"] == 200
-    failed = rows[("TCGA_HT_7856_19950831_6", None)]
+    failed = rows[("TCGA_HT_7856_19950831_6", "tumour")]
     assert failed["status"] == "failed" and "size (128, 128) differs" in failed["error"]
+    assert failed["dice"] == 0.0 and failed["hd95"] == 373.13 and failed["lesion_dice"] is None  # no lesion-wise in 2D
     meta = json.loads((out / "evaluation.json").read_text())
     assert meta["kind"] == "images2d" and meta["hd95_unit"] == "px" and meta["regions"] == ["tumour"]
 

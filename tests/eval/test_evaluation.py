@@ -28,8 +28,9 @@ from distseg.evaluation import (
     region_masks,
     subject_metrics,
 )
+from distseg.evaluation.lesionwise import lesion_wise
 from distseg.evaluation.report import case_schema
-from distseg.evaluation.scoring import METRICS
+from distseg.evaluation.scoring import LESION_METRICS, METRICS, failed_rows
 from distseg.train.monitor import read_events
 
 BRATS = ["WT", "TC", "ET"]
@@ -84,6 +85,11 @@ def test_evaluate_case_counts_volumes_and_errors(rng: np.random.Generator) -> No
         assert row["pred_ml"] == pytest.approx(p.sum() * 1.0 / 1000) and row["gt_ml"] == pytest.approx(g.sum() / 1e3)
         assert row["dice"] == pytest.approx(2 * (p & g).sum() / (p.sum() + g.sum()))
         assert row["case_id"] == "c1" and row["subject"] == "p1" and row["status"] == "ok" and row["error"] is None
+        assert row["lesion_dice"] is None and row["lesion_fp"] is None  # not asked for
+    for k, row in enumerate(evaluate_case(pred, gt, (2.0, 1.0, 0.5), BRATS, lesion_wise_metrics=True)):
+        lw = lesion_wise(pred[k], gt[k], (2.0, 1.0, 0.5))
+        assert (row["lesion_dice"], row["lesion_hd95"]) == (lw.dice, lw.hd95)
+        assert (row["lesion_tp"], row["lesion_fn"], row["lesion_fp"]) == (lw.tp, lw.fn, lw.fp)
     (px,) = evaluate_case(pred[:1, 0], gt[:1, 0], None, ["tumour"])
     assert px["pred_ml"] is None and px["gt_ml"] is None and math.isfinite(px["hd95"])
     with pytest.raises(ValueError, match="'c2'.*must have one shape"):
@@ -102,10 +108,15 @@ def test_subject_metrics_equal_the_stacked_volume(rng: np.random.Generator) -> N
         gt = rng.random((1, 8, 9)) < (0.3 if i != 3 else 0.0)
         slices[subject].append((pred, gt))
         rows += evaluate_case(pred, gt, None, ["tumour"], case_id=f"s{i}", subject=subject)
-    rows.append({"case_id": "bad", "subject": "p1", "region": None, "status": "failed", "error": "x"})
     rows += evaluate_case(np.ones((1, 2, 2), bool), np.ones((1, 2, 2), bool), None, ["tumour"], case_id="nosubj")
+    # p3: one perfect slice and one failed slice -> the stacked volume is unknown: the subject scores 0.
+    rows += evaluate_case(np.ones((1, 2, 2), bool), np.ones((1, 2, 2), bool), None, ["tumour"], case_id="p3a",
+                          subject="p3")
+    rows += failed_rows(CaseFailure("p3b", "unreadable", subject="p3"), ["tumour"])
     out = {r["subject"]: r for r in subject_metrics(rows)}
-    assert set(out) == {"p1", "p2"}
+    assert set(out) == {"p1", "p2", "p3"}
+    assert (out["p3"]["n_cases"], out["p3"]["n_failed"], out["p3"]["dice"], out["p3"]["tp"]) == (1, 1, 0.0, 4)
+    assert out["p1"]["n_failed"] == 0
     for subject, pairs in slices.items():
         pred = np.concatenate([p for p, _ in pairs], axis=1)  # stacked (1, n*8, 9) volume
         gt = np.concatenate([g for _, g in pairs], axis=1)
@@ -130,27 +141,42 @@ def _brats_cases(rng: np.random.Generator, n: int = 4):
 
 
 def test_evaluate_arrays_writes_every_output(tmp_path: Path, rng: np.random.Generator) -> None:
-    cases = [*_brats_cases(rng), CaseFailure("case9", "p/case9.nii.gz: shape (1, 2, 3) differs from g/...")]
+    scored = list(_brats_cases(rng))
+    cases = [*scored, CaseFailure("case9", "p/case9.nii.gz: shape (1, 2, 3) differs from g/...")]
     meta = EvaluationMeta(kind="brats3d", regions=BRATS, sources={"pred": "p", "gt": "g"},
                           model=ModelInfo(name="unet3d", parameters=31_200_000, run="runs/a", training_minutes=25.0))
     result = evaluate_arrays(iter(cases), tmp_path / "out", meta)
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
     assert names == {"metrics.parquet", "metrics.csv", "summary.md", "summary.json", "evaluation.json",
-                     *(f"boxplot_{m}.png" for m in METRICS)}  # no subjects: no subjects table; no temp files left
+                     *(f"boxplot_{m}.png" for m in (*METRICS, *LESION_METRICS))}  # no subjects table, no temp files
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
-    assert len(rows) == 4 * 3 + 1 and result.n_failed == 1
+    assert len(rows) == 5 * 3 and result.n_failed == 1  # the failed case: one row per region too
     failed = [r for r in rows if r["status"] == "failed"]
-    assert failed[0]["case_id"] == "case9" and "shape" in failed[0]["error"] and failed[0]["dice"] is None
+    assert [r["region"] for r in failed] == BRATS and all(r["case_id"] == "case9" for r in failed)
+    for r in failed:  # the worst value of every metric (BraTS: Dice 0, HD95 373.13; lesion-wise 0 / 374)
+        assert "shape" in r["error"] and r["tp"] is None and r["gt_voxels"] is None and r["lesion_fp"] is None
+        assert (r["dice"], r["iou"], r["recall"], r["specificity"], r["hd95"]) == (0.0, 0.0, 0.0, 0.0, 373.13)
+        assert (r["lesion_dice"], r["lesion_hd95"]) == (0.0, 374.0)
+    # Lesion-wise columns of the scored rows: those of `lesion_wise` on the case's masks.
+    for case in scored:
+        for k, region in enumerate(BRATS):
+            row = next(r for r in rows if r["case_id"] == case.case_id and r["region"] == region)
+            lw = lesion_wise(case.pred[k], case.gt[k], case.spacing)
+            assert (row["lesion_dice"], row["lesion_hd95"], row["lesion_tp"], row["lesion_fn"], row["lesion_fp"]) == (
+                lw.dice, lw.hd95, lw.tp, lw.fn, lw.fp)
+    wt3 = next(r for r in rows if r["case_id"] == "case3" and r["region"] == "WT")
+    assert wt3["lesion_fp"] > 0 and wt3["lesion_dice"] < wt3["dice"]  # scattered false positives: lesion-wise bites
     # CSV holds the same table as Parquet.
     csv = pa_csv.read_csv(out / "metrics.csv", convert_options=pa_csv.ConvertOptions(
         column_types=case_schema(), strings_can_be_null=True))
     assert csv.to_pylist() == rows
-    # Summary statistics = numpy over the ok rows, per region and metric.
+    # Summary statistics = numpy over every row (the failed case counted with its worst values), per region and metric.
     summary = json.loads((out / "summary.json").read_text())
+    assert {s["metric"] for s in summary["cases"]} == {*METRICS, *LESION_METRICS}
     for s in summary["cases"]:
-        values = np.array([r[s["metric"]] for r in rows if r["region"] == s["region"] and r["status"] == "ok"])
-        assert s["n"] == 4
+        values = np.array([r[s["metric"]] for r in rows if r["region"] == s["region"]])
+        assert s["n"] == 5
         assert s["mean"] == pytest.approx(values.mean()) and s["std"] == pytest.approx(values.std())
         assert s["median"] == pytest.approx(np.median(values))
         assert s["q25"] == pytest.approx(np.percentile(values, 25))
@@ -160,6 +186,8 @@ def test_evaluate_arrays_writes_every_output(tmp_path: Path, rng: np.random.Gene
     md = (out / "summary.md").read_text()
     assert md == result.markdown
     assert "unet3d" in md and "case9" in md and "373.13" in md and "| WT | Dice |" in md
+    assert "| WT | Lesion-wise Dice |" in md and "| ET | Lesion-wise HD95 (mm) |" in md
+    assert "5 counted, 4 scored, 1 failed" in md and "Every case counts" in md
     meta_back = read_evaluation_meta(out)
     assert meta_back.n_cases == 5 and meta_back.n_failed == 1 and meta_back.model.parameters == 31_200_000
     assert meta_back.label_conventions == ["brats2018"] and meta_back.hd95_unit == "mm"
@@ -232,7 +260,12 @@ def test_compare_tables(tmp_path: Path, rng: np.random.Generator) -> None:
         "brats3d", BRATS, model=ModelInfo(name="unet3d")))
     mixed = compare([tmp_path / "a", tmp_path / "c", tmp_path / "b"])
     assert "### 2D segmentation" in mixed and "### BraTS (3D)" in mixed
-    assert "| Model | Region | Dice | Sensitivity | Specificity | HD95 (mm) | n |" in mixed
+    assert ("| Model | Region | Dice | Sensitivity | Specificity | HD95 (mm) | Lesion Dice | Lesion HD95 (mm) | n |"
+            in mixed)
+    c_summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    et_lesion = next(s for s in c_summary["cases"] if s["region"] == "ET" and s["metric"] == "lesion_hd95")
+    et_row = next(line for line in mixed.splitlines() if line.startswith("| unet3d | ET |"))
+    assert f"| {et_lesion['mean']:.2f} ± {et_lesion['std']:.2f} | 2 |" in et_row
     assert sum(line.startswith("| unet3d | ") for line in mixed.splitlines()) == 3
     with pytest.raises(ValueError, match=r"evaluation\.json"):
         compare([tmp_path / "nothing"])

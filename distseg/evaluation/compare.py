@@ -50,8 +50,10 @@ def _n(meta: EvaluationMeta) -> str:
 
 
 def _label(meta: EvaluationMeta, eval_dir: Path) -> str:
+    """The model's name, with the cases' role ("validation": they made choices; "test": none did) when known."""
     m = meta.model
-    return (m.name or m.run or eval_dir.name) if m else eval_dir.name
+    name = (m.name or m.run or eval_dir.name) if m else eval_dir.name
+    return name if meta.role == "unspecified" else f"{name} ({meta.role})"
 
 
 def _two_d_table(entries: list[tuple[str, EvaluationMeta, dict[str, Any]]]) -> list[str]:

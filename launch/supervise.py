@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from distseg.core import exit_codes
 from distseg.train.preemption import supervise
 
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = list(sys.argv[1:] if argv is None else argv)
     if not cmd or cmd[0] in ("-h", "--help"):
         sys.stderr.write(__doc__ or "")
-        return 2
+        return exit_codes.USAGE
     return supervise(cmd)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseg.config import ConfigError, ExperimentConfig
+from distseg.config_files import resolve_preset
 from distseg.train.optim import ScheduleLength, build_optimizer, build_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for `world_size` ranks. Raises ConfigError for a bad or conflicting preset."""
     preset: dict[str, Any] = {}
     if cfg.deepspeed.preset:
-        path = Path(cfg.deepspeed.preset)
+        path = resolve_preset(cfg.deepspeed.preset)
         try:
             preset = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:

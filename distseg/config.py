@@ -118,7 +118,8 @@ class TrainConfig:
     """Validate every this many optimizer steps and at the end (0 = never)."""
     val_mode: str = "whole"
     """"whole": segment every validation case whole with the sliding window (the code `launch/predict.py` runs), so
-    "best" is best on whole cases; "crop": one centred crop per case of `data.val_patch_size` (cheaper, coarser)."""
+    "best" is best on whole cases; "crop": one centred crop per case of `data.val_patch_size` (cheaper, coarser;
+    with `data.downsample` the crop is pooled for the model and scored on the stored grid, as whole cases are)."""
     val_overlap: float = 0.5
     """Sliding-window overlap of whole-case validation (0.5 as prediction; lower is faster)."""
     val_window_batch: int = 2

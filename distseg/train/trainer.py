@@ -49,7 +49,7 @@ from distseg.train.preemption import StopRequest
 from distseg.train.progress import StepWindow, mean_loss, perf_scalars, run_summary
 from distseg.train.setup import DTYPES, build_seeded_model, model_channels
 from distseg.train.state import NonFiniteLossError, TrainState
-from distseg.train.validation import WholeCaseValidator
+from distseg.train.validation import WholeCaseValidator, crop_logits
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ class Trainer:
         for batch in build_val_iterator(self.cfg.data, self.rank, self.world_size):
             image = batch["image"].to(self.device)
             targets = labels_to_targets(batch["label"].to(self.device), self.cfg.data.target, self.regions)
-            logits = self.engine(image.to(self.dtype))
-            logits = (logits[0] if isinstance(logits, list) else logits).float()
+            # data.downsample: pooled for the model, logits back on the crop's grid (distseg.train.validation)
+            logits = crop_logits(self.engine, image, self.cfg.data.downsample, self.cfg.data.spatial_dims, self.dtype)
             valid = batch["valid"].to(self.device)
             # Boolean indexing sizes its output on the host: one sync per validation batch (validation only).
             acc.update(confusion_counts(logits[valid], targets[valid]))

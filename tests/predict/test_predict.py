@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from distseg.core.overlay import upscale_factor
 from distseg.train.monitor import read_events
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,8 @@ def test_raw_nifti_and_store_give_the_same_voxels(brats_run, brats_data, predict
         out = nib.load(str(from_raw / name))
         assert out.shape == src.shape and np.allclose(out.affine, src.affine) and out.get_data_dtype() == np.uint8
         assert set(np.unique(_labels(from_raw / name)).tolist()) <= {0, 1, 2, 4}
-        assert Image.open(from_raw / f"{case_id}_overlay.png").mode == "RGB"
+        overlay = Image.open(from_raw / f"{case_id}_overlay.png")  # FLAIR | prediction | ground truth (seg given)
+        assert overlay.mode == "RGB" and overlay.size[0] >= 3 * 480 and overlay.size[1] > 480
 
 
 @pytest.mark.parametrize("release,case_id,convention", REAL_CASES)
@@ -260,8 +262,11 @@ def test_2d_masks_and_overlays_at_the_input_size(images_run, images_data, predic
         mask = np.asarray(Image.open(m))
         assert mask.shape == Image.open(src).size[::-1]
         assert set(np.unique(mask).tolist()) <= {0, 255}  # the synthetic masks are 0/255: same convention back
+        # image | prediction | ground truth (the mask beside the image), each >= 480 px, at the source's aspect
         overlay = Image.open(out / f"{case_id}_overlay.png")
-        assert overlay.mode == "RGB" and overlay.size == Image.open(src).size
+        w, h = Image.open(src).size
+        k = upscale_factor(h, w)
+        assert overlay.mode == "RGB" and overlay.size[0] == 3 * w * k + 2 * 4 and overlay.size[1] > h * k >= 480
     # raw images == store, and the masks evaluate against the source masks
     res = predict_cli("--model", images_run, "--input", store, "--output", tmp_path / "s", "--tta", "mirror")
     assert res.returncode == 0

@@ -46,4 +46,4 @@ gpu-check: venv
 	$(PY) tests/benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo_out demo2d_out reproduce_out
+	rm -rf $(VENV) .pytest_cache demo_out demo2d_out reproduce_out build dist

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from distseg.config_files import resolve_config, resolve_preset
+from distseg.core import exit_codes
 from distseg.data.config import DataConfig
 from distseg.losses import LossConfig
 from distseg.typed_config import ConfigError, apply_override, from_dict, to_dict
@@ -116,7 +118,8 @@ class TrainConfig:
     """Validate every this many optimizer steps and at the end (0 = never)."""
     val_mode: str = "whole"
     """"whole": segment every validation case whole with the sliding window (the code `launch/predict.py` runs), so
-    "best" is best on whole cases; "crop": one centred crop per case of `data.val_patch_size` (cheaper, coarser)."""
+    "best" is best on whole cases; "crop": one centred crop per case of `data.val_patch_size` (cheaper, coarser;
+    with `data.downsample` the crop is pooled for the model and scored on the stored grid, as whole cases are)."""
     val_overlap: float = 0.5
     """Sliding-window overlap of whole-case validation (0.5 as prediction; lower is faster)."""
     val_window_batch: int = 2
@@ -154,12 +157,15 @@ class EngineConfig:
     """The DeepSpeed engine; its JSON config is derived from this and the sections above (see distseg.train.engine)."""
 
     preset: str = ""
-    """Optional DeepSpeed JSON preset (e.g. configs/deepspeed/zero.json) for tuning knobs; values derived from this
+    """Optional DeepSpeed JSON preset for tuning knobs: a shipped preset's name (`zero`, `zero_gpu`: the files in
+    configs/deepspeed/, found wherever distseg is installed) or a path to a JSON file. Values derived from this
     config may be "auto" there and explicit values must agree with it. Empty = no preset."""
     zero_stage: int = 2
     """ZeRO stage 0-3 (0 = plain data parallel; 1 optimizer states, 2 + gradients, 3 + parameters sharded)."""
     precision: str = "bf16"
-    """"bf16", "fp16" (dynamic loss scaling) or "fp32"."""
+    """"bf16", "fp16" (dynamic loss scaling), "fp32", or "auto": bf16 where the hardware runs it natively (CUDA with
+    bf16, CPUs with AVX512-BF16/AMX), fp16 on older CUDA GPUs, fp32 on other CPUs (an AVX2-only CPU runs bf16
+    convolutions ~20x slower than fp32). The resolved value is what the run records."""
     offload_optimizer: bool = False
     """Keep optimizer states on the CPU (ZeRO-Offload; stage >= 1, AdamW uses DeepSpeedCPUAdam)."""
     offload_param: bool = False
@@ -300,23 +306,24 @@ def _check_train(c: TrainConfig, ck: CheckpointConfig, dbg: DebugConfig) -> None
 
 def _check_engine(c: EngineConfig, optim: OptimConfig) -> None:
     _need(c.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3", c.zero_stage)
-    _need(c.precision in ("bf16", "fp16", "fp32"), "deepspeed.precision", "'bf16', 'fp16' or 'fp32'", c.precision)
+    _need(c.precision in ("bf16", "fp16", "fp32", "auto"), "deepspeed.precision", "'bf16', 'fp16', 'fp32' or 'auto'",
+          c.precision)
     if c.offload_optimizer:
         _need(c.zero_stage >= 1, "deepspeed.offload_optimizer", "zero_stage >= 1 to offload", c.zero_stage)
     if c.offload_param:
         _need(c.zero_stage == 3, "deepspeed.offload_param", "zero_stage == 3 to offload parameters", c.zero_stage)
-    if c.preset and not Path(c.preset).is_file():
-        raise ConfigError(f"deepspeed.preset: no DeepSpeed JSON at {c.preset!r} (relative to {Path.cwd()})")
+    if c.preset:
+        resolve_preset(c.preset)  # raises ConfigError naming the value and the shipped presets
 
 
 # ------------------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Defaults < YAML file `path` < dotted `overrides`; validated. Raises ConfigError with the dotted key."""
+    """Defaults < YAML file `path` < dotted `overrides`; validated. Raises ConfigError with the dotted key.
+
+    `path` is a YAML file or the name of a shipped config (`brats_budget`; see `distseg.config_files`)."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
+        p = resolve_config(path)
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -372,14 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] != "check":
         sys.stderr.write("usage: python -m distseg.config check CONFIG [key=value ...]\n")
-        return 2
+        return exit_codes.USAGE
     try:
         cfg = load_config(argv[1], argv[2:])
     except ConfigError as e:
         sys.stderr.write(f"config error: {e}\n")
-        return 2
+        return exit_codes.USAGE
     sys.stdout.write(dump_yaml(cfg))
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

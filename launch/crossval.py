@@ -1,6 +1,6 @@
 """K-fold cross-validation in one command (thin entry point; the work is in `distseg.evaluation.crossval`).
 
-    python launch/crossval.py --config configs/brats_budget_cv.yaml [--folds 0-4] [--ranks 2] [--output DIR]
+    python launch/crossval.py --config brats_budget_cv [--folds 0-4] [--ranks 2] [--output DIR]
         [--test] [key=value ...]
 
 1. trains one model per fold with the real launcher (`deepspeed --num_gpus RANKS launch/train.py --config C
@@ -41,6 +41,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from distseg.core.exit_codes import OK, SOME_FAILED, USAGE
+
 logger = logging.getLogger("launch.crossval")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch/crossval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, type=Path, help="experiment YAML trained on every fold")
+    p.add_argument("--config", required=True,
+                   help="experiment YAML trained on every fold (a path, or the name of a shipped config)")
     p.add_argument("--folds", default=None, help="folds to run, e.g. 0-4 or 0,2 (default: every fold of the store)")
     p.add_argument("--output", type=Path, default=None,
                    help="CV folder (default: <run.output_root>/crossval/<run.name>)")
@@ -87,7 +90,7 @@ def run_choose(argv: list[str]) -> int:
         choice = choose_configuration(args.cv_dirs, args.output, args.max_members)
     except (CrossvalError, ModelLoadError) as e:
         logger.error("%s", e)
-        return 2
+        return USAGE
     lines = ["| candidate | mean out-of-fold Dice | " + " | ".join(k for k in next(iter(choice.scores.values()))
                                                              if k != "mean") + " |"]
     lines.append("|" + " --- |" * (len(next(iter(choice.scores.values()))) + 1))
@@ -95,7 +98,7 @@ def run_choose(argv: list[str]) -> int:
         lines.append(f"| {name} | {s['mean']:.4f} | " + " | ".join(f"{v:.4f}" for k, v in s.items() if k != "mean")
                      + " |")
     sys.stdout.write("\n".join(lines) + f"\n\nchosen: {' + '.join(choice.winner)} -> {choice.folder}\n")
-    return 0
+    return OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only_train and args.skip_train:
         logger.error("--only-train and --skip-train exclude each other")
-        return 2
+        return USAGE
     try:
         folds = parse_folds(args.folds) if args.folds else None
         plan = CrossvalPlan.create(args.config, args.overrides, folds, args.output)
     except (ValueError, ConfigError, StoreError, CrossvalError) as e:
         logger.error("%s", e)
-        return 2
+        return USAGE
     logger.info("cross-validation folder %s: folds %s of %d", plan.folder, plan.folds, plan.n_folds)
     if not args.skip_train:
         launcher = shlex.split(args.launcher) if args.launcher else [_deepspeed(), "--num_gpus", str(args.ranks)]
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             return rc
         if args.only_train:
-            return 0
+            return OK
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         result = finish(plan, settings, test=args.test)
     except (CrossvalError, ModelLoadError, StoreError) as e:
         logger.error("%s", e)
-        return 2
+        return USAGE
     sys.stdout.write((plan.path / "summary.md").read_text(encoding="utf-8"))
     failed = result.oof.meta.n_failed + (result.test.result.meta.n_failed if result.test else 0)
-    return 3 if failed else 0
+    return SOME_FAILED if failed else OK
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import logging
 import sys
 from pathlib import Path
 
+from distseg.core.exit_codes import OK, SOME_FAILED, USAGE
 from distseg.core.fileio import atomic_write
 from distseg.evaluation import BRATS_HD95_ONE_EMPTY, EvaluationMeta, compare, evaluate_arrays
 from preprocess.label_files import KIND_REGIONS, PairingError, PairLoader, pair_label_files
@@ -90,9 +91,9 @@ def run_compare(argv: list[str]) -> int:
             atomic_write(args.output, lambda tmp: tmp.write_text(table, encoding="utf-8"))
     except (ValueError, OSError) as e:
         logger.error("%s", e)
-        return 2
+        return USAGE
     sys.stdout.write(table)
-    return 0
+    return OK
 
 
 def run_model(args: argparse.Namespace) -> int:
@@ -112,10 +113,10 @@ def run_model(args: argparse.Namespace) -> int:
     if args.split == "test" and args.choose_postprocessing:
         logger.error("--choose-postprocessing with --split test is refused: a choice made on the test split makes "
                      "its report optimistic; choose on validation folds (or use a CV folder's choice: --postprocess)")
-        return 2
+        return USAGE
     if args.split == "test" and args.fold:
         logger.error("--fold selects cross-validation folds; the test split has none (drop --fold)")
-        return 2
+        return USAGE
     try:
         check_output_dir(args.output, [args.store])
         models = load_models(args.model, device)
@@ -126,11 +127,11 @@ def run_model(args: argparse.Namespace) -> int:
                 raise ModelLoadError(f"--postprocess {args.postprocess}: no such postprocessing file")
     except (OutputError, ModelLoadError, StoreError) as e:
         logger.error("%s", e)
-        return 2
+        return USAGE
     if args.postprocess and models.postprocessing is None:
         logger.error("%s: --postprocess asked for, but it carries no postprocessing.json; choose one on validation "
                      "cases (--choose-postprocessing, or launch/crossval.py)", models.describe())
-        return 2
+        return USAGE
     if args.split == "test":
         folds, what = None, "test split"
         cases = store.case_ids(labelled_only=True, split="test")
@@ -142,7 +143,7 @@ def run_model(args: argparse.Namespace) -> int:
         logger.error("%s: no labelled case in the %s; expected %s", args.store, what,
                      "a store preprocessed with --test-subjects/--test-fraction" if args.split == "test"
                      else "the folds the model was validated on")
-        return 2
+        return USAGE
     settings = PredictSettings(overlap=args.overlap, tta=args.tta == "mirror", window_batch=args.window_batch,
                                device=device)
     try:
@@ -152,12 +153,12 @@ def run_model(args: argparse.Namespace) -> int:
                                     apply_pp=models.postprocessing if args.postprocess else None)
     except (ValueError, OSError) as e:
         logger.error("%s", e)
-        return 2
+        return USAGE
     sys.stdout.write(evaluation.result.markdown)
     if evaluation.postprocessed is not None:
         rules = ", ".join(f"{k}: {r.describe()}" for k, r in evaluation.postprocessing.rules.items())
         sys.stdout.write(f"\n## With the chosen postprocessing ({rules})\n\n{evaluation.postprocessed.markdown}")
-    return 3 if evaluation.result.n_failed else 0
+    return SOME_FAILED if evaluation.result.n_failed else OK
 
 
 def run_files(argv: list[str]) -> int:
@@ -166,25 +167,25 @@ def run_files(argv: list[str]) -> int:
         if args.pred is not None or args.gt is not None or args.store is None:
             logger.error("--model needs --store (and no --pred/--gt): evaluate.py --model RUN --store STORE "
                          "[--fold K] --output DIR")
-            return 2
+            return USAGE
         return run_model(args)
     if args.pred is None or args.gt is None:
         logger.error("expected either --pred DIR --gt DIR or --model RUN --store STORE")
-        return 2
+        return USAGE
     if args.workers < 1:
         logger.error("--workers %d: expected an integer >= 1", args.workers)
-        return 2
+        return USAGE
     for flag, folder in (("--pred", args.pred), ("--gt", args.gt)):
         if folder.exists() and _inside(args.output, folder):
             logger.error("--output %s is inside %s %s; expected a folder outside the inputs (outputs never go "
                          "into them)", args.output, flag, folder)
-            return 2
+            return USAGE
     try:
         pairing = pair_label_files(args.pred, args.gt)
         args.output.mkdir(parents=True, exist_ok=True)
     except (PairingError, OSError) as e:
         logger.error("%s", e)
-        return 2
+        return USAGE
     meta = EvaluationMeta(
         kind=pairing.kind, regions=KIND_REGIONS[pairing.kind],
         sources={"pred": str(args.pred.resolve()), "gt": str(args.gt.resolve())},
@@ -197,9 +198,9 @@ def run_files(argv: list[str]) -> int:
         result = evaluate_arrays(items, args.output, meta, workers=args.workers, total=len(items))
     except OSError as e:
         logger.error("writing the evaluation to %s failed: %s", args.output, e)
-        return 2
+        return USAGE
     sys.stdout.write(result.markdown)
-    return 3 if result.n_failed else 0
+    return SOME_FAILED if result.n_failed else OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ through the converter's own per-case functions (checks, crop, normalisation stat
 NIfTI equals one from the store. Outputs (see distseg.inference.outputs): `<case>.nii.gz` in the input's geometry
 and label convention + `<case>_overlay.png` for 3D; `<case>_mask.png` + `<case>_overlay.png` for 2D.
 
-Exit status: 0 every case predicted; 2 bad input (the model, the output folder, no inputs; or some cases failed,
-each named with the reason on stderr, the others predicted).
+Exit status (`distseg.core.exit_codes`): 0 every case predicted; 2 bad input (the model, the output folder, no
+inputs); 3 some cases or inputs failed, each named with the reason on stderr, the others predicted.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from distseg.core import exit_codes
+
 logger = logging.getLogger("launch.predict")
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXIT_OK, EXIT_BAD_INPUT, EXIT_SOME_FAILED = exit_codes.OK, exit_codes.USAGE, exit_codes.SOME_FAILED
 
 
 @dataclass
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     logger.info("rank %d: %d cases predicted, %d failed in %.1f s -> %s", rank, len(mine) - failed, failed, seconds,
                 args.output)
-    return EXIT_BAD_INPUT if failed or problems else EXIT_OK
+    return EXIT_SOME_FAILED if failed or problems else EXIT_OK
 
 
 if __name__ == "__main__":

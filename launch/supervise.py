@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import sys
 
+from distseg.core import exit_codes
 from distseg.train.preemption import supervise
 
 
 def main(argv: list[str] | None = None) -> int:
     cmd = list(sys.argv[1:] if argv is None else argv)
     if not cmd or cmd[0] in ("-h", "--help"):
-        sys.stderr.write(__doc__ or "")
-        return 2
+        sys.stderr.write(f"usage: distseg-supervise LAUNCHER [ARGS ...]\n\n{__doc__ or ''}")
+        return exit_codes.OK if cmd else exit_codes.USAGE
     return supervise(cmd)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from distseg.core import exit_codes
 from preprocess.common import result_row
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 TASK_MAX_RETRIES = 3
 """Ray re-runs a case this many times when its worker process dies (node lost, OOM-kill); writes are atomic."""
 
-EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = exit_codes.OK, exit_codes.USAGE, exit_codes.SOME_FAILED
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:

@@ -1,5 +1,8 @@
 """Real-data smoke tests: the budget configs train a few steps on real scans and the evaluator scores the held-out
 ones (the full runs are `python -m launch.reproduce`; their numbers are in the README and .notes/real_data.md).
+The 3D run keeps its step-1 checkpoint (one optimizer step at warm-up LR: an untrained model), and the trained model
+must beat it on the held-out case by a margin: a pipeline that trains on the wrong labels, scores the wrong grid or
+predicts nothing fails, which a 0 <= Dice <= 1 check would not notice.
 
 3D: three real BraTS 2018 cases (converted by the real CLI, 3 folds), `configs/brats_budget.yaml` on 2 DeepSpeed
 ranks with a narrower model and smaller patch, then `launch/evaluate.py --model RUN --store STORE --fold 0`.
@@ -28,6 +31,13 @@ LGG_PATIENTS = ("TCGA_CS_4941_19960909", "TCGA_CS_6665_20010817")  # folds 0 and
 
 pytestmark = pytest.mark.slow
 
+BRATS_MARGIN = 0.10
+"""WT Dice the 16-step 3D model must gain over its step-1 checkpoint on the held-out case. Measured 2026-12-06:
+0.358 vs 0.120 (+0.24). TC and ET are not learnt in 16 steps (0.001 / 0.002 vs 0.09-0.10 for the untrained model,
+which marks large regions), so only WT is asserted."""
+BRATS_FLOOR = 0.20
+"""And the trained WT Dice itself (measured 0.358)."""
+
 
 def _run(cmd: list[str], timeout: int = 600) -> str:
     import os
@@ -40,7 +50,7 @@ def _run(cmd: list[str], timeout: int = 600) -> str:
     return res.stdout + res.stderr
 
 
-def _train(config: str, store: Path, out: Path, name: str, *overrides: str) -> Path:
+def _train(config: str, store: Path, out: Path, name: str, *overrides: str, keep_step1: bool = False) -> Path:
     import socket
 
     with socket.socket() as s:
@@ -48,8 +58,37 @@ def _train(config: str, store: Path, out: Path, name: str, *overrides: str) -> P
         port = s.getsockname()[1]
     _run([DEEPSPEED, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py",
           "--config", config, f"data.store={store}", f"run.output_root={out}", f"run.name={name}",
-          "train.max_minutes=null", "monitor.log_every=1", *overrides])
+          "train.max_minutes=null", "monitor.log_every=1", *overrides,
+          *(("checkpoint.every=1", "checkpoint.keep_last=16") if keep_step1 else ("checkpoint.every=16",))])
     return out / "runs" / name
+
+
+def _evaluate(model: Path, store: Path, out: Path, *extra: str) -> Path:
+    _run([PYTHON, "launch/evaluate.py", "--model", str(model), "--store", str(store), "--fold", "0", "--output",
+          str(out), *extra])
+    return out
+
+
+def _mean_dice(out: Path, table: str = "metrics.parquet") -> dict[str, float]:
+    rows = pq.read_table(out / table).to_pylist()
+    regions = sorted({r.get("region", "") for r in rows})
+    return {g: sum(r["dice"] for r in rows if r.get("region", "") == g) / sum(r.get("region", "") == g for r in rows)
+            for g in regions}
+
+
+def _beats_untrained(run: Path, store: Path, tmp: Path, margin: float, regions: set[str],
+                     table: str = "metrics.parquet") -> dict[str, float]:
+    """The trained model (best, else newest checkpoint) beats its own step-1 checkpoint on the held-out fold in
+    `regions`; returns the trained mean Dice per region."""
+    trained = _mean_dice(_evaluate(run, store, tmp / "eval_trained", "--no-postprocessing-search"), table)
+    early = _mean_dice(_evaluate(run / "checkpoints" / "step_00000001", store, tmp / "eval_step1",
+                                 "--no-postprocessing-search"), table)
+    sys.stderr.write(f"\n{run.name}: mean Dice trained {trained}, step-1 checkpoint {early}\n")
+    for region in regions:
+        assert trained[region] >= early[region] + margin, (
+            f"{region}: trained Dice {trained[region]:.3f} is not {margin} above the untrained step-1 model's "
+            f"{early[region]:.3f}")
+    return trained
 
 
 def _loss_falls(run: Path) -> tuple[float, float]:
@@ -82,7 +121,7 @@ def test_brats_budget_recipe_trains_and_evaluates_on_real_cases(shared_data: Pat
     store = tmp_path / "real.zarr"
     run = _train("configs/brats_budget.yaml", store, tmp_path, "b3d", "data.val_folds=[0]",
                  "model.overrides.features=[4,8,16,32]", "data.patch_size=[32,32,32]", "train.steps=16",
-                 "train.val_every=16", "checkpoint.every=16", "optim.warmup_steps=2")
+                 "train.val_every=16", "optim.warmup_steps=2", keep_step1=True)
     _loss_falls(run)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 16
@@ -91,6 +130,8 @@ def test_brats_budget_recipe_trains_and_evaluates_on_real_cases(shared_data: Pat
           str(out)])
     rows = _evaluation(out, 1, {"WT", "TC", "ET"})
     assert all(r["gt_voxels"] > 0 for r in rows)  # every real held-out case has all three regions
+    trained = _beats_untrained(run, store, tmp_path, margin=BRATS_MARGIN, regions={"WT"})
+    assert trained["WT"] >= BRATS_FLOOR, trained
 
 
 def test_lgg_budget_recipe_trains_and_evaluates_per_patient(shared_data: Path, tmp_path: Path) -> None:
@@ -102,7 +143,7 @@ def test_lgg_budget_recipe_trains_and_evaluates_per_patient(shared_data: Path, t
           "--serial", "--folds", "2", "--channel-names", "pre,flair,post"])
     store = tmp_path / "lgg.zarr"
     run = _train("configs/lgg_budget_unet.yaml", store, tmp_path, "lgg", "data.val_folds=[0]", "train.steps=16",
-                 "train.val_every=16", "checkpoint.every=16", "optim.warmup_steps=2", "data.batch_size=4")
+                 "train.val_every=16", "optim.warmup_steps=2", "data.batch_size=4")
     _loss_falls(run)
     out = tmp_path / "eval"
     _run([PYTHON, "launch/evaluate.py", "--model", str(run), "--store", str(store), "--fold", "0", "--output",
@@ -114,6 +155,8 @@ def test_lgg_budget_recipe_trains_and_evaluates_per_patient(shared_data: Path, t
     n_slices = len(list((src / patient).glob("*_mask.tif")))
     _evaluation(out, n_slices, {"tumour"})  # every slice of the held-out patient, not a sample
     assert 0.0 <= subjects[0]["dice"] <= 1.0
+    # No Dice floor in 2D: 16 steps of batch 4 learn nothing measurable yet (per-patient Dice 0.001 vs 0.019 for the
+    # step-1 checkpoint, measured 2026-12-06); the falling loss above is what this run can show.
 
 
 def test_reproduce_refuses_a_folder_without_the_real_data(tmp_path: Path) -> None:

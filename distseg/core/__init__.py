@@ -1,6 +1,6 @@
 """The floor every stage stands on: process groups and devices (`dist`), atomic file writes (`fileio`), DeepSpeed
 checkpoints with completion markers (`checkpoint`), stop-signal plumbing (`signals`), segmentation overlays
-(`overlay`).
+(`overlay`), the exit-status table of every command (`exit_codes`).
 
 Imports: third-party libraries and other `distseg.core` modules only; never `distseg.data`, `models`, `train`,
 `inference` or `evaluation`, and never `preprocess` or Ray.

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distseg.core import dist
+from distseg.core import dist, exit_codes
 from distseg.core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -260,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 3 or argv[0] != "export":
         sys.stderr.write("usage: python -m distseg.core.checkpoint export <run>/checkpoints/<tag> OUT.pt\n")
-        return 2
+        return exit_codes.USAGE
     try:
         out = export_fp32(Path(argv[1]), Path(argv[2]))
     except CheckpointError as e:
         sys.stderr.write(f"error: {e}\n")
-        return 2
+        return exit_codes.USAGE
     sys.stdout.write(f"{out}\n")
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -221,9 +221,11 @@ class DataConfig:
     target: str = "regions"
     """"regions" (one sigmoid target per store region, e.g. BraTS WT/TC/ET) or "binary" (label > 0)."""
     val_patch_size: tuple[int, ...] = ()
-    """Validation crop shape, centred on each case. Empty = patch3d: `patch_size` (one centred crop per case);
-    slice2d / image2d: the largest in-plane size of the validation cases rounded up to a multiple of 16, so every
-    whole slice / image is validated (smaller ones zero-padded)."""
+    """`train.val_mode: crop` only: the validation crop in stored voxels, centred on each case. Empty = patch3d:
+    `patch_size` x `downsample` (one centred crop per case, the training field of view); slice2d / image2d: the
+    largest in-plane size of the validation cases rounded up to a multiple of 16 x `downsample`, so every whole
+    slice / image is validated (smaller ones zero-padded). With `downsample` f > 1 the crop is pooled by f for the
+    model and its logits interpolated back, so the Dice is counted on the stored grid."""
     context_margin: int = 0
     """Extra voxels read on each side of a training patch (spatial dims only) so the device rotation/scaling/elastic
     resamples real data instead of zero padding; `DeviceAugment` crops it away, so the model always sees

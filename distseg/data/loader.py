@@ -168,15 +168,18 @@ def build_device_augment(cfg: DataConfig, seed: int) -> DeviceAugment:
 
 
 def val_patch_size(cfg: DataConfig, store: Store, val_cases: list[str]) -> tuple[int, ...]:
-    """The validation crop: `val_patch_size` if set; else `patch_size` (patch3d) or the largest in-plane size of
-    the validation cases rounded up to a multiple of 16 (slice2d / image2d: whole slices / images). Computed from
-    metadata only, so every rank gets the same shape."""
+    """The validation crop in stored voxels: `val_patch_size` if set; else the training patch's field of view,
+    `patch_size` x `downsample` (patch3d), or the largest in-plane size of the validation cases rounded up to a
+    multiple of 16 x `downsample` (slice2d / image2d: whole slices / images), so the crop pooled by
+    `data.downsample` is what the model trained on. Computed from metadata only, so every rank gets the same
+    shape."""
     if cfg.val_patch_size:
         return tuple(cfg.val_patch_size)
     if cfg.mode == "patch3d":
-        return tuple(cfg.patch_size)
+        return tuple(p * cfg.downsample for p in cfg.patch_size)
+    multiple = 16 * cfg.downsample
     shapes = np.array([store.case(c).shape[2:] for c in val_cases])
-    return tuple(int(-(-v // 16) * 16) for v in shapes.max(axis=0))
+    return tuple(int(-(-v // multiple) * multiple) for v in shapes.max(axis=0))
 
 
 def build_val_iterator(cfg: DataConfig, rank: int, world_size: int) -> Iterator[dict]:

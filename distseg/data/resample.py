@@ -3,7 +3,8 @@
 Images are average-pooled; labels are pooled per region (each region's voxel fraction > 0.5) and painted back
 into canonical labels in region order, so the pooled label decodes to the same nested regions (BraTS WT/TC/ET).
 Each pooled axis is zero-padded at its high end to a multiple of f first. 3D models pool (Z, Y, X); 2D models
-(slice2d / image2d) pool in-plane only. `distseg.inference.window.case_logits` interpolates predictions back.
+(slice2d / image2d) pool in-plane only. `upsample_logits` interpolates predictions back (whole cases in
+`distseg.inference.window.case_logits`, validation crops in `distseg.train.validation.crop_logits`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def downsample_image(image: torch.Tensor, factor: int, spatial_dims: int = 3) ->
     if factor == 1:
         return image
     return _pool(image, _kernel(factor, spatial_dims))
+
+
+def upsample_logits(low: torch.Tensor, factor: int, spatial_dims: int, shape: Sequence[int]) -> torch.Tensor:
+    """Logits computed at 1/`factor` (N, K, z, y, x) -> (N, K, *shape) on the stored grid: trilinear interpolation
+    (in-plane only for 2D models: scale 1 along Z is exact), cropped to `shape` (Z, Y, X), which undoes the
+    high-end padding of `downsample_image`."""
+    if factor == 1:
+        return low
+    up = F.interpolate(low, scale_factor=_kernel(factor, spatial_dims), mode="trilinear", align_corners=False)
+    return up[(..., *(slice(0, int(s)) for s in shape))]
 
 
 def downsample_label(label: np.ndarray, factor: int, regions: Mapping[str, Sequence[int]],

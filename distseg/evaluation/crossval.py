@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from distseg.config import ExperimentConfig, load_config
+from distseg.config_files import resolve_config
+from distseg.core.exit_codes import OK, PREEMPTED
 from distseg.core.fileio import atomic_write
 from distseg.data.store import Store
 from distseg.evaluation.model import (
@@ -64,7 +66,6 @@ logger = logging.getLogger(__name__)
 
 PLAN_FILE = "crossval.json"
 PLAN_FORMAT = "distseg-crossval/1"
-EXIT_REQUEUE = 4  # a fold's training stopped on a signal after a checkpoint: rerun the same command to resume
 
 
 class CrossvalError(Exception):
@@ -125,6 +126,7 @@ class CrossvalPlan:
                output: str | Path | None = None) -> CrossvalPlan:
         """The plan for `config` + `overrides`, merged with an existing crossval.json in the same folder (which
         must have the same config, overrides and store: a CV folder is one experiment)."""
+        config = resolve_config(config)  # a path, or the name of a shipped config
         cfg = load_config(config, list(overrides))
         store = Store.open(cfg.data.store)
         n_folds = int(store.attrs.get("folds", 0))
@@ -208,8 +210,8 @@ def run_folds(plan: CrossvalPlan, launcher: Sequence[str], train_script: Path, e
         if rc != 0 or stopped:
             logger.error("fold %d: training exited %d%s; rerun the same command to resume it", k, rc,
                          " (stopped on a signal)" if rc == 0 else "")
-            return rc or EXIT_REQUEUE
-    return 0
+            return rc or PREEMPTED
+    return OK
 
 
 # ------------------------------------------------------------------------------------------------ out of fold

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from distseg.config import to_dict
+from distseg.core import exit_codes
 from distseg.inference.loading import EXPORT_FORMAT, POSTPROCESSING_FILE, LoadedModel, ModelLoadError, load_model
 from distseg.inference.outputs import atomic_write
 
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         written = export(args.model, args.out, args.onnx, args.opset)
     except (ModelLoadError, RuntimeError, ImportError) as e:
         logger.error("%s", e)
-        return 2
+        return exit_codes.USAGE
     for what, path in written.items():
         sys.stdout.write(f"{what}: {path}\n")
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ killed run) never sees a partial file; outputs never overwrite an input file (`c
 
 File names (what `launch/evaluate.py --pred` reads back):
 - 3D: ``<case_id>.nii.gz`` (uint8 labels, source convention, source affine + header), ``<case_id>_overlay.png``
-  (the axial slice with the largest predicted tumour), ``<case_id>_probabilities.npz`` with ``--save-probabilities``
-  (float16 (K, X, Y, Z) in the source grid, plus the region names).
-- 2D: ``<case_id>_mask.png`` (the source size, source convention: 0/255 or 0/1), ``<case_id>_overlay.png``,
-  ``<case_id>_probabilities.npz`` (float16 (K, H, W)).
+  (the axial slice with the largest ground-truth tumour, else the largest predicted one: image | prediction |
+  ground truth when the case has a label map, >= 480 px per panel, region legend), ``<case_id>_probabilities.npz``
+  with ``--save-probabilities`` (float16 (K, X, Y, Z) in the source grid, plus the region names).
+- 2D: ``<case_id>_mask.png`` (the source size, source convention: 0/255 or 0/1), ``<case_id>_overlay.png`` (the
+  same panels at >= 480 px), ``<case_id>_probabilities.npz`` (float16 (K, H, W)).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from distseg.core.fileio import atomic_write
-from distseg.core.overlay import paint_masks
+from distseg.core.overlay import overlay_figure
 from distseg.data.geometry import paste_to_source
+from distseg.data.labels import BINARY_REGIONS, BRATS_REGIONS
 from distseg.data.store import CaseArrays
 from distseg.inference.predictor import Prediction
 
@@ -102,25 +104,53 @@ def _scaled(x: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
 
 
-def overlay_3d(case: CaseArrays, masks: np.ndarray, channels: Sequence[str], kind: str = "brats3d") -> np.ndarray:
-    """RGB uint8 (H, W, 3): the axial slice (stored frame) with the largest predicted tumour, masks painted over
-    the background channel (FLAIR for BraTS). masks bool (K, Z, Y, X)."""
+def ground_truth_masks(case: CaseArrays, names: Sequence[str], kind: str) -> np.ndarray | None:
+    """bool (K, Z, Y, X) masks of the case's own label map for the prediction's outputs `names`, stored frame;
+    None for an unlabelled case (or outputs that are neither the store's regions nor one foreground channel)."""
+    if case.label is None:
+        return None
+    regions = BRATS_REGIONS if kind == "brats3d" else BINARY_REGIONS
+    label = np.asarray(case.label)
+    if list(names) == list(regions):
+        return np.stack([np.isin(label, values) for values in regions.values()])
+    if len(names) == 1:  # data.target=binary: one channel, every tumour label
+        return (label > 0)[None]
+    logger.warning("%s: outputs %s are not the %s regions; overlay without ground truth", case.case_id, list(names),
+                   kind)
+    return None
+
+
+def overlay_3d(case: CaseArrays, masks: np.ndarray, channels: Sequence[str], kind: str = "brats3d",
+               names: Sequence[str] = ("WT", "TC", "ET")) -> np.ndarray:
+    """RGB uint8 (H, W, 3) (`distseg.core.overlay.overlay_figure`): one axial slice (stored frame) of the background
+    channel (FLAIR for BraTS), the prediction beside the ground truth when the case has one. The slice is the one
+    with the largest ground-truth tumour, else the largest predicted tumour. masks bool (K, Z, Y, X)."""
     name = OVERLAY_CHANNEL.get(kind)
     c = list(channels).index(name) if name in channels else 0
-    area = masks.any(axis=0).reshape(masks.shape[1], -1).sum(axis=1)
+    gt = ground_truth_masks(case, names, kind)
+    chosen = gt if gt is not None and gt.any() else masks
+    area = chosen.any(axis=0).reshape(chosen.shape[1], -1).sum(axis=1)
     z = int(np.argmax(area)) if area.any() else masks.shape[1] // 2
     grey = _scaled(case.normalised()[c, z])
-    return (paint_masks(grey, masks[:, z]) * 255.0 + 0.5).astype(np.uint8)
+    title = f"{case.case_id}: axial slice {z + 1} of {masks.shape[1]}"
+    return overlay_figure(grey, masks[:, z], None if gt is None else gt[:, z], names, title,
+                          background_name=channels[c] if c < len(channels) else "image")
 
 
-def overlay_2d(case: CaseArrays, masks: np.ndarray) -> np.ndarray:
-    """RGB uint8 (H, W, 3) at the source image size: the image (RGB when it has 3 channels) with masks painted.
+def overlay_2d(case: CaseArrays, masks: np.ndarray, names: Sequence[str] = ("tumour",),
+               kind: str = "images2d") -> np.ndarray:
+    """RGB uint8 (H, W, 3) (`distseg.core.overlay.overlay_figure`): the image at its source size (RGB when it has 3
+    channels), the prediction beside the ground truth when the case has one, upscaled to >= 480 px.
     masks bool (K, 1, H', W') in the stored frame."""
     image = case.image[:, 0].astype(np.float32)  # (C, H', W')
     channels = [paste_to_source(image[c][None], case.attrs) for c in range(image.shape[0])]
-    src_masks = np.stack([paste_to_source(m.astype(np.uint8), case.attrs) for m in masks]).astype(bool)
+
+    def to_source(m: np.ndarray) -> np.ndarray:
+        return np.stack([paste_to_source(x.astype(np.uint8), case.attrs) for x in m]).astype(bool)
+
     background = np.stack([_scaled(ch) for ch in channels], axis=-1) if len(channels) == 3 else _scaled(channels[0])
-    return (paint_masks(background, src_masks) * 255.0 + 0.5).astype(np.uint8)
+    gt = ground_truth_masks(case, names, kind)
+    return overlay_figure(background, to_source(masks), None if gt is None else to_source(gt), names, case.case_id)
 
 
 def write_probabilities(path: Path, pred: Prediction, attrs: dict[str, Any]) -> Path:
@@ -138,7 +168,8 @@ def write_prediction(out_dir: Path, case: CaseArrays, pred: Prediction, kind: st
     attrs = case.attrs
     if attrs.get("source_ndim") == 2:
         written["mask"] = write_png(out_dir / f"{case.case_id}_mask.png", pred.labels_source.astype(np.uint8))
-        written["overlay"] = write_png(out_dir / f"{case.case_id}_overlay.png", overlay_2d(case, pred.masks))
+        written["overlay"] = write_png(out_dir / f"{case.case_id}_overlay.png",
+                                       overlay_2d(case, pred.masks, pred.output_names, kind))
     else:
         header_from = None
         modalities = attrs.get("source_modalities") or {}
@@ -148,7 +179,7 @@ def write_prediction(out_dir: Path, case: CaseArrays, pred: Prediction, kind: st
         written["nifti"] = write_nifti(out_dir / f"{case.case_id}.nii.gz", pred.labels_source, attrs["affine"],
                                        header_from)
         written["overlay"] = write_png(out_dir / f"{case.case_id}_overlay.png",
-                                       overlay_3d(case, pred.masks, channels, kind))
+                                       overlay_3d(case, pred.masks, channels, kind, pred.output_names))
     if save_probabilities:
         written["probabilities"] = write_probabilities(out_dir / f"{case.case_id}_probabilities.npz", pred, attrs)
     return written

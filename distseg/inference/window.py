@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distseg.data.resample import downsample_image
+from distseg.data.resample import downsample_image, upsample_logits
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 """(B, C, *window) float -> (B, K, *window) logits (a list, as deep supervision returns in training mode, is
@@ -238,6 +238,4 @@ def case_logits(predict: Predict, image: torch.Tensor | np.ndarray, sw: SlidingW
     dev = torch.device(device) if device is not None else image.device
     low = sliding_window(predict, downsample_image(image.to(dev), downsample, spatial_dims), sw, dev,
                          accumulate_device, autocast_dtype)
-    scale = (downsample,) * 3 if spatial_dims == 3 else (1, downsample, downsample)
-    up = F.interpolate(low[None], scale_factor=scale, mode="trilinear", align_corners=False)[0]
-    return up[(slice(None), *(slice(0, s) for s in image.shape[1:]))]
+    return upsample_logits(low[None], downsample, spatial_dims, image.shape[1:])[0]

@@ -18,9 +18,11 @@ import time
 
 import torch
 
+from distseg.core import exit_codes
+
 logger = logging.getLogger(__name__)
 
-EXIT_LOST_RANK = 5
+EXIT_LOST_RANK = exit_codes.LOST_RANK
 """Exit status of a rank that stopped because another rank died or hung; rerun the command to resume."""
 
 ROLL_CALL_S = 15.0

@@ -26,11 +26,12 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from distseg.core import exit_codes
 from distseg.core.signals import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
-EXIT_REQUEUE = 4
+EXIT_REQUEUE = exit_codes.PREEMPTED
 """Exit status of a run stopped by a signal after saving a complete checkpoint: requeue it / run it again."""
 
 

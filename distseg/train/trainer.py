@@ -42,14 +42,14 @@ from distseg.losses import build_loss
 from distseg.metrics import MetricAccumulator, confusion_counts
 from distseg.train import elastic, lost_rank
 from distseg.train.budget import CostEstimate, WallClockBudget, describe
-from distseg.train.engine import build_ds_config, initialize
+from distseg.train.engine import build_ds_config, initialize, resolve_precision
 from distseg.train.monitor import build_monitor, memory_stats
 from distseg.train.optim import ScheduleLength, refresh_lr
 from distseg.train.preemption import StopRequest
 from distseg.train.progress import StepWindow, mean_loss, perf_scalars, run_summary
 from distseg.train.setup import DTYPES, build_seeded_model, model_channels
 from distseg.train.state import NonFiniteLossError, TrainState
-from distseg.train.validation import WholeCaseValidator
+from distseg.train.validation import WholeCaseValidator, crop_logits
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Trainer:
         """True when the run ended early on a stop signal (checkpoint saved): the caller exits EXIT_REQUEUE."""
         # Rank 0 picks the checkpoint (collective); on another rank count the accumulation changes to keep the
         # global batch, so the plan comes before anything that reads cfg.train.grad_accum.
+        cfg = resolve_precision(cfg)  # "auto" -> what this accelerator runs natively (launch/train.py did too)
         self.plan = elastic.plan_resume(self.ckpt_dir, cfg, self.world_size)
         self.cfg = cfg = elastic.with_grad_accum(cfg, self.plan)
         store = open_store(cfg.data)
@@ -230,8 +231,8 @@ class Trainer:
         for batch in build_val_iterator(self.cfg.data, self.rank, self.world_size):
             image = batch["image"].to(self.device)
             targets = labels_to_targets(batch["label"].to(self.device), self.cfg.data.target, self.regions)
-            logits = self.engine(image.to(self.dtype))
-            logits = (logits[0] if isinstance(logits, list) else logits).float()
+            # data.downsample: pooled for the model, logits back on the crop's grid (distseg.train.validation)
+            logits = crop_logits(self.engine, image, self.cfg.data.downsample, self.cfg.data.spatial_dims, self.dtype)
             valid = batch["valid"].to(self.device)
             # Boolean indexing sizes its output on the host: one sync per validation batch (validation only).
             acc.update(confusion_counts(logits[valid], targets[valid]))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from distseg.data.config import DataConfig
-from distseg.data.resample import pooled_shape
+from distseg.data.resample import downsample_image, pooled_shape, upsample_logits
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets
 from distseg.inference.window import SlidingWindow, case_logits, forward_calls, window_for, window_predictor
@@ -70,3 +70,27 @@ class WholeCaseValidator:
             for _ in range(self.pad_calls):
                 predict(dummy)
         return total, example
+
+
+def crop_logits(net: Callable[[torch.Tensor], Any], image: torch.Tensor, downsample: int, spatial_dims: int,
+                input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`train.val_mode: crop`: logits of a batch of validation crops on the crops' own (stored) grid.
+
+    image float32 (B, C, Z, Y, X) for 3D models, (B, C, H, W) for 2D -> float32 (B, K, same spatial shape). With
+    `downsample` f > 1 each crop is average-pooled by f exactly as training batches are (`data.downsample`), the
+    model runs at 1/f and the logits are interpolated back (`distseg.data.resample.upsample_logits`, as in
+    whole-case validation and prediction), so tp/fp/fn are counted against the full-resolution labels.
+    """
+    x = image
+    if downsample > 1:
+        planes = image if spatial_dims == 3 else image[:, :, None]  # 2D: (B, C, 1, H, W), pooled in-plane
+        x = torch.stack([downsample_image(p, downsample, spatial_dims) for p in planes])
+        x = x if spatial_dims == 3 else x[:, :, 0]
+    out = net(x if input_dtype is None else x.to(input_dtype))
+    out = (out[0] if isinstance(out, list | tuple) else out).float()
+    if downsample == 1:
+        return out
+    out = out if spatial_dims == 3 else out[:, :, None]
+    shape = image.shape[2:] if spatial_dims == 3 else (1, *image.shape[2:])
+    up = upsample_logits(out, downsample, spatial_dims, shape)
+    return up if spatial_dims == 3 else up[:, :, 0]

@@ -11,6 +11,7 @@ from distseg.data.targets import labels_to_targets, region_paint_values, regions
 from distseg.inference.postprocess import Postprocessing, RegionRule, apply_rule, postprocess
 from distseg.inference.window import (
     SlidingWindow,
+    _importance_cpu,
     forward_calls,
     importance_map,
     sliding_window,
@@ -39,7 +40,14 @@ def test_gaussian_importance_is_centred_positive_and_cached():
     assert g.shape == (9, 16, 1) and float(g.min()) > 0 and float(g.max()) == pytest.approx(1.0)
     assert torch.equal(g, torch.flip(g, [0])) and torch.equal(g, torch.flip(g, [1]))
     assert float(g[4, 7, 0]) > float(g[0, 0, 0])
-    assert importance_map(sw).data_ptr() == g.data_ptr() or torch.equal(importance_map(sw), g)
+    # Cached: the same window returns the very tensor computed the first time (a hit, no new computation) ...
+    before = _importance_cpu.cache_info()
+    assert importance_map(sw).data_ptr() == g.data_ptr()
+    after = _importance_cpu.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    # ... and another window shape is computed anew.
+    other = importance_map(SlidingWindow(window=(7, 13, 5)))
+    assert other.shape == (7, 13, 5) and _importance_cpu.cache_info().misses == before.misses + 1
 
 
 def _channels_model(k: int = 2):

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from distseg.core.overlay import upscale_factor
 from distseg.train.monitor import read_events
 
 pytestmark = pytest.mark.slow
@@ -20,8 +22,18 @@ REAL_CASES = [("brats2018", "Brats18_CBICA_ABM_1", {0, 1, 2, 4}), ("brats2021", 
               ("brats2023-naming", "BraTS-GLI-00001-000", {0, 1, 2, 3})]
 
 
+BRATS_SOURCE_REGIONS = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
+"""BraTS 2018-2021 source labels of each region (what the synthetic cases use)."""
+
+
 def _labels(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two bool masks; both empty = 1 (the BraTS convention the evaluator documents)."""
+    denominator = int(pred.sum()) + int(gt.sum())
+    return 1.0 if denominator == 0 else 2.0 * int((pred & gt).sum()) / denominator
 
 
 def test_raw_nifti_and_store_give_the_same_voxels(brats_run, brats_data, predict_cli, tmp_path):
@@ -40,7 +52,8 @@ def test_raw_nifti_and_store_give_the_same_voxels(brats_run, brats_data, predict
         out = nib.load(str(from_raw / name))
         assert out.shape == src.shape and np.allclose(out.affine, src.affine) and out.get_data_dtype() == np.uint8
         assert set(np.unique(_labels(from_raw / name)).tolist()) <= {0, 1, 2, 4}
-        assert Image.open(from_raw / f"{case_id}_overlay.png").mode == "RGB"
+        overlay = Image.open(from_raw / f"{case_id}_overlay.png")  # FLAIR | prediction | ground truth (seg given)
+        assert overlay.mode == "RGB" and overlay.size[0] >= 3 * 480 and overlay.size[1] > 480
 
 
 @pytest.mark.parametrize("release,case_id,convention", REAL_CASES)
@@ -126,7 +139,7 @@ def test_bad_inputs_are_named_and_the_good_cases_still_predicted(brats_run, brat
     (src / notnifti / f"{notnifti}_flair.nii.gz").write_bytes(b"\x1f\x8b" + b"not a nifti at all" * 10)
     out = tmp_path / "out"
     res = predict_cli("--model", brats_run, "--input", src, "--output", out)
-    assert res.returncode == 2, res.stdout[-3000:]
+    assert res.returncode == 3, res.stdout[-3000:]
     assert (out / f"{good}.nii.gz").is_file()
     for cid, words in ((missing, "missing modality t1ce"), (mismatched, "differs from"), (notnifti, "gzip")):
         line = next((ln for ln in res.stdout.splitlines() if f"FAILED {cid}" in ln), "")
@@ -169,22 +182,54 @@ def test_two_ranks_split_the_cases(brats_run, brats_data, predict_launcher, tmp_
 
 def test_evaluate_model_chooses_postprocessing_and_logs_to_tensorboard(brats_run, brats_data, evaluate_cli,
                                                                        predict_cli, tmp_path):
-    _, store = brats_data
+    raw, store = brats_data
     out = tmp_path / "eval"
     res = evaluate_cli("--model", brats_run, "--store", store, "--output", out)
     assert res.returncode == 0, res.stdout[-3000:]
-    for name in ("metrics.parquet", "metrics.csv", "summary.md", "evaluation.json", "boxplot_dice.png",
-                 "postprocessing.json"):
-        assert (out / name).is_file(), name
     meta = json.loads((out / "evaluation.json").read_text())
-    assert meta["model"]["name"] == "unet3d" and meta["n_cases"] >= 1
-    assert sorted(p.name for p in (out / "predictions").glob("*.nii.gz"))
+    assert meta["model"]["name"] == "unet3d"
+    # Every case of the run's validation fold is scored, and each score is what its written prediction earns
+    # against the source label map (recomputed here from the files, not read back from the evaluator).
+    from distseg.data.store import Store
+
+    cases = Store.open(store).case_ids(folds=[0], labelled_only=True)
+    assert meta["n_cases"] == len(cases) >= 1
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert sorted({r["case_id"] for r in rows}) == cases and {r["region"] for r in rows} == {"WT", "TC", "ET"}
+    assert sorted(p.name for p in (out / "predictions").glob("*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
+    for case_id in cases:
+        gt_img = nib.load(str(raw / case_id / f"{case_id}_seg.nii.gz"))
+        pred_img = nib.load(str(out / "predictions" / f"{case_id}.nii.gz"))
+        assert pred_img.shape == gt_img.shape and np.allclose(pred_img.affine, gt_img.affine)
+        pred, gt = _labels(out / "predictions" / f"{case_id}.nii.gz"), np.asarray(gt_img.dataobj)
+        assert set(np.unique(pred).tolist()) <= {0, 1, 2, 4}
+        for region, values in BRATS_SOURCE_REGIONS.items():
+            row = next(r for r in rows if r["case_id"] == case_id and r["region"] == region)
+            assert row["status"] == "ok", row
+            assert row["dice"] == pytest.approx(_dice(np.isin(pred, values), np.isin(gt, values)), abs=1e-9), row
+    summary = (out / "summary.md").read_text()
+    for region in ("WT", "TC", "ET"):
+        mean = np.mean([r["dice"] for r in rows if r["region"] == region])
+        assert f"| {region} | Dice | {mean:.4f} |" in summary, (region, mean, summary)
+    with Image.open(out / "boxplot_dice.png") as plot:
+        assert plot.size[0] >= 300 and plot.size[1] >= 200 and len(plot.convert("RGB").getcolors(1 << 20)) > 8
+    # The chosen rule is stored beside the model, and --postprocess applies exactly that rule to the prediction.
     beside = json.loads((brats_run / "postprocessing.json").read_text())
+    assert beside == json.loads((out / "postprocessing.json").read_text())
     assert set(beside) >= {"rules", "candidates"} and {c["region"] for c in beside["candidates"]} == {"WT", "TC", "ET"}
     events = read_events(brats_run / "tb")
     assert "eval/dice/WT" in events and "eval/summary/text_summary" in events
     res = predict_cli("--model", brats_run, "--input", store, "--output", tmp_path / "pp", "--postprocess")
     assert res.returncode == 0, res.stdout[-3000:]
+    from distseg.evaluation.scoring import default_regions, region_masks
+    from distseg.inference.postprocess import Postprocessing, postprocess
+
+    rule = Postprocessing.from_dict(beside["rules"])
+    for case_id in cases:
+        plain = region_masks(_labels(out / "predictions" / f"{case_id}.nii.gz"), "brats2018")
+        spacing = nib.load(str(out / "predictions" / f"{case_id}.nii.gz")).header.get_zooms()
+        want = postprocess(plain, default_regions("brats2018"), rule, spacing)
+        np.testing.assert_array_equal(region_masks(_labels(tmp_path / "pp" / f"{case_id}.nii.gz"), "brats2018"), want)
 
 
 def test_zero0_bf16_checkpoint_exports_the_fp32_master_weights(images_run):
@@ -217,8 +262,11 @@ def test_2d_masks_and_overlays_at_the_input_size(images_run, images_data, predic
         mask = np.asarray(Image.open(m))
         assert mask.shape == Image.open(src).size[::-1]
         assert set(np.unique(mask).tolist()) <= {0, 255}  # the synthetic masks are 0/255: same convention back
+        # image | prediction | ground truth (the mask beside the image), each >= 480 px, at the source's aspect
         overlay = Image.open(out / f"{case_id}_overlay.png")
-        assert overlay.mode == "RGB" and overlay.size == Image.open(src).size
+        w, h = Image.open(src).size
+        k = upscale_factor(h, w)
+        assert overlay.mode == "RGB" and overlay.size[0] == 3 * w * k + 2 * 4 and overlay.size[1] > h * k >= 480
     # raw images == store, and the masks evaluate against the source masks
     res = predict_cli("--model", images_run, "--input", store, "--output", tmp_path / "s", "--tta", "mirror")
     assert res.returncode == 0
@@ -226,7 +274,12 @@ def test_2d_masks_and_overlays_at_the_input_size(images_run, images_data, predic
         np.testing.assert_array_equal(np.asarray(Image.open(m)), np.asarray(Image.open(tmp_path / "s" / m.name)))
     res = evaluate_cli("--pred", out, "--gt", raw, "--output", tmp_path / "eval")
     assert res.returncode == 0, res.stdout[-3000:]
-    assert (tmp_path / "eval" / "metrics.parquet").is_file()
+    rows = pq.read_table(tmp_path / "eval" / "metrics.parquet").to_pylist()
+    assert sorted(r["case_id"] for r in rows) == sorted(m.name[: -len("_mask.png")] for m in masks)
+    for r in rows:  # each score is the Dice of the written mask against the source mask
+        pred = np.asarray(Image.open(out / f"{r['case_id']}_mask.png")) > 0
+        gt = np.asarray(Image.open(raw / "masks" / f"{r['case_id']}.png")) > 0
+        assert r["status"] == "ok" and r["dice"] == pytest.approx(_dice(pred, gt), abs=1e-9), r
 
 
 

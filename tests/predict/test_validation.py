@@ -3,7 +3,10 @@ prediction."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 
 from distseg.config import load_config
@@ -62,3 +65,33 @@ def test_validation_counts_equal_the_predictors(brats_data):
     image, targets, probs = example
     assert image.shape[1:] == targets.shape[1:] == probs.shape[1:] and targets.shape[0] == 3
     assert np.isfinite(probs.numpy()).all()
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(3, (2, 3, 16, 24, 20)), (2, (2, 3, 32, 40))])
+def test_crop_validation_honours_downsample(spatial_dims, shape):
+    """train.val_mode=crop with data.downsample=2: the model sees the crop pooled by 2 (what it trained on) and the
+    logits come back on the crop's own grid, interpolated as whole-case validation does."""
+    from distseg.train.validation import crop_logits
+
+    seen = []
+
+    def net(x):
+        seen.append(tuple(x.shape))
+        return x[:, :2] * 1.0
+
+    ramp = torch.linspace(0, 1, shape[-1]).expand(shape).clone()  # smooth along X: pooling + interpolation ~ identity
+    out = crop_logits(net, ramp, downsample=2, spatial_dims=spatial_dims)
+    assert seen == [(shape[0], shape[1], *(s // 2 for s in shape[2:]))]
+    assert out.shape == (shape[0], 2, *shape[2:]) and out.dtype == torch.float32
+    inner = (..., slice(2, -2))  # away from the border, where interpolation extrapolates
+    torch.testing.assert_close(out[inner], ramp[:, :2][inner], atol=0.02, rtol=0)
+    assert torch.equal(crop_logits(net, ramp, downsample=1, spatial_dims=spatial_dims), ramp[:, :2])
+
+
+def test_default_crop_covers_the_training_field_of_view_at_downsample():
+    from distseg.data.config import DataConfig
+    from distseg.data.loader import val_patch_size
+
+    cfg = DataConfig(store="unused", mode="patch3d", patch_size=(16, 16, 16), downsample=2)
+    assert val_patch_size(cfg, None, []) == (32, 32, 32)  # type: ignore[arg-type]
+    assert val_patch_size(replace(cfg, val_patch_size=(24, 24, 24)), None, []) == (24, 24, 24)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
-    monkeypatch.chdir(REPO)  # relative paths in configs (deepspeed.preset) are relative to the working directory
+    monkeypatch.chdir(REPO)  # the tests name configs by checkout path (configs/X.yaml); names work anywhere
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -172,3 +172,18 @@ def test_cpu_offload_optimizer_is_deepspeeds_cpu_adam():
     p.grad = torch.ones(8)
     opt.step()
     assert torch.allclose(p.detach(), torch.full((8,), 0.9), atol=1e-4)  # Adam's first step moves by lr
+
+
+def test_precision_auto_resolves_to_what_the_accelerator_runs_natively():
+    """`auto` on this CPU: bf16 only when oneDNN has native bf16 (AVX512-BF16/AMX), else fp32; explicit values stay."""
+    import torch
+
+    from distseg.train.engine import native_precision, resolve_precision
+
+    native = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert native_precision() == native
+    cfg = load_config("configs/brats_budget.yaml")
+    assert cfg.deepspeed.precision == "auto"
+    assert resolve_precision(cfg).deepspeed.precision == native
+    explicit = load_config("configs/debug.yaml", ["deepspeed.precision=fp16"])
+    assert resolve_precision(explicit) is explicit

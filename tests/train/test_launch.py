@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from distseg.config import load_config, to_dict
+from distseg.core import exit_codes
 from distseg.train.monitor import read_events
 
 pytestmark = pytest.mark.slow
@@ -139,7 +140,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_keeping_the_last_good_checkpoint
         brats_store, tmp_path, "nan", "deepspeed.zero_stage=3", "deepspeed.precision=bf16", "train.steps=12",
         "train.val_every=0", "checkpoint.every=4", "debug.inject_nan_at_step=8", "debug.inject_nan_times=3",
         "train.max_nonfinite_in_row=3")))
-    assert res.returncode != 0
+    assert res.returncode == exit_codes.DIVERGED, res.stdout[-3000:]
     assert "3 consecutive optimizer steps were skipped as non-finite at step 8" in res.stdout
     ckpt = tmp_path / "runs" / "nan" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000008"

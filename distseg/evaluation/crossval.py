@@ -334,7 +334,7 @@ def write_summary(plan: CrossvalPlan, result: CrossvalResult) -> Path:
              f"- store: `{plan.store}` ({plan.n_folds} folds; folds run: {plan.folds})",
              f"- overrides: `{' '.join(plan.overrides) or '(none)'}`", "",
              "## Folds (each validated on its own fold only)", "",
-             "| fold | checkpoint | steps | train min | validation Dice at that checkpoint |",
+             "| fold | checkpoint used | steps | train min | last validation Dice (its own fold) |",
              "| --- | --- | --- | --- | --- |",
              *[_fold_line(plan, k, t) for k, t in sorted(result.fold_models.items())], "",
              "## Mean over cases", "",

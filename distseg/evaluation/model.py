@@ -311,7 +311,8 @@ def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_
                           device=settings.device, precision=settings.precision)
     regions = predictor.io.decode_regions
     what = what or f"{len(case_ids)} cases"
-    cache = ProbabilityCache(out_dir / PROBABILITIES_DIR)
+    # Probabilities on disk only when a postprocessing rule is chosen or applied here (they are what it reads back).
+    cache = ProbabilityCache(out_dir / PROBABILITIES_DIR) if choose_pp or apply_pp is not None else None
     items = predict_and_score(predictor, store, case_ids, out_dir / "predictions" if write_predictions else None,
                               cache)
     result = evaluate_arrays(items, out_dir, evaluation_meta(models, store, what, list(regions), role),
@@ -324,7 +325,7 @@ def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_
                              {"store": str(store.path), "cases": list(case_ids), "model": models.describe()})
     if pp is not None:
         evaluation.postprocessing = pp
-        if pp.rules:
+        if pp.rules and cache is not None:
             note = json.dumps(pp.to_dict())
             evaluation.postprocessed = evaluate_arrays(
                 postprocessed_cases(cache, store, case_ids, predictor.io, pp), out_dir / "postprocessed",

@@ -155,7 +155,7 @@ def build_train_loader(
         "train loader rank %d/%d: %d cases, mode %s, patch %s (+%d margin), start step %d, stream base %d",
         rank, world_size, len(train_cases), cfg.mode, tuple(cfg.patch_size), margin, start_step, stream_base,
     )
-    batches = TrainBatches(cfg.store, sampler, cfg.batch_size, worker_aug, rank, world_size, stream_base)
+    batches = TrainBatches(store, sampler, cfg.batch_size, worker_aug, rank, world_size, stream_base)
     return TrainLoader(batches, cfg, start_step)
 
 

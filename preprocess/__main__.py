@@ -33,6 +33,9 @@ def _common(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--codec", choices=["lz4", "zstd"], default="lz4",
                    help="Blosc inner codec: lz4 (default; fastest patch reads, ~0.97x the .nii.gz size) or zstd "
                         "(~0.82x the .nii.gz size, ~1.6x slower patch reads); numbers in the README")
+    p.add_argument("--layout", choices=["sharded", "chunked"], default="sharded",
+                   help="sharded (default): one object per case and array (Zarr v3 sharding); chunked: one file per "
+                        "chunk, as stores written before it (both are read)")
 
 
 def _subject_regex(text: str) -> re.Pattern[str]:

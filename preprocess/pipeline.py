@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any
 
@@ -21,6 +22,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     src = args.src.resolve()
     dst = args.dst.expanduser().resolve()  # workers on other nodes must see the same absolute path
     layout = Layout() if args.codec == "lz4" else Layout(cname="zstd", clevel=1)
+    layout = dataclasses.replace(layout, sharded=getattr(args, "layout", "sharded") == "sharded")
     if args.command == "brats":
         from preprocess.brats import brats_root_attrs, convert_brats_case
         from preprocess.discover import discover_brats

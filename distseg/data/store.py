@@ -122,6 +122,8 @@ class Store:
         try:
             meta = location.read_json("zarr.json")
         except FileNotFoundError:
+            if not isinstance(location, LocalLocation):
+                location.check_access()  # a missing bucket or refused credentials say so, not "no zarr.json"
             raise StoreError(f"{p}: not a Zarr v3 store (no zarr.json); expected the output of `python -m preprocess`"
                              ) from None
         except (OSError, ValueError) as e:

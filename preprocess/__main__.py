@@ -12,12 +12,15 @@ import re
 import sys
 from pathlib import Path
 
+from preprocess.writer import path_or_url
+
 logger = logging.getLogger("preprocess")
 
 
 def _common(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--src", required=True, type=Path, help="folder with the source cases (searched recursively)")
-    p.add_argument("--dst", required=True, type=Path, help="output folder on shared storage (made absolute)")
+    p.add_argument("--dst", required=True, type=path_or_url,
+                   help="output folder on shared storage (made absolute), or s3://bucket/prefix")
     p.add_argument("--name", default=default_name,
                    help=f"dataset name: writes DST/NAME.zarr + DST/NAME.manifest.parquet (default {default_name})")
     p.add_argument("--folds", type=int, default=5,

@@ -111,8 +111,9 @@ def _get_or_failure(ray: Any, ref: Any, cid: str) -> dict[str, Any]:
         return result_row(cid, "failed", f"{cid}: worker failed after retries: {msg}")
 
 
-def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the manifest atomically (temp file + rename) so readers never see a partial table."""
+def write_manifest(path: Path | str, rows: list[dict[str, Any]]) -> None:
+    """Write the manifest atomically (temp file + rename; in a bucket one PUT) so readers never see a partial
+    table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -126,6 +127,13 @@ def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         ("subject", pa.string()), ("slice_index", pa.int64()), ("seconds", pa.float64()),
     ])
     table = pa.Table.from_pylist(rows, schema=schema)
+    if isinstance(path, str):  # s3://...: one PUT of the whole table
+        from preprocess import bucket
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        bucket.put_file(path, sink.getvalue().to_pybytes())
+        return
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, OMITTED_CHUNKS, TMP_DIR, StoreError
+from distseg.data.location import is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +61,38 @@ def validate_case_id(case_id: str) -> None:
         )
 
 
-def init_store(store_path: Path, root_attrs: dict[str, Any]) -> None:
+def path_or_url(text: str) -> Path | str:
+    """A `--dst`-style argument: ``s3://bucket/prefix`` stays a URL, anything else becomes an absolute Path
+    (workers on other nodes must see the same path)."""
+    return text.rstrip("/") if is_remote(text) else Path(text).expanduser().resolve()
+
+
+def _check_compatible(store_path: Path | str, attrs: dict[str, Any], root_attrs: dict[str, Any]) -> None:
+    for key in ("format_version", "kind"):
+        if attrs.get(key) != root_attrs[key]:
+            raise StoreError(
+                f"{store_path}: existing store has {key}={attrs.get(key)!r} but this run writes "
+                f"{root_attrs[key]!r}; use another --name or --dst"
+            )
+    if attrs.get("channels") != root_attrs["channels"]:
+        raise StoreError(
+            f"{store_path}: existing store has channels {attrs.get('channels')} but this run writes "
+            f"{root_attrs['channels']}; use another --name or --dst"
+        )
+
+
+def init_store(store_path: Path | str, root_attrs: dict[str, Any]) -> None:
     """Create the root group (or check an existing one is compatible: same format_version and kind)."""
     import zarr
 
+    if is_remote(store_path):
+        from preprocess import bucket
+
+        bucket.init_store(str(store_path), root_attrs, lambda attrs: _check_compatible(store_path, attrs, root_attrs))
+        return
     meta = store_path / "zarr.json"
     if meta.is_file():
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-        for key in ("format_version", "kind"):
-            if attrs.get(key) != root_attrs[key]:
-                raise StoreError(
-                    f"{store_path}: existing store has {key}={attrs.get(key)!r} but this run writes "
-                    f"{root_attrs[key]!r}; use another --name or --dst"
-                )
-        if attrs.get("channels") != root_attrs["channels"]:
-            raise StoreError(
-                f"{store_path}: existing store has channels {attrs.get('channels')} but this run writes "
-                f"{root_attrs['channels']}; use another --name or --dst"
-            )
+        _check_compatible(store_path, json.loads(meta.read_text()).get("attributes", {}), root_attrs)
         zarr.open_group(str(store_path), mode="r+").attrs.update(root_attrs)
     else:
         store_path.mkdir(parents=True, exist_ok=True)
@@ -100,8 +116,12 @@ def root_attrs_base(
     }
 
 
-def read_case_attrs(store_path: Path, case_id: str) -> dict[str, Any] | None:
+def read_case_attrs(store_path: Path | str, case_id: str) -> dict[str, Any] | None:
     """Attributes of a complete case, or None when the case is not (yet) in the store."""
+    if is_remote(store_path):
+        from preprocess import bucket
+
+        return bucket.read_case_attrs(str(store_path), case_id)
     meta = store_path / CASES_GROUP / case_id / "zarr.json"
     try:
         return json.loads(meta.read_text()).get("attributes", {})
@@ -111,8 +131,13 @@ def read_case_attrs(store_path: Path, case_id: str) -> dict[str, Any] | None:
         return None
 
 
-def update_case_attrs(store_path: Path, case_id: str, updates: dict[str, Any]) -> None:
+def update_case_attrs(store_path: Path | str, case_id: str, updates: dict[str, Any]) -> None:
     """Update a complete case's attrs in place, atomically (temp file + rename of its zarr.json)."""
+    if is_remote(store_path):
+        from preprocess import bucket
+
+        bucket.update_case_attrs(str(store_path), case_id, updates)
+        return
     meta = store_path / CASES_GROUP / case_id / "zarr.json"
     doc = json.loads(meta.read_text())
     doc.setdefault("attributes", {}).update(updates)
@@ -132,7 +157,7 @@ def _compressors(layout: Layout, shuffle: str) -> list[Any]:
 
 
 def write_case(
-    store_path: Path,
+    store_path: Path | str,
     case_id: str,
     image: np.ndarray,
     label: np.ndarray | None,
@@ -140,12 +165,19 @@ def write_case(
     attrs: dict[str, Any],
     layout: Layout,
 ) -> None:
-    """Write one case atomically. image (C, Z, Y, X), label (Z, Y, X) uint8 or None, foreground {cls: (N, 3)}."""
+    """Write one case atomically. image (C, Z, Y, X), label (Z, Y, X) uint8 or None, foreground {cls: (N, 3)}.
+
+    POSIX: into ``<store>/.tmp/`` then renamed into ``cases/``. Object storage: into a local temporary folder, then
+    uploaded with the case's ``zarr.json`` last (`preprocess.bucket.upload_case`)."""
     import zarr
 
     validate_case_id(case_id)
-    tmp = store_path / TMP_DIR / f"{case_id}.{uuid.uuid4().hex}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    remote = is_remote(store_path)
+    if remote:
+        tmp = Path(tempfile.mkdtemp(prefix=f"distseg-{case_id}.")) / case_id
+    else:
+        tmp = store_path / TMP_DIR / f"{case_id}.{uuid.uuid4().hex}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         rows: dict[str, list[int]] = {}
         coords = []
@@ -167,10 +199,18 @@ def write_case(
                          ["z", "y", "x"], layout.sharded)
         fg = np.concatenate(coords) if coords else np.zeros((0, 3), dtype=np.int16)
         _write_array(group, "foreground", fg, (max(len(fg), 1), 3), layout, layout.shuffle, None, False)
-        _publish(store_path, case_id, tmp)
+        if remote:
+            from preprocess import bucket
+
+            bucket.upload_case(str(store_path), case_id, tmp)
+        else:
+            _publish(store_path, case_id, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if remote:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...], layout: Layout, shuffle: str,
@@ -233,8 +273,13 @@ def _publish(store_path: Path, case_id: str, tmp: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_temp(store_path: Path) -> int:
-    """Remove leftovers of killed runs under `.tmp/` and incomplete dirs under `cases/`; returns how many."""
+def clean_temp(store_path: Path | str) -> int:
+    """Remove leftovers of killed runs under `.tmp/` and incomplete dirs under `cases/` (in a bucket: cases whose
+    upload never finished); returns how many."""
+    if is_remote(store_path):
+        from preprocess import bucket
+
+        return bucket.clean_partial(str(store_path))
     removed = 0
     tmp_root = store_path / TMP_DIR
     if tmp_root.is_dir():

@@ -61,3 +61,43 @@ def test_a_missing_bucket_or_store_and_wrong_credentials_are_clear_errors(s3, lo
     except StoreError as e:
         assert "wrong-secret-value" not in str(e)
     assert "wrong-secret-value" not in caplog.text and "testing-secret-key" not in caplog.text
+
+
+def test_preprocessing_straight_into_a_bucket(s3, brats_src, local_store, run_cli):
+    """`--dst s3://bucket/prefix`: the same cases and arrays as on POSIX, manifest and index beside them; a rerun
+    skips unchanged cases; a half-uploaded case (objects without its zarr.json) is never read and is redone."""
+    import boto3
+    import pyarrow.parquet as pq
+
+    dst = f"s3://{BUCKET}/stores"
+    assert run_cli("brats", "--src", str(brats_src), "--dst", dst, "--name", "s", "--folds", "3") == 0
+    here, there = Store.open(local_store), Store.open(f"{dst}/s.zarr")
+    assert there._indexed and there.case_ids() == here.case_ids()
+    for cid in here.case_ids():
+        for a, b in zip(here.read_case(cid), there.read_case(cid), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert there.case(cid).attrs == here.case(cid).attrs
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    body = client.get_object(Bucket=BUCKET, Key="stores/s.manifest.parquet")["Body"].read()
+    rows = pq.read_table(pa_buffer(body)).to_pylist()
+    assert sorted(r["case_id"] for r in rows) == here.case_ids() and {r["status"] for r in rows} == {"ok"}
+
+    # a killed upload: the case's arrays are there, its zarr.json is not
+    victim = here.case_ids()[0]
+    client.delete_object(Bucket=BUCKET, Key=f"stores/s.zarr/cases/{victim}/zarr.json")
+    client.delete_object(Bucket=BUCKET, Key="stores/s.zarr/index.json")
+    assert victim not in Store.open(f"{dst}/s.zarr").case_ids()
+    s3.requests.clear()
+    assert run_cli("brats", "--src", str(brats_src), "--dst", dst, "--name", "s", "--folds", "3") == 0
+    rows = {r["case_id"]: r["status"] for r in pq.read_table(pa_buffer(client.get_object(
+        Bucket=BUCKET, Key="stores/s.manifest.parquet")["Body"].read())).to_pylist()}
+    assert rows[victim] == "ok" and all(s == "skipped" for c, s in rows.items() if c != victim)
+    again = Store.open(f"{dst}/s.zarr")
+    assert again.case_ids() == here.case_ids()
+    np.testing.assert_array_equal(again.read_case(victim)[0], here.read_case(victim)[0])
+
+
+def pa_buffer(body: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(body)

@@ -101,3 +101,25 @@ def pa_buffer(body: bytes):
     import pyarrow as pa
 
     return pa.BufferReader(body)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_batches_from_a_bucket_equal_those_from_posix(s3, local_store, workers):
+    """`data.store=s3://...`: the training loader (forked workers open their own S3 clients) yields exactly the
+    batches it yields from the same store on POSIX."""
+    import itertools
+
+    import torch
+
+    from distseg.data.config import DataConfig
+    from distseg.data.loader import build_train_loader
+
+    upload_tree(local_store, BUCKET, "s.zarr", s3.endpoint)
+    batches = []
+    for where in (str(local_store), f"s3://{BUCKET}/s.zarr"):
+        cfg = DataConfig(store=where, patch_size=(16, 16, 16), batch_size=2, num_workers=workers, val_folds=(0,))
+        loader = build_train_loader(cfg, 0, 1, seed=3)
+        batches.append(list(itertools.islice(iter(loader), 3)))
+    for a, b in zip(*batches, strict=True):
+        assert a["case_id"] == b["case_id"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])

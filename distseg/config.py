@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,11 @@ class RunConfig:
     name: str = "debug"
     """Run name; everything the run writes goes to ``<output_root>/runs/<name>/``."""
     output_root: str = "outputs"
-    """Root folder on shared storage (relative paths are relative to the working directory)."""
+    """Root folder on shared storage (relative paths are relative to the working directory), or
+    ``s3://bucket/prefix``: the run is then written to `staging_dir` and uploaded (`distseg.train.mirror`)."""
+    staging_dir: str = ""
+    """With an s3:// `output_root`: the local folder (node-local disk is fine) where each node writes the run before
+    uploading it. Empty: ``<system temp>/distseg-runs``."""
     seed: int = 0
     """Base seed: model init, sampling and augmentation derive from (seed, global sample position)."""
     owner_only: bool = True
@@ -223,7 +228,20 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
+        """The folder the run writes to: ``<output_root>/runs/<name>``, or its local staging copy when
+        `run.output_root` is an s3:// URL (see `run_url`)."""
+        if self.run_url is not None:
+            staging = self.run.staging_dir or str(Path(tempfile.gettempdir()) / "distseg-runs")
+            return Path(staging).expanduser().resolve() / "runs" / self.run.name
         return Path(self.run.output_root) / "runs" / self.run.name
+
+    @property
+    def run_url(self) -> str | None:
+        """``<output_root>/runs/<name>`` when `run.output_root` is an s3:// URL (where the run is uploaded), else
+        None."""
+        if not self.run.output_root.startswith("s3://"):
+            return None
+        return f"{self.run.output_root.rstrip('/')}/runs/{self.run.name}"
 
     def validate(self) -> None:
         """Check values beyond their types; raises ConfigError naming the dotted key (cheap: builds nothing)."""

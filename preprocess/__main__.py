@@ -12,12 +12,15 @@ import re
 import sys
 from pathlib import Path
 
+from preprocess.writer import path_or_url
+
 logger = logging.getLogger("preprocess")
 
 
 def _common(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--src", required=True, type=Path, help="folder with the source cases (searched recursively)")
-    p.add_argument("--dst", required=True, type=Path, help="output folder on shared storage (made absolute)")
+    p.add_argument("--dst", required=True, type=path_or_url,
+                   help="output folder on shared storage (made absolute), or s3://bucket/prefix")
     p.add_argument("--name", default=default_name,
                    help=f"dataset name: writes DST/NAME.zarr + DST/NAME.manifest.parquet (default {default_name})")
     p.add_argument("--folds", type=int, default=5,
@@ -43,6 +46,9 @@ def _common(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--codec", choices=["lz4", "zstd"], default="lz4",
                    help="Blosc inner codec: lz4 (default; fastest patch reads, ~0.97x the .nii.gz size) or zstd "
                         "(~0.82x the .nii.gz size, ~1.6x slower patch reads); numbers in the README")
+    p.add_argument("--layout", choices=["sharded", "chunked"], default="sharded",
+                   help="sharded (default): one object per case and array (Zarr v3 sharding); chunked: one file per "
+                        "chunk, as stores written before it (both are read)")
 
 
 def _subject_regex(text: str) -> re.Pattern[str]:

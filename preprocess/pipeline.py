@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any
 
 from distseg.data.index import remove_index, write_index
 from distseg.data.layout import TEST_FOLD, StoreError
+from distseg.data.location import is_remote
+from preprocess import bucket
 from preprocess.common import BALANCED_ASSIGNMENT, FOLD_ASSIGNMENT, TEST_ASSIGNMENT, assign_folds
 from preprocess.discover import apply_subject_regex
 from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest
-from preprocess.writer import Layout, clean_temp, init_store
+from preprocess.writer import Layout, clean_temp, init_store, path_or_url
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +22,9 @@ logger = logging.getLogger(__name__)
 def run_dataset(args: argparse.Namespace) -> int:
     """Run `brats` or `images2d` for parsed CLI args; returns the exit status."""
     src = args.src.resolve()
-    dst = args.dst.expanduser().resolve()  # workers on other nodes must see the same absolute path
+    dst = path_or_url(str(args.dst))  # an absolute path (workers on other nodes must see the same) or s3:// URL
     layout = Layout() if args.codec == "lz4" else Layout(cname="zstd", clevel=1)
+    layout = dataclasses.replace(layout, sharded=getattr(args, "layout", "sharded") == "sharded")
     if args.command == "brats":
         from preprocess.brats import brats_root_attrs, convert_brats_case
         from preprocess.discover import discover_brats
@@ -72,14 +76,16 @@ def run_dataset(args: argparse.Namespace) -> int:
                       fold_assignment=BALANCED_ASSIGNMENT if args.fold_assignment == "balanced" else FOLD_ASSIGNMENT,
                       test_split={"subjects": test, "listed": sorted(test_subjects),
                                   "fraction": args.test_fraction, "rule": TEST_ASSIGNMENT})
-    store_path = dst / f"{args.name}.zarr"
-    manifest = dst / f"{args.name}.manifest.parquet"
+    remote = is_remote(dst)
+    store_path = f"{dst}/{args.name}.zarr" if remote else dst / f"{args.name}.zarr"
+    manifest = f"{dst}/{args.name}.manifest.parquet" if remote else dst / f"{args.name}.manifest.parquet"
     try:
         init_store(store_path, root_attrs)
     except StoreError as e:
         logger.error("%s", e)
         return EXIT_USAGE
-    remove_index(store_path)  # cases are about to change: readers list them until the new index is written
+    (bucket.remove_index if remote else remove_index)(store_path)  # cases are about to change: readers list them
+    # until the new index is written
     clean_temp(store_path)
     jobs = [(c.case_id, (c, store_path, folds[c.case_id], layout, *extra, args.force)) for c in cases]
     logger.info("%d %s cases under %s -> %s (test split: %d subjects%s)", len(cases), args.command, src, store_path,
@@ -94,6 +100,6 @@ def run_dataset(args: argparse.Namespace) -> int:
             row.update(subject=case.subject, slice_index=case.slice_index)
             row.update(fold=folds[case.case_id], split="test" if folds[case.case_id] == TEST_FOLD else "train")
     write_manifest(manifest, rows)
-    write_index(store_path)
+    (bucket.write_index if remote else write_index)(store_path)
     return summarize(rows, store_path, manifest)
 

@@ -6,6 +6,7 @@ to shared storage; the driver only gathers the small result rows and writes `<ds
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import uuid
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 TASK_MAX_RETRIES = 3
 """Ray re-runs a case this many times when its worker process dies (node lost, OOM-kill); writes are atomic."""
+
+WAIT_S = 0.05
+"""The driver wakes at least this often to collect finished tasks and refill the window (seconds)."""
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = exit_codes.OK, exit_codes.USAGE, exit_codes.SOME_FAILED
 
@@ -50,8 +54,14 @@ def run_cases(
     jobs: Sequence[tuple[str, tuple[Any, ...]]],
     use_ray: bool,
     desc: str,
+    max_in_flight: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run `fn(*args)` for each (case_id, args); returns one row per job, failures included (never raises)."""
+    """Run `fn(*args)` for each (case_id, args); returns one row per job, failures included (never raises).
+
+    With Ray, at most `max_in_flight` tasks (default: 4 per cluster CPU, at least 64) are submitted at a time and
+    refilled as they finish: every `ray.wait` then looks at a window of bounded size, so the driver's work per
+    finished task is constant and a 100 000-case conversion costs the driver linear time (a wait over every
+    pending task, as before, made it quadratic: `tests/benchmarks/bench_ray_driver.py`)."""
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
@@ -64,25 +74,47 @@ def run_cases(
         return rows
     import ray
 
+    if max_in_flight is None:
+        max_in_flight = max(64, 4 * int(ray.cluster_resources().get("CPU", 1)))
     remote = ray.remote(num_cpus=1, max_retries=TASK_MAX_RETRIES, retry_exceptions=False)(fn)
-    pending = {remote.remote(*args): cid for cid, args in jobs}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            cid = pending.pop(ref)
-            try:
-                rows.append(ray.get(ref))
-            except Exception as e:  # the task's worker died TASK_MAX_RETRIES + 1 times
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                rows.append(result_row(cid, "failed", f"{cid}: worker failed after retries: {msg}"))
-            bar.update()
-            bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
+    todo = iter(jobs)
+    in_flight: dict[Any, str] = {}
+    failed = 0
+    while True:
+        for cid, args in itertools.islice(todo, max_in_flight - len(in_flight)):
+            in_flight[remote.remote(*args)] = cid
+        if not in_flight:
+            break
+        # One wait per batch of finished tasks, not per task: it returns when a quarter of the window is done or
+        # after WAIT_S, and costs O(window) either way.
+        refs = list(in_flight)
+        done, _ = ray.wait(refs, num_returns=max(1, len(refs) // 4), timeout=WAIT_S, fetch_local=False)
+        try:
+            results = ray.get(done)
+        except Exception:  # some task's worker died TASK_MAX_RETRIES + 1 times: find which, one by one
+            results = [_get_or_failure(ray, ref, in_flight[ref]) for ref in done]
+        for ref, row in zip(done, results, strict=True):
+            del in_flight[ref]
+            rows.append(row)
+            failed += row["status"] == "failed"
+        bar.update(len(done))
+        bar.set_postfix(failed=failed, refresh=False)
     bar.close()
     return rows
 
 
-def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the manifest atomically (temp file + rename) so readers never see a partial table."""
+def _get_or_failure(ray: Any, ref: Any, cid: str) -> dict[str, Any]:
+    """The task's row, or a failed row naming the case when its worker died on every retry."""
+    try:
+        return ray.get(ref)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return result_row(cid, "failed", f"{cid}: worker failed after retries: {msg}")
+
+
+def write_manifest(path: Path | str, rows: list[dict[str, Any]]) -> None:
+    """Write the manifest atomically (temp file + rename; in a bucket one PUT) so readers never see a partial
+    table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -96,6 +128,13 @@ def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         ("split", pa.string()), ("subject", pa.string()), ("slice_index", pa.int64()), ("seconds", pa.float64()),
     ])
     table = pa.Table.from_pylist(rows, schema=schema)
+    if isinstance(path, str):  # s3://...: one PUT of the whole table
+        from preprocess import bucket
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        bucket.put_file(path, sink.getvalue().to_pybytes())
+        return
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

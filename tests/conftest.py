@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3server import s3, s3_server  # noqa: F401  (fixtures: a real S3 server on loopback)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

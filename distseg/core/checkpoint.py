@@ -11,19 +11,24 @@ Layout under ``<run>/checkpoints/``::
     latest                         the newest complete tag (atomic rename); DeepSpeed's tools read it as well
     best                           the complete tag with the best mean validation Dice
 
-Resume scans for the newest tag whose marker exists and whose files match it; a tag folder without a marker
-(a save interrupted by a crash or SIGKILL) is ignored and later deleted. DeepSpeed stores `client_state` only in
-some ranks' model-state files (depends on the ZeRO stage), so the trainer's own state goes to files we control.
+Every rank fsyncs the tag's files before the barrier that precedes the marker, so a marker never names bytes that
+a power loss could take back. Resume scans for the newest tag whose marker exists and whose files match it; a tag
+folder without a marker (a save interrupted by a crash or SIGKILL) is ignored, and deleted once a newer complete
+tag is kept. A marker that cannot be read (EIO, EACCES) is not "incomplete": that tag is never deleted.
+DeepSpeed stores `client_state` only in some ranks' model-state files (depends on the ZeRO stage), so the
+trainer's own state goes to files we control.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from distseg.core import dist, exit_codes
-from distseg.core.fileio import atomic_write
+from distseg.core.fileio import atomic_write, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -92,29 +97,93 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ finding
-def read_marker(tag_dir: Path) -> dict[str, Any] | None:
-    """The marker of a COMPLETE checkpoint whose listed files all exist with their recorded sizes, else None."""
+COMPLETE, INCOMPLETE, UNREADABLE = "complete", "incomplete", "unreadable"
+
+
+@dataclass(frozen=True)
+class TagStatus:
+    """What reading one tag's marker found.
+
+    `state`: COMPLETE (marker read, every listed file has its recorded size), INCOMPLETE (the marker or a listed
+    file was read and is absent, malformed or the wrong size: a save that never finished, or damage) or UNREADABLE
+    (reading failed for another reason, e.g. EIO, EACCES, ESTALE on shared storage: nothing is known, so the tag
+    is neither resumed from nor deleted). `step` comes from the tag's name, so every state can be ordered."""
+
+    tag: str
+    step: int
+    state: str
+    marker: dict[str, Any] | None = None
+    reason: str = ""
+
+
+def _tag_step(name: str) -> int | None:
+    """The step in a tag folder's name (``step_00000040`` -> 40), None for any other name."""
+    digits = name.removeprefix(TAG_PREFIX)
+    return int(digits) if name.startswith(TAG_PREFIX) and digits.isdigit() else None
+
+
+def inspect_tag(tag_dir: Path) -> TagStatus:
+    """Read `tag_dir`'s marker and stat every file it lists; see `TagStatus` for the three outcomes."""
+    step = _tag_step(tag_dir.name)
+    step = -1 if step is None else step
     try:
         marker = json.loads((tag_dir / MARKER).read_text(encoding="utf-8"))
-        for name, size in marker["files"].items():
-            if (tag_dir / name).stat().st_size != size:
-                logger.warning("checkpoint %s: %s has changed size since it was saved; ignoring it", tag_dir, name)
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return marker
+        listed = marker["files"].items()
+        marker_step = int(marker["step"])
+    except (FileNotFoundError, NotADirectoryError):
+        return TagStatus(tag_dir.name, step, INCOMPLETE, reason=f"no {MARKER}")
+    except OSError as e:  # EIO, EACCES, ESTALE...: not evidence of anything
+        return TagStatus(tag_dir.name, step, UNREADABLE, reason=f"{MARKER}: {e}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return TagStatus(tag_dir.name, step, INCOMPLETE, reason=f"malformed {MARKER} ({e!r})")
+    for name, size in listed:
+        try:
+            actual = (tag_dir / name).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return TagStatus(tag_dir.name, step, INCOMPLETE, marker, f"{name} listed in {MARKER} is missing")
+        except OSError as e:
+            return TagStatus(tag_dir.name, step, UNREADABLE, marker, f"{name}: {e}")
+        if actual != size:
+            return TagStatus(tag_dir.name, step, INCOMPLETE, marker,
+                             f"{name} has {actual} bytes but {size} were saved")
+    if marker_step != step:
+        return TagStatus(tag_dir.name, step, INCOMPLETE, marker, f"{MARKER} says step {marker_step}")
+    return TagStatus(tag_dir.name, step, COMPLETE, marker)
+
+
+def scan_tags(ckpt_dir: Path) -> list[TagStatus]:
+    """Every tag folder in `ckpt_dir`, oldest first; [] when `ckpt_dir` does not exist. A folder that cannot be
+    listed raises CheckpointError: an empty answer would start the run over (and prune) next to good checkpoints."""
+    try:
+        names = sorted(e.name for e in os.scandir(ckpt_dir) if e.is_dir())
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CheckpointError(f"{ckpt_dir}: cannot list the checkpoints ({e}); check the storage and rerun") from e
+    return sorted((inspect_tag(ckpt_dir / n) for n in names if _tag_step(n) is not None), key=lambda t: t.step)
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any] | None:
+    """The marker of a COMPLETE checkpoint whose listed files all exist with their recorded sizes, else None."""
+    status = inspect_tag(tag_dir)
+    if status.state == COMPLETE:
+        return status.marker
+    if status.state == UNREADABLE:
+        logger.warning("checkpoint %s: cannot read it (%s); skipping it", tag_dir, status.reason)
+    elif status.marker is not None:  # it was complete once: say what changed
+        logger.warning("checkpoint %s: %s; ignoring it", tag_dir, status.reason)
+    return None
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str, dict[str, Any]]]:
-    """(step, tag, marker) of every complete checkpoint in `ckpt_dir`, oldest first."""
+    """(step, tag, marker) of every complete checkpoint in `ckpt_dir`, oldest first (unreadable ones: a warning)."""
     found = []
-    if ckpt_dir.is_dir():
-        for d in sorted(ckpt_dir.iterdir()):
-            if d.is_dir() and d.name.startswith(TAG_PREFIX):
-                marker = read_marker(d)
-                if marker is not None:
-                    found.append((int(marker["step"]), d.name, marker))
-    return sorted(found)
+    for status in scan_tags(ckpt_dir):
+        if status.state == COMPLETE:
+            found.append((status.step, status.tag, status.marker))
+        elif status.state == UNREADABLE:
+            logger.warning("checkpoint %s: cannot read it (%s); skipping it", ckpt_dir / status.tag, status.reason)
+    return found
 
 
 def newest_complete(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
@@ -144,24 +213,43 @@ def save(engine, ckpt_dir: Path, step: int, state: dict[str, Any], keep_last: in
     rng_path.with_suffix(".tmp").replace(rng_path)
     if rank == 0:
         _write_text(tag_dir / STATE_FILE, json.dumps(state, indent=1))
-    dist.barrier()  # every rank's files are written: only now may the checkpoint count
+    fsync_tag_files(tag_dir)
+    dist.barrier()  # every rank's files are written and durable: only now may the checkpoint count
     if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER}
-        marker = {
+        mark_complete(ckpt_dir, tag_dir, {
             "step": step,
             "world_size": dist.world_size(),
             **(layout or {}),
             "val_dice": state.get("val_dice"),
             "val_step": state.get("val_step"),
             "time": time.time(),
-            "files": files,
-        }
-        _write_text(tag_dir / MARKER, json.dumps(marker, indent=1))
-        _write_text(ckpt_dir / "latest", tag)
+        })
         prune(ckpt_dir, keep_last, keep_best)
     dist.barrier()
     logger.info("checkpoint %s complete", tag_dir)
     return tag
+
+
+def fsync_tag_files(tag_dir: Path) -> None:
+    """fsync every file in `tag_dir` (each rank, before the barrier that precedes the marker).
+
+    Every rank flushes every file: on file systems that cache writes in the writing client (NFS, Lustre) only the
+    writer's fsync makes its bytes durable, and which of DeepSpeed's files a rank wrote is DeepSpeed's business.
+    An fsync of a file another rank already flushed is cheap."""
+    for p in sorted(tag_dir.iterdir()):
+        if p.is_file():
+            fsync_path(p)
+
+
+def mark_complete(ckpt_dir: Path, tag_dir: Path, marker: dict[str, Any]) -> None:
+    """Rank 0, after every rank's `fsync_tag_files`: record each file's size in the marker, written last and
+    fsynced with its folder, then move `latest` (also durable before anything is pruned)."""
+    fsync_path(tag_dir)  # the files' names (renames included) are durable before the marker that lists them
+    files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER}
+    _write_text(tag_dir / MARKER, json.dumps({**marker, "files": files}, indent=1))
+    fsync_path(tag_dir)
+    _write_text(ckpt_dir / "latest", tag_dir.name)
+    fsync_path(ckpt_dir)
 
 
 def best_tag(complete: list[tuple[int, str, dict[str, Any]]]) -> str | None:
@@ -175,17 +263,34 @@ def best_tag(complete: list[tuple[int, str, dict[str, Any]]]) -> str | None:
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_best: bool) -> None:
-    """Delete all but the newest `keep_last` complete tags (+ the best one); incomplete tags are debris."""
-    complete = complete_checkpoints(ckpt_dir)
+    """Keep the newest `keep_last` complete tags (+ the best one); delete only what is provably superseded.
+
+    A tag is deleted only when a complete tag with a higher step is kept AND its own marker was read: complete
+    but older than the kept ones, or incomplete (a save that never finished). A tag whose marker could not be read
+    (EIO, EACCES...) is kept with a warning: a failed read is no evidence that it is incomplete. Incomplete tags
+    newer than the newest complete one are kept too (nothing supersedes them yet)."""
+    try:
+        tags = scan_tags(ckpt_dir)
+    except CheckpointError as e:
+        logger.warning("not pruning: %s", e)
+        return
+    complete = [(t.step, t.tag, t.marker) for t in tags if t.state == COMPLETE]
     keep = {tag for _, tag, _ in complete[-keep_last:]}
     best = best_tag(complete) if keep_best else None
     if best:
         keep.add(best)
         _write_text(ckpt_dir / "best", best)
-    for d in ckpt_dir.iterdir():
-        if d.is_dir() and d.name.startswith(TAG_PREFIX) and d.name not in keep:
-            logger.info("pruning checkpoint %s", d.name)
-            shutil.rmtree(d, ignore_errors=True)
+    newest_kept = max((t.step for t in tags if t.tag in keep), default=-1)
+    for t in tags:
+        if t.tag in keep:
+            continue
+        if t.state == UNREADABLE:
+            logger.warning("checkpoint %s: cannot read its marker (%s); keeping it", ckpt_dir / t.tag, t.reason)
+            continue
+        if t.step >= newest_kept:  # nothing complete supersedes it
+            continue
+        logger.info("pruning checkpoint %s (%s)", t.tag, t.state if t.state == COMPLETE else t.reason)
+        shutil.rmtree(ckpt_dir / t.tag, ignore_errors=True)
 
 
 def load(engine, ckpt_dir: Path, tag: str, universal: str | None = None, restore_rng: bool = True) -> dict[str, Any]:

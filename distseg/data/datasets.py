@@ -1,7 +1,7 @@
 """Datasets over a `Store`: training batches (map-style, indexed by step) and deterministic validation samples.
 
-Each process opens the store itself on first use (`_StoreHandle`): a dataset pickled into a DataLoader worker
-carries only the path, never the parent's open handles.
+A dataset carries the rank's open `Store` (`_StoreHandle`) into its DataLoader workers: its case index is parsed once
+per rank; zarr handles are never shared across processes (the `Store` reopens them in each).
 """
 
 from __future__ import annotations
@@ -23,22 +23,21 @@ logger = logging.getLogger(__name__)
 
 
 class _StoreHandle:
-    """A store path that opens lazily, once per process; pickles as the path alone."""
+    """The dataset's store: the parent's open `Store`, or a path opened lazily once per process.
 
-    def __init__(self, path: str) -> None:
-        self.path = str(path)
-        self._store: Store | None = None
-        self._pid = -1
+    A `Store` handed in travels into every DataLoader worker with its parsed `index.json` (inherited on fork,
+    pickled without its array handles on spawn), so the index is parsed once per rank, not once per worker; the
+    `Store` itself drops zarr handles opened in another process (`Store._array`)."""
+
+    def __init__(self, store: Store | str) -> None:
+        self.path = str(store.path if isinstance(store, Store) else store)
+        self._store = store if isinstance(store, Store) else None
 
     def get(self) -> Store:
-        if self._store is None or self._pid != os.getpid():
+        if self._store is None:
             self._store = Store.open(self.path)
-            self._pid = os.getpid()
-            logger.debug("opened store %s in pid %d", self.path, self._pid)
+            logger.debug("opened store %s in pid %d", self.path, os.getpid())
         return self._store
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "_store": None, "_pid": -1}
 
 
 def crop_or_pad(image: np.ndarray, label: np.ndarray | None, start: tuple[int, ...], size: tuple[int, ...]):
@@ -71,7 +70,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        store_path: str,
+        store: Store | str,
         sampler: TrainSampler,
         batch_size: int,
         worker_augment: DeviceAugment | None = None,
@@ -80,7 +79,7 @@ class TrainBatches(torch.utils.data.Dataset):
         stream_base: int = 0,
         pooled_cache_bytes: int = 512 << 20,
     ) -> None:
-        self.store = _StoreHandle(store_path)
+        self.store = _StoreHandle(store)
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.worker_augment = worker_augment

@@ -10,19 +10,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, INDEX_FILE, PREVIOUS_INDEX, read_json
+from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, INDEX_FILE, PREVIOUS_INDEX, StoreError, read_json
 
 logger = logging.getLogger(__name__)
 
 
-def load_index(store_path: Path) -> dict[str, dict[str, Any]] | None:
+def load_index(store: Path | Any) -> dict[str, dict[str, Any]] | None:
     """{case_id: attrs} from `<store>/index.json`, or None when there is none or it cannot be trusted (then the
-    reader lists `cases/` and reads each case's metadata)."""
+    reader lists `cases/` and reads each case's metadata). `store`: a folder or a `distseg.data.location.Location`."""
+    store_path = store if isinstance(store, Path) else store.url
     try:
-        index = read_json(store_path / INDEX_FILE)
+        index = read_json(store / INDEX_FILE) if isinstance(store, Path) else store.read_json(INDEX_FILE)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, StoreError) as e:
         logger.warning("%s: unreadable %s (%s); reading each case's metadata instead", store_path, INDEX_FILE, e)
         return None
     if index.get("format_version") != FORMAT_VERSION or not isinstance(index.get("cases"), dict):

@@ -27,6 +27,7 @@ from distseg.core.signals import ignore_stop_signals
 from distseg.data.augment import DeviceAugment
 from distseg.data.config import DataConfig
 from distseg.data.datasets import TrainBatches, ValReader, validation_samples
+from distseg.data.location import is_remote
 from distseg.data.sampling import TrainSampler
 from distseg.data.store import Store
 
@@ -93,9 +94,13 @@ class TrainLoader:
 
     def _build(self) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
-        kwargs = {}
+        kwargs: dict = {}
         if workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": True}
+            if is_remote(self.cfg.store):
+                # obstore's I/O runtime does not survive fork: workers start fresh (the dataset, with the parsed
+                # index, is pickled into them) and open their own S3 client.
+                kwargs["multiprocessing_context"] = "spawn"
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,  # the dataset builds whole batches
@@ -155,7 +160,7 @@ def build_train_loader(
         "train loader rank %d/%d: %d cases, mode %s, patch %s (+%d margin), start step %d, stream base %d",
         rank, world_size, len(train_cases), cfg.mode, tuple(cfg.patch_size), margin, start_step, stream_base,
     )
-    batches = TrainBatches(cfg.store, sampler, cfg.batch_size, worker_aug, rank, world_size, stream_base)
+    batches = TrainBatches(store, sampler, cfg.batch_size, worker_aug, rank, world_size, stream_base)
     return TrainLoader(batches, cfg, start_step)
 
 

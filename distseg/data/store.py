@@ -20,13 +20,16 @@ Images are stored as the cropped *original* intensities (lossless, compresses fa
 the z-score is applied here on read: ``(raw - mean[c]) / std[c]`` inside the normalisation mask, 0 outside.
 Beside it: `layout` (names, format version, `StoreError`), `chunks` (the direct chunk reader), `normalise`,
 `index` (index.json), `labels` (label conventions, regions), `geometry` (back to the source grid).
-This module never imports `preprocess` or `ray`; a `Store` is cheap to open and each DataLoader worker should open
-its own (zarr array handles are cached per process id, so an inherited object is also safe after fork).
+This module never imports `preprocess` or `ray`. A `Store` is cheap to open and safe to hand to DataLoader workers:
+zarr array handles are cached per process id (an inherited object reopens them after fork; a pickled one drops
+them), and the cache is bounded (`MAX_OPEN_ARRAYS`, least recently used first out), so a rank that samples
+100 000 cases does not hold 100 000 handles.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +39,10 @@ import numpy as np
 
 from distseg.data.chunks import ChunkReader
 from distseg.data.index import load_index
-from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, SPLITS, TEST_FOLD, StoreError, read_json
+from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, SPLITS, TEST_FOLD, StoreError
+from distseg.data.location import LocalLocation, Location, open_location
 from distseg.data.normalise import normalise
+from distseg.data.shards import ShardReader
 
 
 def case_split(attrs: dict[str, Any]) -> str:
@@ -90,38 +95,48 @@ class CaseArrays:
 class Store:
     """Read-only view of a preprocessed dataset. Open with `Store.open(path)`."""
 
-    def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
+    MAX_OPEN_ARRAYS = 256
+    """Array handles kept open per process (metadata parsed, shard indexes cached), least recently used dropped."""
+
+    def __init__(self, path: Path | str, attrs: dict[str, Any], location: Location | None = None) -> None:
         self.path = path
+        """The store's folder (Path) or its ``s3://bucket/prefix`` URL (str)."""
+        self.location: Location = location if location is not None else LocalLocation(path)
         self.attrs = attrs
         self.kind: str = attrs["kind"]
         self.channels: list[str] = list(attrs["channels"])
         self.regions: dict[str, list[int]] = {k: list(v) for k, v in attrs["regions"].items()}
         self._case_attrs: dict[str, dict[str, Any]] = {}
         self._indexed = False
-        self._arrays: dict[tuple[str, str], Any] = {}
+        self._arrays: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._pid = os.getpid()
         self._load_index()
 
     def _load_index(self) -> None:
         """Take every case's attrs from `index.json` when a finished preprocessing run left one."""
-        cases = load_index(self.path)
+        cases = load_index(self.path if isinstance(self.location, LocalLocation) else self.location)
         if cases is not None:
             self._case_attrs = cases
             self._indexed = True
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are per process; a pickled Store (spawned loader worker) reopens them lazily.
-        return {**self.__dict__, "_arrays": {}}
+        return {**self.__dict__, "_arrays": OrderedDict()}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
-        """Open `<dst>/<name>.zarr`. Raises StoreError when missing, not a distseg store or another format version."""
-        p = Path(path).expanduser().resolve()
-        meta_path = p / "zarr.json"
-        if not meta_path.is_file():
-            raise StoreError(f"{p}: not a Zarr v3 store (no zarr.json); expected the output of `python -m preprocess`")
+        """Open `<dst>/<name>.zarr` (a folder or ``s3://bucket/prefix/<name>.zarr``). Raises StoreError when missing,
+        not a distseg store or another format version."""
+        location = open_location(path)
+        p: Path | str = location.root if isinstance(location, LocalLocation) else location.url
+        meta_path = f"{location.url}/zarr.json"
         try:
-            meta = read_json(meta_path)
+            meta = location.read_json("zarr.json")
+        except FileNotFoundError:
+            if not isinstance(location, LocalLocation):
+                location.check_access()  # a missing bucket or refused credentials say so, not "no zarr.json"
+            raise StoreError(f"{p}: not a Zarr v3 store (no zarr.json); expected the output of `python -m preprocess`"
+                             ) from None
         except (OSError, ValueError) as e:
             raise StoreError(f"{meta_path}: unreadable store metadata ({e})") from e
         attrs = meta.get("attributes", {})
@@ -136,26 +151,26 @@ class Store:
         for key in ("kind", "channels", "label_values", "regions"):
             if key not in attrs:
                 raise StoreError(f"{p}: root attrs lack required key {key!r}")
-        return cls(p, attrs)
+        return cls(p, attrs, location)
 
     # ---- case listing and metadata -------------------------------------------------------------------------
     def _all_case_ids(self) -> list[str]:
         if self._indexed:
             return sorted(self._case_attrs)
-        cases_dir = self.path / CASES_GROUP
-        if not cases_dir.is_dir():
-            return []
-        # A case directory counts only once its group metadata exists; writers rename complete cases into place.
-        return sorted(d for d in os.listdir(cases_dir) if (cases_dir / d / "zarr.json").is_file())
+        # A case counts only once its group metadata exists: writers rename complete cases into place (POSIX) or
+        # put the case's zarr.json after every array object (object storage).
+        return sorted(d for d in self.location.list_dir(CASES_GROUP)
+                      if self.location.exists(f"{CASES_GROUP}/{d}/zarr.json"))
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         """The case group's attributes (cached)."""
         attrs = self._case_attrs.get(case_id)
         if attrs is None:
-            meta_path = self.path / CASES_GROUP / case_id / "zarr.json"
-            if not meta_path.is_file():
-                raise StoreError(f"{self.path}: no case {case_id!r} (expected {meta_path})")
-            attrs = read_json(meta_path).get("attributes", {})
+            key = f"{CASES_GROUP}/{case_id}/zarr.json"
+            try:
+                attrs = self.location.read_json(key).get("attributes", {})
+            except FileNotFoundError:
+                raise StoreError(f"{self.path}: no case {case_id!r} (expected {self.location.url}/{key})") from None
             self._case_attrs[case_id] = attrs
         return attrs
 
@@ -233,19 +248,29 @@ class Store:
             self._pid = os.getpid()
         key = (case_id, name)
         arr = self._arrays.get(key)
-        if arr is None:
-            p = self.path / CASES_GROUP / case_id / name
+        if arr is not None:
+            self._arrays.move_to_end(key)
+        else:
+            folder = f"{CASES_GROUP}/{case_id}/{name}"
             try:
-                meta = read_json(p / "zarr.json")
+                meta = self.location.read_json(f"{folder}/zarr.json")
             except FileNotFoundError:
-                raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (expected {p})") from None
-            if ChunkReader.supports(meta):
-                arr = ChunkReader(p, meta, f"{self.path}: case {case_id!r} array {name!r}")
+                raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (expected "
+                                 f"{self.location.url}/{folder})") from None
+            what = f"{self.path}: case {case_id!r} array {name!r}"
+            local = isinstance(self.location, LocalLocation)
+            if ShardReader.supports(meta):
+                arr = ShardReader(self.location.source(folder), meta, what)
+            elif local and ChunkReader.supports(meta):
+                arr = ChunkReader(self.location.root / folder, meta, what)
             else:
                 import zarr  # deferred: keeps `Store.open` cheap
 
-                arr = zarr.open_array(str(p), mode="r")
+                arr = (zarr.open_array(str(self.location.root / folder), mode="r") if local else
+                       zarr.open_array(self.location.store, path=folder, mode="r"))
             self._arrays[key] = arr
+            if len(self._arrays) > self.MAX_OPEN_ARRAYS:
+                self._arrays.popitem(last=False)
         return arr
 
     def foreground(self, case_id: str, cls: int, dtype: np.typing.DTypeLike = np.int64) -> np.ndarray:

@@ -43,6 +43,7 @@ from distseg.metrics import MetricAccumulator, confusion_counts
 from distseg.train import elastic, lost_rank
 from distseg.train.budget import CostEstimate, WallClockBudget, describe
 from distseg.train.engine import build_ds_config, initialize, resolve_precision
+from distseg.train.mirror import build_mirror
 from distseg.train.monitor import build_monitor, memory_stats
 from distseg.train.optim import ScheduleLength, refresh_lr
 from distseg.train.preemption import StopRequest
@@ -67,6 +68,9 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest()  # launch/train.py installs its signal handlers
         self.stopped = False
         """True when the run ended early on a stop signal (checkpoint saved): the caller exits EXIT_REQUEUE."""
+        # An s3:// run: the bucket's newest complete checkpoint is brought into every node's staging folder first.
+        self.mirror = build_mirror(self.run_dir, cfg.run_url, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        self.mirror.download_newest()  # collective
         # Rank 0 picks the checkpoint (collective); on another rank count the accumulation changes to keep the
         # global batch, so the plan comes before anything that reads cfg.train.grad_accum.
         cfg = resolve_precision(cfg)  # "auto" -> what this accelerator runs natively (launch/train.py did too)
@@ -153,7 +157,8 @@ class Trainer:
         c = self.cfg.checkpoint
         layout = {"grad_accum": self.cfg.train.grad_accum, "batch_size": self.cfg.data.batch_size,
                   "zero_stage": self.cfg.deepspeed.zero_stage}
-        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best, layout)
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best, layout)
+        self.mirror.after_save(tag)  # s3:// runs: uploaded in the background, marker last
 
     @property
     def epoch(self) -> float:
@@ -433,3 +438,4 @@ class Trainer:
 
     def close(self) -> None:
         self.monitor.close()
+        self.mirror.close()  # waits for a pending upload: a stopped run (exit 4) leaves its checkpoint in the bucket

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from distseg.data import store as store_mod
 from distseg.data.config import AugmentConfig, DataConfig
 from distseg.data.datasets import TrainBatches
+from distseg.data.index import write_index
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator
 from distseg.data.sampling import TrainSampler
 from distseg.data.store import Store
@@ -216,25 +219,42 @@ def test_the_stream_is_the_same_on_any_rank_count(brats_store: Path) -> None:
     assert three[2]["sample_index"].tolist() == [12, 13]
 
 
-def test_workers_open_their_own_store(brats_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every worker opens the store itself (once); the parent's handle never travels into a worker."""
-    log = tmp_path / "opens.txt"
-    real_open = store_mod.Store.open.__func__
+def test_the_index_is_parsed_once_per_rank_not_per_worker(brats_store: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rank's open Store (its parsed index.json) travels into its workers: no worker parses it again."""
+    log = tmp_path / "parses.txt"
+    real_load = store_mod.load_index
 
-    def recording_open(cls, path):
+    def recording_load(path):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
-        return real_open(cls, path)
+        return real_load(path)
 
-    monkeypatch.setattr(store_mod.Store, "open", classmethod(recording_open))  # inherited by forked workers
-    loader = build_train_loader(_cfg(brats_store, num_workers=2), 0, 1, seed=0)
+    indexed = tmp_path / "indexed.zarr"
+    shutil.copytree(brats_store, indexed)
+    assert write_index(indexed) > 0
+    monkeypatch.setattr(store_mod, "load_index", recording_load)  # inherited by forked workers
+    loader = build_train_loader(_cfg(indexed, num_workers=2), 0, 1, seed=0)
     it = iter(loader)
-    for _ in range(6):
-        next(it)
-    pids = Counter(int(p) for p in log.read_text().split())
-    workers = {p: c for p, c in pids.items() if p != os.getpid()}
-    assert len(workers) == 2 and all(c == 1 for c in workers.values()), pids
+    got = [next(it) for _ in range(6)]
+    reference = [loader.dataset[s] for s in range(6)]  # after the fork: OpenMP used before a fork can hang it
+    assert all(_same(a, b) for a, b in zip(got, reference, strict=True))
     assert loader._loader is not None and loader._loader.persistent_workers
+    assert [int(p) for p in log.read_text().split()] == [os.getpid()]  # the parent's one parse; workers none
+    # spawned workers receive the dataset pickled: the parsed index comes along, zarr handles do not
+    clone = pickle.loads(pickle.dumps(loader.dataset))
+    assert clone.store.get()._indexed and not clone.store.get()._arrays
+    assert _same(clone[0], reference[0])
+    assert [int(p) for p in log.read_text().split()] == [os.getpid()]
+
+
+def test_open_array_handles_are_bounded(brats_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod.Store, "MAX_OPEN_ARRAYS", 3)
+    store = store_mod.Store.open(brats_store)
+    cases = store.case_ids()
+    for cid in cases:
+        store.read_patch(cid, (0, 0, 0), (4, 4, 4))  # image + label: two handles per case
+    assert list(store._arrays) == [(cases[-2], "label"), (cases[-1], "image"), (cases[-1], "label")]
 
 
 @pytest.mark.parametrize("mode", ["patch3d", "slice2d"])

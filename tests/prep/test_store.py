@@ -156,25 +156,62 @@ def _read_sum_inherited(cid: str) -> float:
     return float(_INHERITED.read_patch(cid, (0, 0, 0), (4, 4, 4))[0].sum())
 
 
-def test_direct_chunk_reader_matches_zarr(store_path):
-    """The reader's direct chunk path returns exactly what zarr returns, incl. edge and never-written chunks."""
-    s = Store.open(store_path)
+@pytest.fixture
+def chunked_path(brats_src: Path, tmp_path: Path, run_cli) -> Path:
+    """The layout written before sharding (one file per chunk): what stores written before issue 14 hold."""
+    assert run_cli("brats", "--src", str(brats_src), "--dst", str(tmp_path / "old"), "--name", "s", "--folds", "3",
+                   "--layout", "chunked") == 0
+    return tmp_path / "old" / "s.zarr"
+
+
+@pytest.mark.parametrize("layout", ["sharded", "chunked"])
+def test_direct_readers_match_zarr(store_path, chunked_path, layout):
+    """The direct readers return exactly what zarr returns, incl. edge and never-written chunks, for today's sharded
+    layout and the chunked one written before it."""
+    path = store_path if layout == "sharded" else chunked_path
+    s = Store.open(path)
     rng = np.random.default_rng(0)
     for cid in s.case_ids():
         for name in ("image", "label", "foreground"):
             fast = s._array(cid, name)
-            assert type(fast).__name__ == "ChunkReader"
-            ref = zarr.open_array(str(store_path / "cases" / cid / name), mode="r")
+            sharded = layout == "sharded" and name != "foreground"
+            assert type(fast).__name__ == ("ShardReader" if sharded else "ChunkReader")
+            ref = zarr.open_array(str(path / "cases" / cid / name), mode="r")
             np.testing.assert_array_equal(fast[...], ref[...])
             for _ in range(25):
                 sel = tuple(slice(*sorted(int(v) for v in rng.integers(0, n + 1, 2))) for n in ref.shape)
                 np.testing.assert_array_equal(fast[sel], ref[sel])
+            files = [p for p in (path / "cases" / cid / name).iterdir() if p.name.startswith("c.")]
+            if sharded:  # one object per case and array
+                assert [p.name for p in files] == ["c." + ".".join(["0"] * ref.ndim)]
     # Empty label chunks are not written (fill value); the synthetic volumes have some: the path above read them.
-    assert any(
-        len([p for p in (store_path / "cases" / c / "label").iterdir() if p.name.startswith("c.")])
-        < -(-s.case(c).shape[1] // 4)
-        for c in s.case_ids()
-    )
+    omitted = [json.loads((path / "cases" / c / "label" / "zarr.json").read_text())["attributes"]["omitted_chunks"]
+               for c in s.case_ids()]
+    assert any(omitted)
+    if layout == "chunked":
+        assert any(len([p for p in (path / "cases" / c / "label").iterdir() if p.name.startswith("c.")])
+                   < -(-s.case(c).shape[1] // 4) for c in s.case_ids())
+
+
+def test_a_damaged_shard_is_an_error_naming_the_case(store_path):
+    s = Store.open(store_path)
+    cid = s.case_ids()[0]
+    shard = store_path / "cases" / cid / "label" / "c.0.0.0"
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[:-3] + bytes([blob[-3] ^ 1]) + blob[-2:])  # one bit of the index checksum flipped
+    with pytest.raises(StoreError, match=rf"case '{cid}' array 'label': shard .*c.0.0.0 has a corrupt index"):
+        Store.open(store_path).read_case(cid)
+    shard.write_bytes(blob[-10:])  # cut short: shorter than its index
+    with pytest.raises(StoreError, match=rf"case '{cid}' array 'label': shard .* is 10 bytes.*truncated"):
+        Store.open(store_path).read_case(cid)
+    shard.write_bytes(blob[-(len(blob) // 2):])  # the index is intact, the chunks before it are cut
+    with pytest.raises(StoreError, match=rf"case '{cid}'.*(truncated|corrupt)"):
+        Store.open(store_path).read_case(cid)
+    shard.unlink()
+    with pytest.raises(StoreError, match=rf"case '{cid}' array 'label': shard .*c.0.0.0 is missing"):
+        Store.open(store_path).read_case(cid)
+    shard.write_bytes(blob)
+    np.testing.assert_array_equal(Store.open(store_path).read_case(cid)[1], s.read_case(cid)[1])
 
 
 def test_both_codecs_store_the_same_data(store_path, brats_src, tmp_path, run_cli):
@@ -188,7 +225,8 @@ def test_both_codecs_store_the_same_data(store_path, brats_src, tmp_path, run_cl
         names = {}
         for path in (store_path, zstd_path):
             meta = json.loads((path / "cases" / case_id / "image" / "zarr.json").read_text())
-            blosc = [c for c in meta["codecs"] if c["name"] == "blosc"]
+            codecs = meta["codecs"][0]["configuration"]["codecs"]  # the shard's inner-chunk codecs
+            blosc = [c for c in codecs if c["name"] == "blosc"]
             names[path] = blosc[0]["configuration"]["cname"]
             raw = zarr.open_array(str(path / "cases" / case_id / "image"), mode="r")[...]
             assert raw.dtype == np.int16
@@ -198,7 +236,8 @@ def test_both_codecs_store_the_same_data(store_path, brats_src, tmp_path, run_cl
         np.testing.assert_array_equal(la, lb)
 
 
-def test_a_lost_chunk_file_is_an_error_naming_the_case_but_an_omitted_one_reads_as_zeros(store_path):
+def test_a_lost_chunk_file_is_an_error_naming_the_case_but_an_omitted_one_reads_as_zeros(chunked_path):
+    store_path = chunked_path
     s = Store.open(store_path)
     cid = s.case_ids()[0]
     label_dir = store_path / "cases" / cid / "label"

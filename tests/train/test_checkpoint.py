@@ -4,7 +4,13 @@ RNG states round-trip through torch.load(weights_only=True). (Saving through Dee
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing as mp
+import os
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,8 @@ import pytest
 import torch
 
 from distseg.core import checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fake_tag(ckpt_dir: Path, step: int, val_dice: float | None, complete: bool = True,
@@ -48,13 +56,89 @@ def test_only_complete_checkpoints_count(tmp_path: Path):
 def test_prune_keeps_the_last_and_the_best(tmp_path: Path):
     for step, dice in [(2, 0.1), (4, 0.9), (6, 0.3), (8, 0.2), (10, None)]:
         fake_tag(tmp_path, step, dice)
-    fake_tag(tmp_path, 12, 0.95, complete=False)  # debris: never "best", removed
+    fake_tag(tmp_path, 9, 0.95, complete=False)  # debris older than a kept complete tag: never "best", removed
+    fake_tag(tmp_path, 12, 0.95, complete=False)  # newer than every complete tag: nothing supersedes it, kept
     checkpoint.prune(tmp_path, keep_last=2, keep_best=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000004", "step_00000008",
-                                                                         "step_00000010"]
+                                                                         "step_00000010", "step_00000012"]
     assert (tmp_path / "best").read_text() == "step_00000004"
+    fake_tag(tmp_path, 14, 0.5)
     checkpoint.prune(tmp_path, keep_last=1, keep_best=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000010"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000014"]
+
+
+def _unreadable_prune(ckpt_dir: str) -> None:
+    """`prune` in a child process that runs as an unprivileged user (root reads a chmod-000 file anyway); from
+    inside `ckpt_dir`, since pytest's temporary folders above it are private to root."""
+    os.chdir(ckpt_dir)
+    os.setgid(65534), os.setuid(65534)
+    checkpoint.prune(Path("."), keep_last=1, keep_best=False)
+
+
+@pytest.mark.parametrize("errno_name", ["EIO", "EACCES"])
+def test_a_tag_whose_marker_cannot_be_read_is_never_pruned(tmp_path: Path, errno_name: str, caplog):
+    """A failed read (EIO, EACCES on shared storage) is not "incomplete": the tag is kept and a warning says why.
+    Only provably superseded tags go: complete older ones, and incomplete ones older than a kept complete tag."""
+    for step in (2, 4, 6):
+        fake_tag(tmp_path, step, 0.5)
+    fake_tag(tmp_path, 3, None, complete=False)
+    marker = tmp_path / "step_00000004" / checkpoint.MARKER
+    if errno_name == "EIO":  # the kernel answers EIO to a read of /proc/self/mem at offset 0
+        marker.unlink()
+        marker.symlink_to("/proc/self/mem")
+        assert checkpoint.inspect_tag(marker.parent).state == checkpoint.UNREADABLE
+        with caplog.at_level(logging.WARNING, logger="distseg.core.checkpoint"):
+            assert [t for _, t, _ in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000006"]
+            checkpoint.prune(tmp_path, keep_last=1, keep_best=False)
+        assert "step_00000004: cannot read its marker" in caplog.text and "Input/output error" in caplog.text
+    else:
+        marker.chmod(0)
+        for d in [tmp_path, *tmp_path.iterdir()]:
+            d.chmod(0o777)
+        if os.geteuid() == 0:
+            proc = mp.get_context("fork").Process(target=_unreadable_prune, args=(str(tmp_path),))
+            proc.start()
+            proc.join(60)
+            assert proc.exitcode == 0
+        else:
+            checkpoint.prune(tmp_path, keep_last=1, keep_best=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
+
+
+def test_a_listing_that_fails_is_an_error_not_an_empty_run(tmp_path: Path, caplog):
+    fake_tag(tmp_path, 2, 0.5)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot list the checkpoints"):
+        checkpoint.complete_checkpoints(not_a_dir)
+    with caplog.at_level(logging.WARNING, logger="distseg.core.checkpoint"):
+        checkpoint.prune(not_a_dir, keep_last=1, keep_best=False)
+    assert "not pruning" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_save_killed_between_its_files_and_its_marker_is_ignored_then_pruned(tmp_path: Path):
+    """A real DeepSpeed save SIGKILLed after its files were written and fsynced, before COMPLETE.json: the tag is
+    never resumed from, `latest` still names the previous one, and it is deleted once a newer save completes."""
+    probe = [sys.executable, str(REPO / "tests" / "train" / "ckpt_kill_probe.py"), str(tmp_path)]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    killed = subprocess.run([*probe, "2", "4", "--kill-before-marker", "4"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert "saved step_00000002" in killed.stdout and "saved step_00000004" not in killed.stdout
+    debris = tmp_path / "step_00000004"
+    assert any(debris.glob("*optim_states.pt")) and not (debris / checkpoint.MARKER).exists()
+    assert checkpoint.inspect_tag(debris).state == checkpoint.INCOMPLETE
+    assert checkpoint.newest_complete(tmp_path)[0] == "step_00000002"
+    assert (tmp_path / "latest").read_text() == "step_00000002"
+
+    rerun = subprocess.run([*probe, "6"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed step_00000002" in rerun.stdout and "saved step_00000006" in rerun.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000002", "step_00000006"]
+    assert (tmp_path / "latest").read_text() == "step_00000006"
 
 
 def test_a_dice_from_another_step_never_makes_a_checkpoint_best(tmp_path: Path):

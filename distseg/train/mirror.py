@@ -1,0 +1,265 @@
+"""A run whose `run.output_root` is ``s3://bucket/prefix``: written locally (`ExperimentConfig.run_dir`, the staging
+folder on each node), uploaded in the background, resumed from the bucket.
+
+Checkpoints (``<run_url>/checkpoints/<tag>/``):
+
+1. every rank saves the tag locally as on POSIX (`distseg.core.checkpoint.save`);
+2. the first rank of each node uploads every file of the tag its node holds (except the local marker), then puts
+   ``<tag>/uploaded/node<k>.json`` listing them with their sizes: training goes on meanwhile (one background
+   thread per node; the next save waits only if the previous upload is still running);
+3. rank 0's thread waits for every node's list, checks each listed object's size in the bucket, then puts
+   ``COMPLETE.json`` (the local marker with every node's files) LAST, then ``latest``, then prunes the bucket;
+4. a tag without ``COMPLETE.json`` in the bucket (an upload killed half-way) is ignored, and deleted once a newer
+   complete tag is kept (the POSIX rule: a tag whose marker cannot be read is kept).
+
+Resume (`download_newest`, collective, before `elastic.plan_resume`): rank 0 picks the newest complete tag in the
+bucket; each node's first rank downloads it into its staging folder (unless already there) and removes local tags
+newer than it (never uploaded completely, so the other nodes may lack them). TensorBoard events, the resolved
+config and `summary.json` are uploaded by rank 0 with each checkpoint and at the end. Checkpoint objects are moved
+with obstore directly (multipart for large files); everything else goes through zarr's storage layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from distseg.core import checkpoint, dist
+from distseg.core.checkpoint import MARKER, TAG_PREFIX, CheckpointError
+
+logger = logging.getLogger(__name__)
+
+UPLOADED = "uploaded"
+"""Sub-prefix of a tag in the bucket holding one file list per node."""
+NODE_WAIT_S = 3600.0
+"""How long rank 0 waits for the other nodes' uploads of a tag before leaving it incomplete (ignored)."""
+
+
+def _s3(url: str) -> Any:
+    """The obstore S3Store rooted at `url` (endpoint and credentials from the standard AWS variables)."""
+    from distseg.data.remote import open_zarr_store
+
+    return open_zarr_store(url, read_only=False, backend="obstore").store
+
+
+def _node_index() -> tuple[int, int]:
+    """(this node's index, number of nodes): ranks are laid out node by node (`LOCAL_SIZE` ranks each)."""
+    local = max(1, int(os.environ.get("LOCAL_SIZE", "1")))
+    return dist.rank() // local, max(1, dist.world_size() // local)
+
+
+class RunMirror:
+    """Uploads one rank's share of a run to ``run_url`` (no-op object for a POSIX run: see `build_mirror`)."""
+
+    def __init__(self, run_dir: Path, run_url: str, keep_last: int, keep_best: bool) -> None:
+        self.run_dir, self.url = run_dir, run_url.rstrip("/")
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.node, self.nodes = _node_index()
+        self.uploads_files = dist.local_rank() == 0
+        self.rank0 = dist.rank() == 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload") if self.uploads_files else None
+        self._pending: Future | None = None
+        self._lock = threading.Lock()
+        self.s3 = _s3(self.url)
+
+    # ---------------------------------------------------------------------------------------------- resume
+    def download_newest(self) -> str | None:
+        """Collective: make the bucket's newest complete checkpoint the newest one in every node's staging folder.
+        Returns its tag (None: the bucket has none)."""
+        tag: str | None | Exception = None
+        if self.rank0:
+            try:
+                tag = newest_complete_remote(self.s3)
+            except Exception as e:  # said on every rank below
+                tag = CheckpointError(f"{self.url}/checkpoints: cannot read the checkpoints ({e})")
+        tag = dist.broadcast_object(tag)
+        if isinstance(tag, Exception):
+            raise tag
+        if self.uploads_files:
+            ckpt = self.run_dir / "checkpoints"
+            for local in checkpoint.scan_tags(ckpt):  # never uploaded completely: other nodes may lack it
+                if tag is None or local.step > int(tag.removeprefix(TAG_PREFIX)):
+                    logger.warning("staging %s: %s is not complete in %s; removing it", ckpt, local.tag, self.url)
+                    shutil.rmtree(ckpt / local.tag, ignore_errors=True)
+            if tag is not None and checkpoint.read_marker(ckpt / tag) is None:
+                self._download_tag(tag, ckpt / tag)
+        dist.barrier()
+        return tag
+
+    def _download_tag(self, tag: str, dest: Path) -> None:
+        import obstore
+
+        marker = json.loads(bytes(obstore.get(self.s3, f"checkpoints/{tag}/{MARKER}").bytes()))
+        tmp = dest.with_name(f".{tag}.download")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in marker["files"]:
+            with open(tmp / name, "wb") as f:
+                for part in obstore.get(self.s3, f"checkpoints/{tag}/{name}").stream():
+                    f.write(part)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        logger.info("downloaded checkpoint %s from %s", tag, self.url)
+
+    # ---------------------------------------------------------------------------------------------- upload
+    def after_save(self, tag: str) -> None:
+        """Every rank, right after `checkpoint.save(...)` of `tag` returned: start this node's upload."""
+        if not self.uploads_files:
+            return
+        self.wait()  # the previous tag's upload must finish before local pruning can touch its files again
+        self._pending = self._pool.submit(self._upload_tag, tag)
+
+    def _upload_tag(self, tag: str) -> None:
+        import obstore
+
+        tag_dir = self.run_dir / "checkpoints" / tag
+        files = {}
+        for p in sorted(tag_dir.iterdir()):
+            if p.is_file() and p.name != MARKER:
+                obstore.put(self.s3, f"checkpoints/{tag}/{p.name}", p)
+                files[p.name] = p.stat().st_size
+        obstore.put(self.s3, f"checkpoints/{tag}/{UPLOADED}/node{self.node:05d}.json", json.dumps(files).encode())
+        if self.rank0:
+            local_marker = json.loads((tag_dir / MARKER).read_text(encoding="utf-8"))
+            self._complete(tag, local_marker)
+            self.upload_run_files()
+
+    def _complete(self, tag: str, marker: dict[str, Any]) -> None:
+        """Rank 0: once every node's files are in the bucket, put the marker (last), `latest`, then prune."""
+        import obstore
+
+        deadline = time.monotonic() + NODE_WAIT_S
+        files: dict[str, int] = {}
+        for node in range(self.nodes):
+            key = f"checkpoints/{tag}/{UPLOADED}/node{node:05d}.json"
+            while True:
+                try:
+                    files.update(json.loads(bytes(obstore.get(self.s3, key).bytes())))
+                    break
+                except FileNotFoundError:
+                    if time.monotonic() > deadline:
+                        logger.error("%s/checkpoints/%s: node %d never finished its upload; the tag stays "
+                                     "incomplete (ignored)", self.url, tag, node)
+                        return
+                    time.sleep(1.0)
+        for name, size in files.items():
+            if obstore.head(self.s3, f"checkpoints/{tag}/{name}")["size"] != size:
+                logger.error("%s/checkpoints/%s/%s: wrong size in the bucket; the tag stays incomplete", self.url,
+                             tag, name)
+                return
+        obstore.put(self.s3, f"checkpoints/{tag}/{MARKER}", json.dumps({**marker, "files": files}, indent=1).encode())
+        obstore.put(self.s3, "checkpoints/latest", tag.encode())
+        prune_remote(self.s3, self.url, self.keep_last, self.keep_best)
+        logger.info("checkpoint %s uploaded to %s", tag, self.url)
+
+    def upload_run_files(self) -> None:
+        """Rank 0: the resolved config, summary.json and TensorBoard events (everything but checkpoints)."""
+        if not self.rank0:
+            return
+        import obstore
+
+        with self._lock:
+            for p in sorted(self.run_dir.rglob("*")):
+                rel = p.relative_to(self.run_dir).as_posix()
+                if p.is_file() and not rel.startswith("checkpoints/"):
+                    obstore.put(self.s3, rel, p)
+
+    def wait(self) -> None:
+        """Block until this node's pending upload (and, on rank 0, the marker) is done; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """At the end of the run or a stop (exit 4): wait for the upload, then upload the run's other files."""
+        self.wait()
+        self.upload_run_files()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class NullMirror:
+    """A POSIX run: nothing to upload."""
+
+    def download_newest(self) -> None:
+        return None
+
+    def after_save(self, tag: str) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build_mirror(run_dir: Path, run_url: str | None, keep_last: int, keep_best: bool) -> RunMirror | NullMirror:
+    return NullMirror() if run_url is None else RunMirror(run_dir, run_url, keep_last, keep_best)
+
+
+# ------------------------------------------------------------------------------------------------ the bucket side
+def remote_tags(s3: Any) -> list[checkpoint.TagStatus]:
+    """Every tag under ``checkpoints/`` with what reading its marker found (the POSIX states), oldest first."""
+    import obstore
+
+    listing = obstore.list_with_delimiter(s3, "checkpoints/")
+    out = []
+    for prefix in listing["common_prefixes"]:
+        name = prefix.rstrip("/").rsplit("/", 1)[-1]
+        if not (name.startswith(TAG_PREFIX) and name.removeprefix(TAG_PREFIX).isdigit()):
+            continue
+        step = int(name.removeprefix(TAG_PREFIX))
+        try:
+            marker = json.loads(bytes(obstore.get(s3, f"checkpoints/{name}/{MARKER}").bytes()))
+        except FileNotFoundError:
+            out.append(checkpoint.TagStatus(name, step, checkpoint.INCOMPLETE, reason=f"no {MARKER}"))
+            continue
+        except ValueError as e:
+            out.append(checkpoint.TagStatus(name, step, checkpoint.INCOMPLETE, reason=f"malformed {MARKER} ({e})"))
+            continue
+        except Exception as e:  # throttling, 5xx, access: no evidence either way
+            out.append(checkpoint.TagStatus(name, step, checkpoint.UNREADABLE, reason=str(e).splitlines()[0]))
+            continue
+        state = checkpoint.COMPLETE if int(marker.get("step", -1)) == step else checkpoint.INCOMPLETE
+        out.append(checkpoint.TagStatus(name, step, state, marker))
+    return sorted(out, key=lambda t: t.step)
+
+
+def newest_complete_remote(s3: Any) -> str | None:
+    complete = [t for t in remote_tags(s3) if t.state == checkpoint.COMPLETE]
+    return complete[-1].tag if complete else None
+
+
+def prune_remote(s3: Any, url: str, keep_last: int, keep_best: bool) -> None:
+    """The POSIX pruning rule (`distseg.core.checkpoint.prune`) on the bucket's tags."""
+    import obstore
+
+    tags = remote_tags(s3)
+    complete = [(t.step, t.tag, t.marker) for t in tags if t.state == checkpoint.COMPLETE]
+    keep = {tag for _, tag, _ in complete[-keep_last:]}
+    best = checkpoint.best_tag(complete) if keep_best else None
+    if best:
+        keep.add(best)
+        obstore.put(s3, "checkpoints/best", best.encode())
+    newest_kept = max((t.step for t in tags if t.tag in keep), default=-1)
+    for t in tags:
+        if t.tag in keep or t.step >= newest_kept:
+            continue
+        if t.state == checkpoint.UNREADABLE:
+            logger.warning("%s/checkpoints/%s: cannot read its marker (%s); keeping it", url, t.tag, t.reason)
+            continue
+        keys = [o["path"] for batch in obstore.list(s3, f"checkpoints/{t.tag}/") for o in batch]
+        marker_key = f"checkpoints/{t.tag}/{MARKER}"
+        if marker_key in keys:  # the marker goes first: a half-deleted tag is never mistaken for a complete one
+            obstore.delete(s3, marker_key)
+        obstore.delete(s3, [k for k in keys if k != marker_key])
+        logger.info("pruned %s/checkpoints/%s", url, t.tag)

@@ -29,6 +29,7 @@ from distseg.evaluation.model import PROBABILITIES_DIR, ProbabilityCache, choose
 from distseg.evaluation.model import write_postprocessing as write_pp
 from distseg.inference.ensemble import write_ensemble
 from distseg.inference.loading import POSTPROCESSING_FILE, load_model
+from distseg.inference.postprocess import clip_to_containers
 from distseg.metrics import mask_counts
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def choose_configuration(cv_dirs: Sequence[Path], out_dir: Path, max_members: in
         probs = [c.get(cid) for c in caches]
         for i, members in enumerate(candidates):
             mean = sum(probs[m] for m in members) / len(members)
-            tp, fp, fn, _ = mask_counts(mean > 0.5, gt).T.astype(np.float64)
+            tp, fp, fn, _ = mask_counts(clip_to_containers(mean > 0.5, regions), gt).T.astype(np.float64)
             denom = 2 * tp + fp + fn
             sums[i] += np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
     means = sums / max(1, len(cases))

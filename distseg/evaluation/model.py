@@ -40,7 +40,13 @@ from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import CaseFailure, ScoredCase, region_masks
 from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, ModelIO
-from distseg.inference.postprocess import Postprocessing, RegionRule, component_labels, component_spacing, nesting
+from distseg.inference.postprocess import (
+    Postprocessing,
+    RegionRule,
+    clip_to_containers,
+    component_labels,
+    component_spacing,
+)
 from distseg.inference.predictor import Predictor, decode
 from distseg.metrics import mask_counts
 
@@ -233,7 +239,6 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
     Streams: one pass over the cases per region, one case in memory at a time. Returns the rules and every
     candidate's mean Dice per region (for postprocessing.json)."""
     names = list(regions)
-    inner = nesting(regions)
     cases = [cid for cid in case_ids if cache.has(cid)]
     chosen = Postprocessing()
     table: list[dict[str, Any]] = []
@@ -246,7 +251,7 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
         for cid in tqdm(cases, desc=f"postprocessing {name}", unit="case", dynamic_ncols=True):
             label, attrs = truth(cid)
             gt = np.stack([np.isin(label, vals) for vals in regions.values()])
-            masks = cache.get(cid) > 0.5
+            masks = clip_to_containers(cache.get(cid) > 0.5, regions)  # as `decode` reads them
             spacing = component_spacing(attrs)
             voxel = float(np.prod(spacing)) if spacing is not None else 1.0
             ruled = masks.copy()
@@ -259,9 +264,7 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
             for c, rule in enumerate([RegionRule(), *cands]):
                 trial = ruled.copy()
                 trial[k] = _apply_with_labels(labels_k, sizes_k, rule, voxel)
-                for a, outers in inner.items():  # nested regions clipped to their containers, as `postprocess`
-                    for b in outers:
-                        trial[a] &= trial[b]
+                clip_to_containers(trial, regions)  # as `postprocess` and `decode` do
                 sums[c] += _dice(trial, gt)
         means = sums / len(cases)
         if base is None:

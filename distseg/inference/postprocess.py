@@ -84,6 +84,12 @@ def postprocess(masks: np.ndarray, regions: Mapping[str, Sequence[int]], pp: Pos
         rule = pp.rules.get(name)
         if rule is not None:
             masks[k] = apply_rule(masks[k], rule, spacing)
+    return clip_to_containers(masks, regions)
+
+
+def clip_to_containers(masks: np.ndarray, regions: Mapping[str, Sequence[int]]) -> np.ndarray:
+    """bool (K, *S) region masks with every nested region clipped to its containers, in place (BraTS: TC to WT, ET
+    to TC and WT): a voxel the whole-tumour channel calls background is not tumour core. Returns `masks`."""
     for k, outers in nesting(regions).items():
         for j in outers:
             masks[k] &= masks[j]

@@ -21,7 +21,7 @@ from distseg.data.store import CaseArrays
 from distseg.data.targets import regions_to_labels
 from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, LoadedModel, ModelIO, ModelLoadError
-from distseg.inference.postprocess import Postprocessing, component_spacing, postprocess
+from distseg.inference.postprocess import Postprocessing, clip_to_containers, component_spacing, postprocess
 from distseg.inference.window import SlidingWindow, case_logits, window_predictor
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,11 @@ def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Po
     `pp` removed set to 0 first) and thresholding there, never by resizing hard labels.
     """
     regions = io.decode_regions
-    masks = probabilities > 0.5
+    # Hierarchical decoding: nested regions are clipped to their containers before labels are painted. Painting
+    # the raw channels would let a core voxel outside the whole tumour count as tumour (WT = union of the
+    # channels); measured on out-of-fold predictions of 16 real BraTS cases (brats_budget_cv, .notes/crossval.md):
+    # Dice WT 0.418 -> 0.737, TC 0.176 -> 0.446, ET unchanged.
+    masks = clip_to_containers(probabilities > 0.5, regions)
     if pp is not None:
         masks = postprocess(masks, regions, pp, component_spacing(attrs))
     binary_multilabel = io.target == "binary" and len(next(iter(regions.values()))) > 1

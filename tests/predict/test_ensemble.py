@@ -144,3 +144,20 @@ def test_resized_2d_case_is_restored_from_probabilities(tmp_path: Path) -> None:
     np.testing.assert_array_equal(source > 0, expected)
     nearest = paste_to_source(labels, case.attrs) > 0
     assert (nearest != expected).sum() > 8  # the old way differs along the boundary: this test can tell them apart
+
+
+def test_decoding_clips_nested_regions_before_painting_labels() -> None:
+    """A tumour-core voxel that the whole-tumour channel calls background is not tumour: the written labels (and
+    so WT) never grow beyond the WT channel (painting the raw channels made WT the union of all three)."""
+    from distseg.inference.predictor import decode
+
+    label, _ = _case((16, 16, 16))
+    attrs = {"shape": [4, 16, 16, 16], "original_shape_zyx": [16, 16, 16], "crop_box_zyx": [[0, 16]] * 3,
+             "store_to_source_axes": [2, 1, 0], "label_convention": "brats2018", "spacing": [1.0, 1.0, 1.0]}
+    probs = np.stack([np.isin(label, v) for v in REGIONS.values()]).astype(np.float32)
+    probs[1, :3, :3, :3] = 0.9  # TC fires in a corner where WT says background
+    probs[2, :2, :2, :2] = 0.9  # so does ET
+    masks, labels, source = decode(probs, _member(0).io, attrs)
+    assert not masks[1, :3, :3, :3].any() and not masks[2, :2, :2, :2].any()
+    np.testing.assert_array_equal(labels > 0, label > 0)  # WT of the labels = the WT channel
+    np.testing.assert_array_equal(source > 0, (label > 0).transpose(2, 1, 0))

@@ -149,7 +149,7 @@ def run_model(args: argparse.Namespace) -> int:
     try:
         evaluation = evaluate_model(models, store, cases, args.output, settings,
                                     role="test" if args.split == "test" else "validation", what=what,
-                                    choose_pp=args.choose_postprocessing,
+                                    choose_pp=args.choose_postprocessing, folds=folds,
                                     apply_pp=models.postprocessing if args.postprocess else None)
     except (ValueError, OSError) as e:
         logger.error("%s", e)

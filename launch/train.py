@@ -55,13 +55,24 @@ def setup_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     stop = StopRequest().install()  # first thing: a stop signal during start-up must not be lost
+    try:
+        return run(stop, argv)
+    finally:
+        stop.restore()  # a caller in the same process (tests, a notebook) gets its own handlers back
+
+
+def run(stop: StopRequest, argv: list[str] | None) -> int:
+    """Check, build and train (see the module docstring); `stop` carries the signal handlers `main` installed."""
     args = parse_args(argv)
     rank, world_size = dist.env_rank(), dist.env_world_size()
     setup_logging(rank)
     # Everything that can be checked without the other ranks is checked here, so bad input fails fast and alike
     # on every rank instead of after a collective has started.
     try:
-        cfg = resolve_precision(load_config(args.config, args.overrides))
+        asked = load_config(args.config, args.overrides)
+        cfg = resolve_precision(asked)
+        if asked.deepspeed.precision == "auto":
+            logger.info("deepspeed.precision auto -> %s (what this accelerator runs natively)", cfg.deepspeed.precision)
         model_channels(cfg, open_store(cfg.data))
         build_ds_config(cfg, world_size)
         check_accelerator_support(cfg)

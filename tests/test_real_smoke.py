@@ -80,9 +80,9 @@ def _beats_untrained(run: Path, store: Path, tmp: Path, margin: float, regions: 
                      table: str = "metrics.parquet") -> dict[str, float]:
     """The trained model (best, else newest checkpoint) beats its own step-1 checkpoint on the held-out fold in
     `regions`; returns the trained mean Dice per region."""
-    trained = _mean_dice(_evaluate(run, store, tmp / "eval_trained", "--no-postprocessing-search"), table)
+    trained = _mean_dice(_evaluate(run, store, tmp / "eval_trained"), table)
     early = _mean_dice(_evaluate(run / "checkpoints" / "step_00000001", store, tmp / "eval_step1",
-                                 "--no-postprocessing-search"), table)
+                                 ), table)
     sys.stderr.write(f"\n{run.name}: mean Dice trained {trained}, step-1 checkpoint {early}\n")
     for region in regions:
         assert trained[region] >= early[region] + margin, (

@@ -149,10 +149,11 @@ def model_info(models: ModelSet) -> ModelInfo:
 
 
 def evaluation_meta(models: ModelSet, store: Store, what: str, regions: Sequence[str], role: str,
-                    note: str = "") -> EvaluationMeta:
+                    note: str = "", folds: Sequence[int] | None = None) -> EvaluationMeta:
     kind = store.kind
     return EvaluationMeta(kind=kind, regions=list(regions), model=model_info(models), role=role,
                           sources={"store": str(store.path), "cases": what, "model": models.describe(),
+                                   **({"folds": str(list(folds))} if folds is not None else {}),
                                    **({"postprocessing": note} if note else {})},
                           hd95_unit="mm" if kind == "brats3d" else "px")
 
@@ -299,7 +300,7 @@ def write_postprocessing(path: Path, pp: Postprocessing, table: list[dict[str, A
 def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_dir: Path,
                    settings: PredictSettings | None = None, role: str = "validation", what: str = "",
                    choose_pp: bool = False, apply_pp: Postprocessing | None = None, write_predictions: bool = True,
-                   tensorboard: bool = True) -> ModelEvaluation:
+                   tensorboard: bool = True, folds: Sequence[int] | None = None) -> ModelEvaluation:
     """Predict, write and score `case_ids` of `store` with `models` (streaming; see the module docstring).
 
     `role`: "validation" or "test" (recorded in every report). `choose_pp`: choose the postprocessing on these
@@ -318,7 +319,7 @@ def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_
     cache = ProbabilityCache(out_dir / PROBABILITIES_DIR) if choose_pp or apply_pp is not None else None
     items = predict_and_score(predictor, store, case_ids, out_dir / "predictions" if write_predictions else None,
                               cache)
-    result = evaluate_arrays(items, out_dir, evaluation_meta(models, store, what, list(regions), role),
+    result = evaluate_arrays(items, out_dir, evaluation_meta(models, store, what, list(regions), role, folds=folds),
                              total=len(case_ids))
     evaluation = ModelEvaluation(result, Postprocessing())
     pp = apply_pp
@@ -332,7 +333,8 @@ def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_
             note = json.dumps(pp.to_dict())
             evaluation.postprocessed = evaluate_arrays(
                 postprocessed_cases(cache, store, case_ids, predictor.io, pp), out_dir / "postprocessed",
-                evaluation_meta(models, store, what, list(regions), role, note=note), total=len(case_ids))
+                evaluation_meta(models, store, what, list(regions), role, note=note, folds=folds),
+                total=len(case_ids))
     run = models.members[0].meta.get("run") if len(models.members) == 1 else None
     if tensorboard and run and Path(run).is_dir():
         log_evaluation(Path(run) / "tb", result.summary, models.members[0].step or 0, text=result.markdown)

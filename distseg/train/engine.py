@@ -88,6 +88,7 @@ def _find_auto(node: Any, key: str = "") -> str | None:
 
 def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for `world_size` ranks. Raises ConfigError for a bad or conflicting preset."""
+    cfg = resolve_precision(cfg)
     preset: dict[str, Any] = {}
     if cfg.deepspeed.preset:
         path = resolve_preset(cfg.deepspeed.preset)
@@ -133,12 +134,13 @@ def resolve_precision(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.deepspeed.precision != "auto":
         return cfg
     chosen = native_precision()
-    logger.info("deepspeed.precision auto -> %s on this accelerator", chosen)
+    logger.debug("deepspeed.precision auto -> %s on this accelerator", chosen)
     return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, precision=chosen))
 
 
 def check_accelerator_support(cfg: ExperimentConfig) -> None:
     """Fail early (before distributed init) when this accelerator cannot run the configured precision."""
+    cfg = resolve_precision(cfg)
     from distseg.core.dist import accelerator
 
     acc = accelerator()
@@ -213,6 +215,7 @@ def initialize(
     """
     import deepspeed
 
+    cfg = resolve_precision(cfg)
     if cfg.deepspeed.precision != "fp32":
         mixed_precision_batchnorm(model)
     length = schedule_length or ScheduleLength(cfg.train.steps)

@@ -38,8 +38,9 @@ from distseg.core import checkpoint, dist
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
 from distseg.data.targets import labels_to_targets, target_names
 from distseg.inference.loading import ModelIO
+from distseg.inference.postprocess import clip_to_containers
 from distseg.losses import build_loss
-from distseg.metrics import MetricAccumulator, confusion_counts
+from distseg.metrics import MetricAccumulator, confusion_counts_from_masks
 from distseg.train import elastic, lost_rank
 from distseg.train.budget import CostEstimate, WallClockBudget, describe
 from distseg.train.engine import build_ds_config, initialize, resolve_precision
@@ -239,8 +240,11 @@ class Trainer:
             # data.downsample: pooled for the model, logits back on the crop's grid (distseg.train.validation)
             logits = crop_logits(self.engine, image, self.cfg.data.downsample, self.cfg.data.spatial_dims, self.dtype)
             valid = batch["valid"].to(self.device)
+            masks = logits > 0  # decoded as prediction decodes them: nested regions clipped to their containers
+            if self.cfg.data.target == "regions":
+                clip_to_containers(masks.movedim(1, 0), self.regions)  # a view: (K, B, *P)
             # Boolean indexing sizes its output on the host: one sync per validation batch (validation only).
-            acc.update(confusion_counts(logits[valid], targets[valid]))
+            acc.update(confusion_counts_from_masks(masks[valid], targets[valid] > 0.5))
             if example is None and bool(batch["valid"][0]):
                 example = (image[0], targets[0], torch.sigmoid(logits[0]))
         return example

@@ -21,8 +21,9 @@ from distseg.data.config import DataConfig
 from distseg.data.resample import downsample_image, pooled_shape, upsample_logits
 from distseg.data.store import Store
 from distseg.data.targets import labels_to_targets
+from distseg.inference.postprocess import clip_to_containers
 from distseg.inference.window import SlidingWindow, case_logits, forward_calls, window_for, window_predictor
-from distseg.metrics import confusion_counts
+from distseg.metrics import confusion_counts_from_masks
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,10 @@ class WholeCaseValidator:
                                  3 if self.data.mode == "patch3d" else 2, device=device)
             label = torch.from_numpy(case.label).to(device)
             targets = labels_to_targets(label[None], target, regions)  # (1, K, Z, Y, X)
-            counts = confusion_counts(logits[None], targets)
+            masks = logits > 0  # sigmoid > 0.5; decoded as prediction decodes them (nested regions clipped)
+            if target == "regions":
+                clip_to_containers(masks, regions)
+            counts = confusion_counts_from_masks(masks[None], targets > 0.5)
             total = counts if total is None else total + counts
             if example is None:
                 example = (torch.from_numpy(case.normalised()), targets[0], torch.sigmoid(logits))

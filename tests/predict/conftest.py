@@ -93,7 +93,7 @@ def brats_data(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def brats_run(brats_data, tmp_path_factory) -> Path:
-    """A unet3d debug run trained 6 steps in one process (ZeRO 2, bf16): its run folder."""
+    """A unet3d debug run trained 6 steps in one process (ZeRO 2, the machine's native precision): its run folder."""
     out = tmp_path_factory.mktemp("predict_runs")
     ok(run_cmd([PYTHON, "launch/train.py", "--config", "configs/debug.yaml", f"data.store={brats_data[1]}",
                 f"run.output_root={out}", "run.name=p3d", "train.steps=6", "train.val_every=3",
@@ -126,6 +126,7 @@ def images_data(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def images_run(images_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("predict_runs_2d")
+    # bf16 on purpose (test_zero0_bf16_checkpoint_exports_the_fp32_master_weights): ZeRO 0 + bf16 master weights
     ok(run_cmd([PYTHON, "launch/train.py", "--config", "configs/debug_image2d.yaml", f"data.store={images_data[1]}",
-                f"run.output_root={out}", "run.name=p2d"]))
+                f"run.output_root={out}", "run.name=p2d", "deepspeed.precision=bf16"]))
     return out / "runs" / "p2d"

@@ -130,7 +130,8 @@ def test_a_case_that_fails_is_a_counted_row(cv: dict, tmp_path: Path) -> None:
     assert res.returncode == 3, res.stdout[-3000:]
     rows = pq.read_table(tmp_path / "eval" / "metrics.parquet").to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]
-    assert [r["case_id"] for r in failed] == [victim] and chunk.name in failed[0]["error"]
+    assert {r["case_id"] for r in failed} == {victim} and chunk.name in failed[0]["error"]
+    assert all(r["dice"] == 0 for r in failed)  # counted at the worst value, not left out
     assert any(r["status"] == "ok" for r in rows)
 
 

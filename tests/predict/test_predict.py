@@ -184,10 +184,11 @@ def test_evaluate_model_chooses_postprocessing_and_logs_to_tensorboard(brats_run
                                                                        predict_cli, tmp_path):
     raw, store = brats_data
     out = tmp_path / "eval"
-    res = evaluate_cli("--model", brats_run, "--store", store, "--output", out)
+    before = {p.name for p in brats_run.iterdir()}
+    res = evaluate_cli("--model", brats_run, "--store", store, "--output", out, "--choose-postprocessing")
     assert res.returncode == 0, res.stdout[-3000:]
     meta = json.loads((out / "evaluation.json").read_text())
-    assert meta["model"]["name"] == "unet3d"
+    assert meta["model"]["name"] == "unet3d" and meta["role"] == "validation" and meta["sources"]["folds"] == "[0]"
     # Every case of the run's validation fold is scored, and each score is what its written prediction earns
     # against the source label map (recomputed here from the files, not read back from the evaluator).
     from distseg.data.store import Store
@@ -213,18 +214,20 @@ def test_evaluate_model_chooses_postprocessing_and_logs_to_tensorboard(brats_run
         assert f"| {region} | Dice | {mean:.4f} |" in summary, (region, mean, summary)
     with Image.open(out / "boxplot_dice.png") as plot:
         assert plot.size[0] >= 300 and plot.size[1] >= 200 and len(plot.convert("RGB").getcolors(1 << 20)) > 8
-    # The chosen rule is stored beside the model, and --postprocess applies exactly that rule to the prediction.
-    beside = json.loads((brats_run / "postprocessing.json").read_text())
-    assert beside == json.loads((out / "postprocessing.json").read_text())
-    assert set(beside) >= {"rules", "candidates"} and {c["region"] for c in beside["candidates"]} == {"WT", "TC", "ET"}
+    # The chosen rule is written to the output folder only (never beside the model as a side effect), and
+    # --postprocess FILE applies exactly that rule to the prediction.
+    assert {p.name for p in brats_run.iterdir()} == before and not (brats_run / "postprocessing.json").exists()
+    chosen = json.loads((out / "postprocessing.json").read_text())
+    assert set(chosen) >= {"rules", "candidates"} and {c["region"] for c in chosen["candidates"]} == {"WT", "TC", "ET"}
     events = read_events(brats_run / "tb")
     assert "eval/dice/WT" in events and "eval/summary/text_summary" in events
-    res = predict_cli("--model", brats_run, "--input", store, "--output", tmp_path / "pp", "--postprocess")
+    res = predict_cli("--model", brats_run, "--input", store, "--output", tmp_path / "pp", "--postprocess",
+                      out / "postprocessing.json")
     assert res.returncode == 0, res.stdout[-3000:]
     from distseg.evaluation.scoring import default_regions, region_masks
     from distseg.inference.postprocess import Postprocessing, postprocess
 
-    rule = Postprocessing.from_dict(beside["rules"])
+    rule = Postprocessing.from_dict(chosen["rules"])
     for case_id in cases:
         plain = region_masks(_labels(out / "predictions" / f"{case_id}.nii.gz"), "brats2018")
         spacing = nib.load(str(out / "predictions" / f"{case_id}.nii.gz")).header.get_zooms()

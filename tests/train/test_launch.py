@@ -207,7 +207,8 @@ def test_2d_modes_and_cpu_offload_train_in_one_process(runner, brats_store, imag
     """`python launch/train.py` without the launcher is a world of one: BraTS slices, 2D images, ZeRO-Offload."""
     runs = [
         ("configs/debug_slice2d.yaml", brats_store, "slice2d", ["train.steps=3"], ["WT", "TC", "ET"]),
-        ("configs/debug_image2d.yaml", images2d_store, "image2d", ["train.steps=3"], ["tumour"]),
+        ("configs/debug_image2d.yaml", images2d_store, "image2d", ["train.steps=3", "deepspeed.precision=bf16"],
+         ["tumour"]),
         (DEBUG, brats_store, "offload", ["train.steps=3", "deepspeed.offload_optimizer=true"], ["WT", "TC", "ET"]),
         # ZeRO 0 fp32 has no gradient check of DeepSpeed's: the trainer checks each micro-batch instead
         (DEBUG, brats_store, "zero0", ["train.steps=3", "deepspeed.zero_stage=0", "deepspeed.precision=fp32",

@@ -9,14 +9,17 @@ Each stage runs the product's own command in a subprocess, as a user types it:
    than CBICA (Brats18_2013_3_1, Brats18_TCIA01_201_1, BraTS2021_00006: the only cross-institution check the
    shared data offers) are the test split; the 16 CBICA cases are the pool, 3 balanced folds. LGG: the patients of
    institutions CS and EZ are the test split; the others (DU, FG, HT) the pool, 3 balanced folds.
-2. `python launch/crossval.py --config configs/<x>_budget_cv.yaml --test`: folds, out-of-fold predictions (the
-   validation numbers), postprocessing chosen on them, the fold ensemble scored on the test split.
+2. `python launch/crossval.py --config configs/<x>_budget_cv*.yaml` per configuration (BraTS: default and nnU-Net
+   intensity augmentation; LGG: one): folds, out-of-fold predictions (the validation numbers), postprocessing chosen
+   on them; `launch/crossval.py choose` keeps the configuration or ensemble with the best out-of-fold Dice, and only
+   that one is scored on the test split (`launch/evaluate.py --split test --postprocess`).
 3. the single budget model (`configs/brats_budget.yaml`, `configs/lgg_budget_res_inception_unet.yaml`) trained by
    `deepspeed launch/train.py` on the pool with fold 0 as its validation fold (its "best" checkpoint and its
    postprocessing are chosen there: `launch/evaluate.py --choose-postprocessing`), then scored on the test split
    with that postprocessing (`launch/evaluate.py --split test --postprocess FILE`).
 4. `<out>/results.md`: validation and test numbers side by side, labelled, with the hardware, commands and times.
-Extra `key=value` arguments go to every training run (e.g. `train.max_minutes=2` for a quick pass).
+Extra `key=value` arguments go to every training run (e.g. `train.max_minutes=2` for a quick pass). Wall time on 2
+cores: ~2 h (BraTS 2 x 25 min CV + 25 min single, LGG 25 min CV + 8 min single, evaluation, preprocessing).
 """
 
 from __future__ import annotations
@@ -157,31 +160,46 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     datasets = []
     if "brats" in only:
-        datasets.append(("brats", "brats_budget", "brats_budget_cv", stores / "brats_real.zarr", list(BRATS_TEST),
+        datasets.append(("brats", "brats_budget", ["brats_budget_cv", "brats_budget_cv_intensity"],
+                         stores / "brats_real.zarr", list(BRATS_TEST),
                          ["brats", "--src", str(_link_cases(data, out)), "--name", "brats_real"]))
     if "lgg" in only:
         src = data / LGG_SOURCE
-        datasets.append(("lgg", "lgg_budget_res_inception_unet", "lgg_budget_cv", stores / "lgg.zarr",
+        datasets.append(("lgg", "lgg_budget_res_inception_unet", ["lgg_budget_cv"], stores / "lgg.zarr",
                          lgg_test_patients(src), ["images2d", "--src", str(src), "--name", "lgg",
                                                   "--channel-names", "pre,flair,post"]))
     sections: list[str] = []
-    for name, single, cv_config, store, test, prep in datasets:
+    for name, single, cv_configs, store, test, prep in datasets:
         t0 = time.perf_counter()
         _run([py, "-m", "preprocess", *prep, "--dst", str(stores), "--folds", str(FOLDS), "--fold-assignment",
               "balanced", "--test-subjects", ",".join(test)], env, logs / "preprocess.log", ok_codes=(0, 3))
         timings[f"preprocess {name}"] = time.perf_counter() - t0
         rows: list[tuple[str, str, Path]] = []
         if not args.skip_cv:
-            cv_dir = out / "crossval" / cv_config
+            cv_dirs = []
+            for cv_config in cv_configs:  # each: folds, out-of-fold predictions and its postprocessing; no test
+                cv_dir = out / "crossval" / cv_config
+                t0 = time.perf_counter()
+                _run([py, "launch/crossval.py", "--config", str(REPO / "configs" / f"{cv_config}.yaml"), "--ranks",
+                      str(args.ranks), "--output", str(cv_dir), f"data.store={store}", *args.overrides], env,
+                     logs / f"crossval_{cv_config}.log", ok_codes=(0, 3))
+                timings[f"crossval {cv_config} (folds + out of fold + choices)"] = time.perf_counter() - t0
+                rows += [(f"{cv_config}: {FOLDS}-fold ensemble", "out of fold", cv_dir / "oof"),
+                         (f"{cv_config}: {FOLDS}-fold ensemble + pp", "out of fold", cv_dir / "oof" / "postprocessed")]
+                cv_dirs.append(cv_dir)
+            chosen = cv_dirs[0]
+            if len(cv_dirs) > 1:  # the configuration (or ensemble of them) with the best out-of-fold Dice
+                chosen = out / "crossval" / f"{name}_chosen"
+                _run([py, "launch/crossval.py", "choose", *map(str, cv_dirs), "--output", str(chosen)], env,
+                     logs / f"choose_{name}.log")
+            label = json.loads((chosen / "choice.json").read_text())["winner"] if len(cv_dirs) > 1 else [chosen.name]
             t0 = time.perf_counter()
-            _run([py, "launch/crossval.py", "--config", str(REPO / "configs" / f"{cv_config}.yaml"), "--ranks",
-                  str(args.ranks), "--output", str(cv_dir), "--test", f"data.store={store}", *args.overrides], env,
-                 logs / f"crossval_{cv_config}.log", ok_codes=(0, 3))
-            timings[f"crossval {cv_config} (folds + out of fold + choices + test)"] = time.perf_counter() - t0
-            rows += [(f"{cv_config}: {FOLDS}-fold ensemble", "out of fold", cv_dir / "oof"),
-                     (f"{cv_config}: {FOLDS}-fold ensemble + pp", "out of fold", cv_dir / "oof" / "postprocessed"),
-                     (f"{cv_config}: {FOLDS}-fold ensemble", "test split", cv_dir / "test"),
-                     (f"{cv_config}: {FOLDS}-fold ensemble + pp", "test split", cv_dir / "test" / "postprocessed")]
+            tst = out / "eval" / f"{name}_cv" / "test"
+            _run([py, "launch/evaluate.py", "--model", str(chosen), "--store", str(store), "--split", "test",
+                  "--postprocess", "--output", str(tst)], env, logs / f"evaluate_{name}_cv.log", ok_codes=(0, 3))
+            timings[f"evaluate {name} CV choice on the test split"] = time.perf_counter() - t0
+            what = f"chosen on out of fold: {' + '.join(label)}"
+            rows += [(what, "test split", tst), (f"{what} + pp", "test split", tst / "postprocessed")]
         if not args.skip_single:
             run_dir = out / "runs" / single
             t0 = time.perf_counter()

@@ -7,12 +7,13 @@ export GLOO_SOCKET_IFNAME := lo
 
 .PHONY: venv demo demo2d test lint bench gpu-check reproduce clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# The tested versions of everything else (see the file's header).
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from distseg.core.exit_codes import OK, SOME_FAILED, USAGE
 from distseg.core.fileio import atomic_write
+from distseg.data.location import is_remote, path_or_url
 from distseg.evaluation import BRATS_HD95_ONE_EMPTY, EvaluationMeta, compare, evaluate_arrays
 from preprocess.label_files import KIND_REGIONS, PairingError, PairLoader, pair_label_files
 
@@ -43,9 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", type=Path, help="folder of prediction files")
     parser.add_argument("--gt", type=Path, help="folder of ground truth (BraTS cases, labels, masks)")
-    parser.add_argument("--model", type=Path, nargs="+",
-                        help="run folder, checkpoint tag, model.pt, model.onnx or CV folder; several = an ensemble")
-    parser.add_argument("--store", type=Path, help="with --model: the Zarr store holding the cases")
+    parser.add_argument("--model", type=path_or_url, nargs="+",
+                        help="run folder, checkpoint tag, model.pt, model.onnx or CV folder, local or "
+                             "s3://bucket/prefix/...; several = an ensemble")
+    parser.add_argument("--store", type=path_or_url,
+                        help="with --model: the Zarr store holding the cases (local or s3://bucket/prefix/x.zarr)")
     parser.add_argument("--fold", type=int, action="append", default=None,
                         help="with --model: fold(s) to evaluate (default: the run's data.val_folds)")
     parser.add_argument("--overlap", type=float, default=0.5, help="with --model: sliding-window overlap")
@@ -61,7 +64,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--postprocess", nargs="?", const=True, default=False, metavar="FILE",
                         help="with --model: also score a postprocessing rule chosen on validation cases: the one the "
                              "CV folder (or run) carries, or FILE (a postprocessing.json)")
-    parser.add_argument("--output", type=Path, required=True, help="folder for the evaluation outputs")
+    parser.add_argument("--output", type=path_or_url, required=True,
+                        help="folder for the evaluation outputs, or s3://bucket/prefix (written to a local staging "
+                             "folder, $DISTSEG_CACHE/outputs/..., then uploaded)")
     parser.add_argument("--hd95-one-empty", type=float, default=BRATS_HD95_ONE_EMPTY,
                         help="HD95 when exactly one of prediction and ground truth is empty, and of a failed or "
                              "missing case (default: BraTS 373.13)")
@@ -163,6 +168,27 @@ def run_model(args: argparse.Namespace) -> int:
 
 def run_files(argv: list[str]) -> int:
     args = parse_args(argv)
+    if not is_remote(args.output):
+        return _run(args)
+    from distseg.data.remote import RemoteWriteError, UploadedFolder
+
+    try:
+        sink = UploadedFolder(str(args.output))
+    except ValueError as e:
+        logger.error("%s", e)
+        return USAGE
+    url, args.output = args.output, sink.local
+    rc = _run(args)
+    try:
+        n = sink.sync()
+    except RemoteWriteError as e:
+        logger.error("%s; the evaluation is in %s", e, sink.local)
+        return USAGE
+    logger.info("uploaded %d files to %s (local copy: %s)", n, url, sink.local)
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.model is not None:
         if args.pred is not None or args.gt is not None or args.store is None:
             logger.error("--model needs --store (and no --pred/--gt): evaluate.py --model RUN --store STORE "

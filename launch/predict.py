@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from distseg.core import exit_codes
+from distseg.data.location import is_remote, path_or_url
 
 logger = logging.getLogger("launch.predict")
 
@@ -47,12 +48,16 @@ class InputCase:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch/predict.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, nargs="+",
+    p.add_argument("--model", required=True, type=path_or_url, nargs="+",
                    help="run folder (best checkpoint, else newest complete), checkpoint tag folder, exported "
                         "model.pt (model.yaml beside it), model.onnx, or a cross-validation folder (its fold models "
-                        "as an ensemble); several = an ensemble (probabilities averaged window by window)")
-    p.add_argument("--input", required=True, nargs="+", type=Path, help="case folders, stores, images or folders")
-    p.add_argument("--output", required=True, type=Path, help="output folder (never an input folder)")
+                        "as an ensemble); several = an ensemble (probabilities averaged window by window); local or "
+                        "s3://bucket/prefix/...")
+    p.add_argument("--input", required=True, nargs="+", type=path_or_url,
+                   help="case folders, stores (local or s3://bucket/prefix/x.zarr), images or folders")
+    p.add_argument("--output", required=True, type=path_or_url,
+                   help="output folder (never an input folder), or s3://bucket/prefix: written to a local staging "
+                        "folder ($DISTSEG_CACHE/outputs/...) and uploaded case by case")
     p.add_argument("--fold", type=int, action="append", default=None, help="store inputs: only cases of this fold")
     p.add_argument("--split", choices=["train", "test"], default=None,
                    help="store inputs: only the cross-validation pool (train) or the test split (default: every case)")
@@ -74,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def discover_inputs(paths: list[Path], kind: str, channels: list[str], resize: int | None,
+def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], resize: int | None,
                     folds: list[int] | None, only: set[str], split: str | None = None
                     ) -> tuple[list[InputCase], list[str]]:
     """Every case under `paths` for a model of store `kind`; returns (cases sorted by id, problems)."""
@@ -102,20 +107,25 @@ def discover_inputs(paths: list[Path], kind: str, channels: list[str], resize: i
 
         return lambda: prepare_2d_case(sc, channels, resize)[0]
 
+    def add_store(path: str | Path) -> None:
+        try:
+            store = Store.open(path)
+        except StoreError as e:
+            problems.append(str(e))
+            return
+        if store.kind != kind:
+            problems.append(f"{path}: a {store.kind} store, but the model was trained on {kind} data")
+            return
+        for cid in store.case_ids(folds=folds, split=split):
+            add(InputCase(cid, f"{path}:{cid}", lambda s=store, c=cid: s.case_arrays(c)))
+
     for path in paths:
-        if not path.exists():
+        if is_remote(path):
+            add_store(path)
+        elif not path.exists():
             problems.append(f"{path}: no such file or folder; expected a case folder, a store or an image")
         elif (path / "zarr.json").is_file():
-            try:
-                store = Store.open(path)
-            except StoreError as e:
-                problems.append(str(e))
-                continue
-            if store.kind != kind:
-                problems.append(f"{path}: a {store.kind} store, but the model was trained on {kind} data")
-                continue
-            for cid in store.case_ids(folds=folds, split=split):
-                add(InputCase(cid, f"{path}:{cid}", lambda s=store, c=cid: s.case_arrays(c)))
+            add_store(path)
         elif kind == "brats3d":
             found = discover_brats(path if path.is_dir() else path.parent)
             if not found:
@@ -192,8 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     from distseg.inference.predictor import Predictor
 
     device = pick_device(args.device, local_rank)
+    sink = None
+    if is_remote(args.output):
+        from distseg.data.remote import UploadedFolder
+
+        try:
+            sink = UploadedFolder(str(args.output))
+        except ValueError as e:
+            logger.error("%s", e)
+            return EXIT_BAD_INPUT
+    out_dir = sink.local if sink is not None else args.output
     try:
-        check_output_dir(args.output, args.input)
+        check_output_dir(out_dir, args.input)
         models = load_models(args.model, device)
         if isinstance(args.postprocess, str):
             models.postprocessing = read_postprocessing(Path(args.postprocess))
@@ -217,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                 models.members[0].config.model.name, io.mode, predictor.sw.window, len(cases), len(mine), device)
     t0 = time.perf_counter()
     failed = 0
-    for item, _, _, error in predict_cases(predictor, mine, args.output, args.save_probabilities, rank):
+    for item, _, _, error in predict_cases(predictor, mine, out_dir, args.save_probabilities, rank):
+        if not error and sink is not None:
+            try:  # this case's files only (the other ranks upload theirs)
+                sink.sync(lambda name, c=item.case_id: name.startswith((f"{c}.", f"{c}_")))
+            except OSError as e:
+                error = f"{e} (its files are in {out_dir})"
         if error:
             failed += 1
             logger.error("FAILED %s: %s", item.case_id, error)

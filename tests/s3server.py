@@ -91,3 +91,49 @@ def upload_tree(local: str | os.PathLike[str], bucket: str, prefix: str, endpoin
             client.upload_file(path, bucket, key)
             n += 1
     return n
+
+
+@pytest.fixture
+def s3_with_auth(tmp_path, monkeypatch) -> Iterator[S3Server]:
+    """A second moto server, in its own process (IAM enforcement is process-wide in moto), that checks credentials:
+    its first request (creating `BUCKET`) is let through, every later one needs a key IAM knows. The AWS variables
+    point at it with a key it does not know."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"}
+    log = open(tmp_path / "moto_auth.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto did not start: {(tmp_path / 'moto_auth.log').read_text()}") from None
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                     aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEYID000000")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+        yield S3Server(endpoint, {})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

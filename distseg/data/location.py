@@ -69,3 +69,9 @@ def open_location(path: str | os.PathLike[str]) -> Location:
 
         return RemoteLocation(str(path))
     return LocalLocation(path)
+
+
+def path_or_url(text: str) -> str | Path:
+    """argparse type for a path a user gives: an ``s3://`` URL stays a string (`Path` would fold its ``//``), anything
+    else becomes a `Path`."""
+    return text if is_remote(text) else Path(text)

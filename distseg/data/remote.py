@@ -8,6 +8,9 @@ nothing secret is ever logged or put in an error message.
 
 Reads are partial: a shard's index is one suffix-range GET, the chunks a patch needs one range GET per merged
 span (`RemoteSource`), so a 4x128^3 patch costs <= 4 GETs (2 once the indexes are cached).
+
+Writes of command outputs (`--output s3://...` of predict and evaluate) go to a local staging folder first and are
+uploaded file by file (`UploadedFolder`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from distseg.data.layout import StoreError
@@ -190,3 +194,60 @@ class RemoteLocation:
 
     def source(self, key: str) -> RemoteSource:
         return RemoteSource(self.store, self.url, key)
+
+
+class RemoteWriteError(OSError):
+    """An upload to object storage failed (the message names the URL and why; the local copy stays)."""
+
+
+def staging_dir(url: str) -> Path:
+    """The local folder where outputs bound for `url` are written before upload:
+    ``$DISTSEG_CACHE/outputs/<bucket>/<prefix>`` (default ``~/.cache/distseg``); '.' and '..' are refused."""
+    bucket, prefix = split_url(url)
+    parts = [bucket, *[p for p in prefix.split("/") if p]]
+    if any(p in (".", "..") or "\\" in p for p in parts):
+        raise ValueError(f"{url}: '.' and '..' are not allowed in an output URL")
+    base = Path(os.environ.get("DISTSEG_CACHE") or Path.home() / ".cache" / "distseg").expanduser()
+    return base.joinpath("outputs", *parts)
+
+
+class UploadedFolder:
+    """An output folder bound for ``s3://bucket/prefix``: commands write into `local` as on POSIX (complete files
+    only: `atomic_write` renames hidden temporaries into place), and `sync` puts each new or changed file under the
+    same relative key. An object PUT is atomic, so a reader of the bucket never sees half a file; what was written
+    stays in `local` whatever the bucket does."""
+
+    def __init__(self, url: str, local: Path | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.local = staging_dir(self.url) if local is None else Path(local)
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._s3: Any = None
+
+    def sync(self, only: Callable[[str], bool] | None = None) -> int:
+        """Upload the files of `local` not yet uploaded in their current version (those whose name passes `only`);
+        returns how many. Raises RemoteWriteError naming the URL."""
+        import obstore
+
+        n = 0
+        try:
+            if self._s3 is None:
+                self._s3 = open_zarr_store(self.url, read_only=False, backend="obstore").store
+            for p in sorted(self.local.rglob("*")):
+                rel = p.relative_to(self.local).as_posix()
+                if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
+                    continue
+                if only is not None and not only(p.name):
+                    continue
+                st = p.stat()
+                if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):
+                    continue
+                obstore.put(self._s3, rel, p)
+                self._sent[rel] = (st.st_size, st.st_mtime_ns)
+                n += 1
+        except OSError as e:
+            if isinstance(e, RemoteWriteError):
+                raise
+            raise RemoteWriteError(describe_error(self.url, e)) from e
+        except Exception as e:  # obstore's errors for a missing bucket, refused credentials, a dead endpoint
+            raise RemoteWriteError(describe_error(self.url, e)) from e
+        return n

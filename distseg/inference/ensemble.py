@@ -98,8 +98,11 @@ def ensemble_members(folder: Path) -> list[Path]:
 
 
 def load_models(paths: Sequence[str | Path], device: torch.device | str = "cpu") -> ModelSet:
-    """One path (a model, or an ensemble folder with its postprocessing) or several (an ensemble without one)."""
-    paths = [Path(p).expanduser() for p in paths]
+    """One path (a model, or an ensemble folder with its postprocessing) or several (an ensemble without one); each
+    may be an ``s3://`` URL (`distseg.inference.remote`)."""
+    from distseg.inference.remote import localize  # s3:// models: fetched into the local cache first
+
+    paths = [localize(p) for p in paths]
     if not paths:
         raise ModelLoadError("no model given; expected a run folder, checkpoint tag, model.pt, model.onnx or a "
                              "cross-validation folder")

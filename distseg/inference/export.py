@@ -25,6 +25,7 @@ import yaml
 
 from distseg.config import to_dict
 from distseg.core import exit_codes
+from distseg.data.location import path_or_url
 from distseg.inference.loading import EXPORT_FORMAT, POSTPROCESSING_FILE, LoadedModel, ModelLoadError, load_model
 from distseg.inference.outputs import atomic_write
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m distseg.inference.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="run folder (best, else newest complete checkpoint) or checkpoint tag")
+    p.add_argument("model", type=path_or_url,
+                   help="run folder (best, else newest complete checkpoint) or checkpoint tag, local or s3://...")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with onnxruntime)")
     p.add_argument("--opset", type=int, default=17)

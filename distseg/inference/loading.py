@@ -190,8 +190,11 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a run folder, a checkpoint tag folder, an exported ``.pt`` (+ ``.yaml`` beside it) or ``.onnx``."""
-    path = Path(path).expanduser()
+    """Load a run folder, a checkpoint tag folder, an exported ``.pt`` (+ ``.yaml`` beside it) or ``.onnx``, local or
+    an ``s3://`` URL."""
+    from distseg.inference.remote import localize  # s3:// models: fetched into the local cache first
+
+    path = localize(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder; expected a run folder, a checkpoint tag, a .pt or .onnx")
     if path.is_dir():

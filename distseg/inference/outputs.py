@@ -55,6 +55,8 @@ def check_output_dir(out_dir: Path, inputs: Sequence[Path] = ()) -> None:
         raise OutputError(f"{out_dir}: output folder is not writable ({e.strerror}); choose another --output") from e
     resolved = out_dir.resolve()
     for src in inputs:
+        if str(src).startswith("s3://"):  # an object-store input is never a local folder
+            continue
         src = Path(src).resolve()
         folder = src if src.is_dir() else src.parent
         if resolved == folder or folder in resolved.parents:

@@ -33,6 +33,7 @@ from typing import Any
 
 from distseg.core import checkpoint, dist
 from distseg.core.checkpoint import MARKER, TAG_PREFIX, CheckpointError
+from distseg.core.checkpoint_s3 import download_tag, newest_complete_remote, prune_remote
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +95,7 @@ class RunMirror:
         return tag
 
     def _download_tag(self, tag: str, dest: Path) -> None:
-        import obstore
-
-        marker = json.loads(bytes(obstore.get(self.s3, f"checkpoints/{tag}/{MARKER}").bytes()))
-        tmp = dest.with_name(f".{tag}.download")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in marker["files"]:
-            with open(tmp / name, "wb") as f:
-                for part in obstore.get(self.s3, f"checkpoints/{tag}/{name}").stream():
-                    f.write(part)
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        download_tag(self.s3, f"checkpoints/{tag}", dest)
         logger.info("downloaded checkpoint %s from %s", tag, self.url)
 
     # ---------------------------------------------------------------------------------------------- upload
@@ -204,62 +193,3 @@ class NullMirror:
 
 def build_mirror(run_dir: Path, run_url: str | None, keep_last: int, keep_best: bool) -> RunMirror | NullMirror:
     return NullMirror() if run_url is None else RunMirror(run_dir, run_url, keep_last, keep_best)
-
-
-# ------------------------------------------------------------------------------------------------ the bucket side
-def remote_tags(s3: Any) -> list[checkpoint.TagStatus]:
-    """Every tag under ``checkpoints/`` with what reading its marker found (the POSIX states), oldest first."""
-    import obstore
-
-    listing = obstore.list_with_delimiter(s3, "checkpoints/")
-    out = []
-    for prefix in listing["common_prefixes"]:
-        name = prefix.rstrip("/").rsplit("/", 1)[-1]
-        if not (name.startswith(TAG_PREFIX) and name.removeprefix(TAG_PREFIX).isdigit()):
-            continue
-        step = int(name.removeprefix(TAG_PREFIX))
-        try:
-            marker = json.loads(bytes(obstore.get(s3, f"checkpoints/{name}/{MARKER}").bytes()))
-        except FileNotFoundError:
-            out.append(checkpoint.TagStatus(name, step, checkpoint.INCOMPLETE, reason=f"no {MARKER}"))
-            continue
-        except ValueError as e:
-            out.append(checkpoint.TagStatus(name, step, checkpoint.INCOMPLETE, reason=f"malformed {MARKER} ({e})"))
-            continue
-        except Exception as e:  # throttling, 5xx, access: no evidence either way
-            out.append(checkpoint.TagStatus(name, step, checkpoint.UNREADABLE, reason=str(e).splitlines()[0]))
-            continue
-        state = checkpoint.COMPLETE if int(marker.get("step", -1)) == step else checkpoint.INCOMPLETE
-        out.append(checkpoint.TagStatus(name, step, state, marker))
-    return sorted(out, key=lambda t: t.step)
-
-
-def newest_complete_remote(s3: Any) -> str | None:
-    complete = [t for t in remote_tags(s3) if t.state == checkpoint.COMPLETE]
-    return complete[-1].tag if complete else None
-
-
-def prune_remote(s3: Any, url: str, keep_last: int, keep_best: bool) -> None:
-    """The POSIX pruning rule (`distseg.core.checkpoint.prune`) on the bucket's tags."""
-    import obstore
-
-    tags = remote_tags(s3)
-    complete = [(t.step, t.tag, t.marker) for t in tags if t.state == checkpoint.COMPLETE]
-    keep = {tag for _, tag, _ in complete[-keep_last:]}
-    best = checkpoint.best_tag(complete) if keep_best else None
-    if best:
-        keep.add(best)
-        obstore.put(s3, "checkpoints/best", best.encode())
-    newest_kept = max((t.step for t in tags if t.tag in keep), default=-1)
-    for t in tags:
-        if t.tag in keep or t.step >= newest_kept:
-            continue
-        if t.state == checkpoint.UNREADABLE:
-            logger.warning("%s/checkpoints/%s: cannot read its marker (%s); keeping it", url, t.tag, t.reason)
-            continue
-        keys = [o["path"] for batch in obstore.list(s3, f"checkpoints/{t.tag}/") for o in batch]
-        marker_key = f"checkpoints/{t.tag}/{MARKER}"
-        if marker_key in keys:  # the marker goes first: a half-deleted tag is never mistaken for a complete one
-            obstore.delete(s3, marker_key)
-        obstore.delete(s3, [k for k in keys if k != marker_key])
-        logger.info("pruned %s/checkpoints/%s", url, t.tag)

@@ -92,3 +92,13 @@ def test_preprocess_train_kill_and_resume_from_the_bucket(runner, s3, tmp_path):
     assert a.keys() == b.keys() and a
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"weights after kill + resume from the bucket differ from the uninterrupted run by {worst}"
+
+    # predict and evaluate from the bucket: the run's best complete checkpoint, the store, outputs into the bucket
+    env = {**env, "DISTSEG_CACHE": str(tmp_path / "cache")}
+    for cmd in (["launch/predict.py", "--model", f"{out}/runs/r", "--input", store, "--fold", "0", "--output",
+                 f"s3://{BUCKET}/preds"],
+                ["launch/evaluate.py", "--model", f"{out}/runs/r", "--store", store, "--output", f"s3://{BUCKET}/ev"]):
+        done = subprocess.run([sys.executable, *cmd], cwd=runner.repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert any(k.endswith(".nii.gz") for k in _keys(client, "preds/")), _keys(client, "preds/")
+    assert "ev/summary.json" in _keys(client, "ev/")

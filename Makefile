@@ -24,9 +24,11 @@ demo: venv
 demo2d: venv
 	$(PY) -m launch.demo --kind images2d
 
+# Two pytest-xdist workers: most tests wait on process start-up, Ray and the launcher, so two share the 2 cores
+# well; each test file (and tests/predict/ as a whole) stays on one worker (tests/conftest.py).
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: venv
 	$(PY) -m ruff check .

@@ -81,8 +81,29 @@ def init_distributed(timeout_s: float | None = None) -> None:
         if distributed_c10d.default_pg_nccl_timeout is not None:
             distributed_c10d.default_pg_nccl_timeout = timeout
     if not torch_dist.is_initialized():
+        skip_unused_shm_op()
         deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(), **kwargs)
         release_shm_allreduce_buffer()
+
+
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_unused_shm_op() -> bool:
+    """Tell DeepSpeed not to build its CPU shared-memory all-reduce op; returns True when skipped.
+
+    On CPU, DeepSpeed's `TorchBackend` JIT-compiles (``deepspeed_shm_comm``: 1-2 minutes of g++ on the first run
+    in each environment, again whenever another environment rebuilt the shared torch_extensions cache) and
+    initialises (69 MB of /dev/shm per rank) this op in `init_distributed`. It serves only DeepSpeed-Inference's
+    `inference_all_reduce` (tensor-parallel inference layers); every collective of training and of distseg's
+    inference goes through torch.distributed (gloo) with or without it. DeepSpeed skips an op marked incompatible.
+    ``DISTSEG_DS_SHM_COMM=1`` keeps DeepSpeed's default."""
+    if os.environ.get("DISTSEG_DS_SHM_COMM") == "1" or accelerator().device_name() != "cpu":
+        return False
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
+    return True
 
 
 def release_shm_allreduce_buffer() -> None:

@@ -22,7 +22,7 @@ def _tree(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cv(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Store (9 cases, 3 folds, 2 test subjects) -> fold 0 alone (--only-train) -> the whole command with --test."""
     root = tmp_path_factory.mktemp("crossval")

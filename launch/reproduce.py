@@ -2,24 +2,27 @@
 cross-validation on the rest, the fold ensemble and the single budget model, each scored on the test split.
 
     python -m launch.reproduce [--data ../shared/data] [--out reproduce_out] [--only brats,lgg] [--ranks 2]
-                               [--skip-single] [--skip-cv] [key=value ...]
+                               [--brats-cv brats_budget_cv[,brats_budget_cv_intensity]] [--skip-single] [--skip-cv]
+                               [key=value ...]
 
 Each stage runs the product's own command in a subprocess, as a user types it:
 1. `python -m preprocess brats|images2d ... --test-subjects ...`: BraTS: the three cases from institutions other
    than CBICA (Brats18_2013_3_1, Brats18_TCIA01_201_1, BraTS2021_00006: the only cross-institution check the
    shared data offers) are the test split; the 16 CBICA cases are the pool, 3 balanced folds. LGG: the patients of
    institutions CS and EZ are the test split; the others (DU, FG, HT) the pool, 3 balanced folds.
-2. `python launch/crossval.py --config configs/<x>_budget_cv*.yaml` per configuration (BraTS: default and nnU-Net
-   intensity augmentation; LGG: one): folds, out-of-fold predictions (the validation numbers), postprocessing chosen
-   on them; `launch/crossval.py choose` keeps the configuration or ensemble with the best out-of-fold Dice, and only
-   that one is scored on the test split (`launch/evaluate.py --split test --postprocess`).
+2. `python launch/crossval.py --config configs/<x>_budget_cv*.yaml` per configuration (BraTS: `--brats-cv`, by
+   default brats_budget_cv only; LGG: lgg_budget_cv): folds, out-of-fold predictions (the validation numbers),
+   postprocessing chosen on them; given several configurations, `launch/crossval.py choose` keeps the configuration
+   or ensemble with the best out-of-fold Dice; only that one is scored on the test split (`launch/evaluate.py
+   --split test --postprocess`).
 3. the single budget model (`configs/brats_budget.yaml`, `configs/lgg_budget_res_inception_unet.yaml`) trained by
    `deepspeed launch/train.py` on the pool with fold 0 as its validation fold (its "best" checkpoint and its
    postprocessing are chosen there: `launch/evaluate.py --choose-postprocessing`), then scored on the test split
    with that postprocessing (`launch/evaluate.py --split test --postprocess FILE`).
 4. `<out>/results.md`: validation and test numbers side by side, labelled, with the hardware, commands and times.
 Extra `key=value` arguments go to every training run (e.g. `train.max_minutes=2` for a quick pass). Wall time on 2
-cores: ~2 h (BraTS 2 x 25 min CV + 25 min single, LGG 25 min CV + 8 min single, evaluation, preprocessing).
+cores: ~90 min (BraTS 3 x 6.5 min CV + 25 min single, LGG 3 x 6 min CV + 8 min single, out-of-fold and test
+prediction, preprocessing); each extra BraTS CV configuration adds ~25 min.
 """
 
 from __future__ import annotations
@@ -142,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "reproduce_out")
     p.add_argument("--only", default="brats,lgg", help="which datasets: brats, lgg or both")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks per training run")
+    p.add_argument("--brats-cv", default="brats_budget_cv",
+                   help="BraTS CV configurations, comma-separated (several: the choice among them and their ensembles "
+                        "is made on out-of-fold Dice), e.g. brats_budget_cv,brats_budget_cv_intensity")
     p.add_argument("--skip-single", action="store_true", help="no single budget model")
     p.add_argument("--skip-cv", action="store_true", help="no cross-validation")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     datasets = []
     if "brats" in only:
-        datasets.append(("brats", "brats_budget", ["brats_budget_cv", "brats_budget_cv_intensity"],
+        datasets.append(("brats", "brats_budget", [c for c in args.brats_cv.split(",") if c],
                          stores / "brats_real.zarr", list(BRATS_TEST),
                          ["brats", "--src", str(_link_cases(data, out)), "--name", "brats_real"]))
     if "lgg" in only:

@@ -200,15 +200,25 @@ class RemoteWriteError(OSError):
     """An upload to object storage failed (the message names the URL and why; the local copy stays)."""
 
 
-def staging_dir(url: str) -> Path:
-    """The local folder where outputs bound for `url` are written before upload:
-    ``$DISTSEG_CACHE/outputs/<bucket>/<prefix>`` (default ``~/.cache/distseg``); '.' and '..' are refused."""
+def cache_base() -> Path:
+    """distseg's local cache: ``$DISTSEG_CACHE`` (default ``~/.cache/distseg``)."""
+    return Path(os.environ.get("DISTSEG_CACHE") or Path.home() / ".cache" / "distseg").expanduser()
+
+
+def url_folder(root: Path, url: str) -> Path:
+    """The folder under `root` mirroring `url` (``s3://b/p/q`` -> ``root/b/p/q``); ValueError for '.', '..' or a
+    backslash in the URL, which could lead outside `root`."""
     bucket, prefix = split_url(url)
     parts = [bucket, *[p for p in prefix.split("/") if p]]
     if any(p in (".", "..") or "\\" in p for p in parts):
-        raise ValueError(f"{url}: '.' and '..' are not allowed in an output URL")
-    base = Path(os.environ.get("DISTSEG_CACHE") or Path.home() / ".cache" / "distseg").expanduser()
-    return base.joinpath("outputs", *parts)
+        raise ValueError(f"{url}: '.' and '..' are not allowed in an s3:// path")
+    return root.joinpath(*parts)
+
+
+def staging_dir(url: str) -> Path:
+    """The local folder where outputs bound for `url` are written before upload: ``<cache>/outputs/<bucket>/<prefix>``
+    (`cache_base`)."""
+    return url_folder(cache_base() / "outputs", url)
 
 
 class UploadedFolder:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +40,19 @@ MODEL_SUFFIXES = (".pt", ".onnx")
 
 def cache_root() -> Path:
     """Where fetched models live: ``$DISTSEG_CACHE/models`` (default ``~/.cache/distseg/models``)."""
-    base = os.environ.get("DISTSEG_CACHE") or Path.home() / ".cache" / "distseg"
-    return Path(base).expanduser() / "models"
+    from distseg.data.remote import cache_base
+
+    return cache_base() / "models"
 
 
 def _local_dir(url: str, cache: Path) -> Path:
-    """The cache folder mirroring `url` (``s3://b/p/q`` -> ``cache/b/p/q``); refuses names that would leave it."""
-    from distseg.data.remote import split_url
+    """The cache folder mirroring `url`; refuses names that would leave it."""
+    from distseg.data.remote import url_folder
 
-    bucket, prefix = split_url(url)
-    parts = [bucket, *[p for p in prefix.split("/") if p]]
-    if any(p in (".", "..") or "\\" in p for p in parts):
-        raise ModelLoadError(f"{url}: '.' and '..' are not allowed in a model URL")
-    return cache.joinpath(*parts)
+    try:
+        return url_folder(cache, url)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _store(url: str) -> Any:
@@ -111,8 +112,6 @@ def _fetch_run(s3: Any, url: str, dest: Path) -> Path:
     _fetch_tag(s3, f"checkpoints/{tag}", ckpt / tag, f"{url}/checkpoints/{tag}")
     for other in checkpoint.scan_tags(ckpt):  # only the chosen tag: loading picks best/newest of what is here
         if other.tag != tag:
-            import shutil
-
             shutil.rmtree(ckpt / other.tag, ignore_errors=True)
     return dest
 

@@ -171,8 +171,9 @@ def pick_device(arg: str, local_rank: int) -> str:
 
 
 def predict_cases(predictor, cases: list[InputCase], out_dir: Path, save_probabilities: bool,
-                  rank: int = 0) -> Iterator[tuple[InputCase, object, object, str]]:
-    """Predict and write each case; yields (input, CaseArrays or None, Prediction or None, error text)."""
+                  rank: int = 0) -> Iterator[tuple[InputCase, object, object, str, list[Path]]]:
+    """Predict and write each case; yields (input, CaseArrays or None, Prediction or None, error text, the files
+    written)."""
     from distseg.inference.outputs import write_prediction
 
     bar = tqdm(cases, desc=f"predict[rank {rank}]", unit="case", dynamic_ncols=True, disable=not cases)
@@ -180,14 +181,15 @@ def predict_cases(predictor, cases: list[InputCase], out_dir: Path, save_probabi
         try:
             case = item.load()
             pred = predictor.predict(case, keep_probabilities=True)
-            write_prediction(out_dir, case, pred, predictor.io.kind, predictor.io.channels, save_probabilities)
+            written = write_prediction(out_dir, case, pred, predictor.io.kind, predictor.io.channels,
+                                       save_probabilities)
         except Exception as e:  # one bad case never stops the others; the reason names the case or file
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if item.case_id not in reason and item.source not in reason:
                 reason = f"{item.source}: {reason}"
-            yield item, None, None, reason
+            yield item, None, None, reason, []
             continue
-        yield item, case, pred, ""
+        yield item, case, pred, "", list(written.values())
     bar.close()
 
 
@@ -237,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                 models.members[0].config.model.name, io.mode, predictor.sw.window, len(cases), len(mine), device)
     t0 = time.perf_counter()
     failed = 0
-    for item, _, _, error in predict_cases(predictor, mine, out_dir, args.save_probabilities, rank):
+    for item, _, _, error, written in predict_cases(predictor, mine, out_dir, args.save_probabilities, rank):
         if not error and sink is not None:
-            try:  # this case's files only (the other ranks upload theirs)
-                sink.sync(lambda name, c=item.case_id: name.startswith((f"{c}.", f"{c}_")))
+            try:  # this case's files only (the other ranks upload theirs); no walk over the whole folder per case
+                sink.sync(files=written)
             except OSError as e:
                 error = f"{e} (its files are in {out_dir})"
         if error:

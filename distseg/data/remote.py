@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,20 +233,18 @@ class UploadedFolder:
         self._sent: dict[str, tuple[int, int]] = {}
         self._s3: Any = None
 
-    def sync(self, only: Callable[[str], bool] | None = None) -> int:
-        """Upload the files of `local` not yet uploaded in their current version (those whose name passes `only`);
-        returns how many. Raises RemoteWriteError naming the URL."""
+    def sync(self, files: Iterable[Path] | None = None) -> int:
+        """Upload the files of `local` not yet uploaded in their current version (only `files` when given: paths
+        under `local`); returns how many. Raises RemoteWriteError naming the URL."""
         import obstore
 
         n = 0
         try:
             if self._s3 is None:
                 self._s3 = open_zarr_store(self.url, read_only=False, backend="obstore").store
-            for p in sorted(self.local.rglob("*")):
+            for p in sorted(self.local.rglob("*") if files is None else files):
                 rel = p.relative_to(self.local).as_posix()
                 if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
-                    continue
-                if only is not None and not only(p.name):
                     continue
                 st = p.stat()
                 if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):

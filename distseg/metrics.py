@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy import ndimage
 
 COUNT_COLUMNS = ("tp", "fp", "fn", "tn")
 RATIO_NAMES = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
@@ -167,6 +166,8 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
 def surface(mask: np.ndarray) -> np.ndarray:
     """Boolean surface voxels of a mask: foreground voxels with a face-neighbour (connectivity 1) in the background;
     voxels on the array border count as surface (as in MedPy)."""
+    from scipy import ndimage  # not at import: every training rank imports this module
+
     mask = np.asarray(mask, dtype=bool)
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask & ~ndimage.binary_erosion(mask, structure=structure, iterations=1)
@@ -198,6 +199,8 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | N
 
     a, b: boolean (*S) masks of one shape; `b` must not be empty when `a` is not.
     """
+    from scipy import ndimage  # not at import: every training rank imports this module
+
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     spacing = _check_spacing(spacing, a.ndim)
     a, b = _crop_pair(a, b)
@@ -215,6 +218,8 @@ def hausdorff95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | Non
     Computed on the box of pred | gt grown by one voxel (see `_crop_pair`): the same value as on the whole array,
     at the cost of the tumour's box instead of the scan's (two EDTs of a 240x240x155 volume take seconds).
     """
+    from scipy import ndimage  # not at import: every training rank imports this module
+
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     if pred.shape != gt.shape:
         raise ValueError(f"hausdorff95: pred {pred.shape} and gt {gt.shape} must have the same shape")

@@ -76,13 +76,12 @@ def _mean_dice(out: Path, table: str = "metrics.parquet") -> dict[str, float]:
             for g in regions}
 
 
-def _beats_untrained(run: Path, store: Path, tmp: Path, margin: float, regions: set[str],
+def _beats_untrained(run: Path, store: Path, tmp: Path, trained_eval: Path, margin: float, regions: set[str],
                      table: str = "metrics.parquet") -> dict[str, float]:
-    """The trained model (best, else newest checkpoint) beats its own step-1 checkpoint on the held-out fold in
-    `regions`; returns the trained mean Dice per region."""
-    trained = _mean_dice(_evaluate(run, store, tmp / "eval_trained"), table)
-    early = _mean_dice(_evaluate(run / "checkpoints" / "step_00000001", store, tmp / "eval_step1",
-                                 ), table)
+    """The trained model (best, else newest checkpoint; its `evaluate --model RUN` output: `trained_eval`) beats
+    its own step-1 checkpoint on the held-out fold in `regions`; returns the trained mean Dice per region."""
+    trained = _mean_dice(trained_eval, table)
+    early = _mean_dice(_evaluate(run / "checkpoints" / "step_00000001", store, tmp / "eval_step1"), table)
     sys.stderr.write(f"\n{run.name}: mean Dice trained {trained}, step-1 checkpoint {early}\n")
     for region in regions:
         assert trained[region] >= early[region] + margin, (
@@ -130,7 +129,7 @@ def test_brats_budget_recipe_trains_and_evaluates_on_real_cases(shared_data: Pat
           str(out)])
     rows = _evaluation(out, 1, {"WT", "TC", "ET"})
     assert all(r["gt_voxels"] > 0 for r in rows)  # every real held-out case has all three regions
-    trained = _beats_untrained(run, store, tmp_path, margin=BRATS_MARGIN, regions={"WT"})
+    trained = _beats_untrained(run, store, tmp_path, out, margin=BRATS_MARGIN, regions={"WT"})
     assert trained["WT"] >= BRATS_FLOOR, trained
 
 

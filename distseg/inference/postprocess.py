@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 
 def nesting(regions: Mapping[str, Sequence[int]]) -> dict[int, list[int]]:
@@ -55,6 +54,8 @@ class Postprocessing:
 
 def component_labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Connected components (full connectivity: diagonal neighbours join) -> (labels, sizes per label 1..n)."""
+    from scipy import ndimage  # here, not at import: every training rank imports this module, few call this
+
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     labels, n = ndimage.label(mask, structure=structure)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, dtype=np.int64)

@@ -135,9 +135,11 @@ def test_sigterm_to_the_supervised_launcher_saves_exits_4_and_the_rerun_matches(
                                                          strict=True))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize(("stage", "world"), [(2, 1), (3, 3)])
 def test_resume_on_one_and_three_ranks_keeps_the_optimizer_state_and_the_loss_curve(runner, brats_store, tmp_path,
-                                                                                    reference, stage):
+                                                                                    reference, stage, world):
+    """A 2-rank checkpoint resumed on fewer ranks (ZeRO-2 on 1) and on more (ZeRO-3 on 3): each direction and each
+    partitioned stage once (the universal-checkpoint path is the same for both)."""
     ref = reference if stage == 2 else None
     if ref is None:  # a ZeRO-3 reference of its own
         ref = tmp_path / "runs" / "ref3"
@@ -145,35 +147,34 @@ def test_resume_on_one_and_three_ranks_keeps_the_optimizer_state_and_the_loss_cu
                                                                "train.steps=6"))))
     saved = optimizer_state(ref / "checkpoints" / "step_00000002")
     assert any(k.endswith("exp_avg_sq") for k in saved)
-    for world in (1, 3):
-        # the 2-rank run as it was at step 2, resumed on `world` ranks (saving what it loaded), on to step 6
-        run_dir = tmp_path / "runs" / f"z{stage}_on{world}"
-        shutil.copytree(ref, run_dir, ignore=shutil.ignore_patterns("step_00000004", "step_00000006", "tb",
-                                                                    "consolidated_*"))
-        (run_dir / "checkpoints" / "latest").write_text("step_00000002")
-        args = ["--config", DEBUG, *common(brats_store, tmp_path, run_dir.name, f"deepspeed.zero_stage={stage}",
-                                           "train.steps=6")]
-        probe = "tests/train/resave_probe.py"
-        cmd = ([sys.executable, probe, *args] if world == 1 else
-               runner.launcher_cmd(DEBUG, [], num_gpus=3)[:-3] + [probe, *args])
-        out = runner.ok(runner.run(cmd))
-        assert "resumed from checkpoint step_00000002 (step 2, written by 2 ranks, universal format)" in out
-        assert f"train.grad_accum 3 -> {6 // world} keeps the global batch of 6 samples" in out
-        assert (run_dir / "checkpoints" / "step_00000002" / elastic.UNIVERSAL).is_dir()  # cached beside the tag
-        marker = json.loads((run_dir / "checkpoints" / "step_00000006" / "COMPLETE.json").read_text())
-        assert (marker["world_size"], marker["grad_accum"]) == (world, 6 // world)
+    # the 2-rank run as it was at step 2, resumed on `world` ranks (saving what it loaded), on to step 6
+    run_dir = tmp_path / "runs" / f"z{stage}_on{world}"
+    shutil.copytree(ref, run_dir, ignore=shutil.ignore_patterns("step_00000004", "step_00000006", "tb",
+                                                                "consolidated_*"))
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002")
+    args = ["--config", DEBUG, *common(brats_store, tmp_path, run_dir.name, f"deepspeed.zero_stage={stage}",
+                                       "train.steps=6")]
+    probe = "tests/train/resave_probe.py"
+    cmd = ([sys.executable, probe, *args] if world == 1 else
+           runner.launcher_cmd(DEBUG, [], num_gpus=3)[:-3] + [probe, *args])
+    out = runner.ok(runner.run(cmd))
+    assert "resumed from checkpoint step_00000002 (step 2, written by 2 ranks, universal format)" in out
+    assert f"train.grad_accum 3 -> {6 // world} keeps the global batch of 6 samples" in out
+    assert (run_dir / "checkpoints" / "step_00000002" / elastic.UNIVERSAL).is_dir()  # cached beside the tag
+    marker = json.loads((run_dir / "checkpoints" / "step_00000006" / "COMPLETE.json").read_text())
+    assert (marker["world_size"], marker["grad_accum"]) == (world, 6 // world)
 
-        # what the `world` ranks loaded is exactly what the 2 ranks saved: weights and Adam moments, every element
-        loaded = optimizer_state(run_dir / "probe" / "step_00000002")
-        assert loaded.keys() == saved.keys()
-        assert all(torch.equal(loaded[k], saved[k]) for k in saved), f"ZeRO-{stage} on {world} ranks"
-        # the same samples in the same micro-batches: the loss curve continues the reference's. (Not to 1e-6: the
-        # instance-norm biases get gradients near float noise, which Adam's normalisation amplifies.)
-        cont, orig = losses(run_dir), losses(ref)
-        assert sorted(cont) == [3, 4, 5, 6]
-        assert cont[3] == pytest.approx(orig[3], rel=1e-6)  # step 3 uses only the loaded state
-        for s in (4, 5, 6):
-            assert cont[s] == pytest.approx(orig[s], rel=5e-3), f"step {s}: {cont[s]} vs {orig[s]}"
+    # what the `world` ranks loaded is exactly what the 2 ranks saved: weights and Adam moments, every element
+    loaded = optimizer_state(run_dir / "probe" / "step_00000002")
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved), f"ZeRO-{stage} on {world} ranks"
+    # the same samples in the same micro-batches: the loss curve continues the reference's. (Not to 1e-6: the
+    # instance-norm biases get gradients near float noise, which Adam's normalisation amplifies.)
+    cont, orig = losses(run_dir), losses(ref)
+    assert sorted(cont) == [3, 4, 5, 6]
+    assert cont[3] == pytest.approx(orig[3], rel=1e-6)  # step 3 uses only the loaded state
+    for s in (4, 5, 6):
+        assert cont[s] == pytest.approx(orig[s], rel=5e-3), f"step {s}: {cont[s]} vs {orig[s]}"
 
 
 def test_a_killed_rank_stops_the_others_with_a_message_and_a_rerun_resumes(runner, brats_store, tmp_path):

@@ -92,7 +92,8 @@ def run_dataset(args: argparse.Namespace) -> int:
                 len(test), f": {', '.join(test)}" if 0 < len(test) <= 10 else "")
     if not args.serial:
         init_ray(args.address, args.num_cpus)
-    rows = run_cases(fn, jobs, use_ray=not args.serial, desc=args.command)
+    rows = run_cases(fn, jobs, use_ray=not args.serial, desc=args.command,
+                     batch=getattr(args, "cases_per_task", None))
     by_id = {c.case_id: c for c in cases}
     for row in rows:  # failed rows carry no attrs: take subject and slice index from discovery
         case = by_id.get(row["case_id"])

@@ -49,19 +49,46 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     logger.info("Ray: %s CPUs available", ray.cluster_resources().get("CPU"))
 
 
+MAX_CASES_PER_TASK = 64
+"""Automatic batching never puts more cases than this into one Ray task (the unit of retry and of progress)."""
+
+TASKS_PER_CPU = 64
+"""Automatic batching keeps at least this many tasks per cluster CPU, so that the last tasks balance the load."""
+
+
+def cases_per_task(n_cases: int, cpus: int) -> int:
+    """How many cases one Ray task converts: n_cases // (cpus x `TASKS_PER_CPU`), clamped to [1,
+    `MAX_CASES_PER_TASK`], so that every CPU still gets at least `TASKS_PER_CPU` tasks to balance the end of the run.
+
+    Ray's per-task cost (submission, scheduling, the result's round trip: ~0.25 ms of driver CPU alone, measured)
+    is nothing next to a 3-5 s BraTS case but a large share of a ~20 ms 2D slice; a batch pays it once
+    (`tests/benchmarks/bench_ray_driver.py`). 1 251 BraTS cases on 64 CPUs stay one per task; 100 000 slices on 64
+    CPUs go 24 per task."""
+    return max(1, min(MAX_CASES_PER_TASK, n_cases // (max(1, cpus) * TASKS_PER_CPU)))
+
+
+def convert_batch(fn: Callable[..., dict[str, Any]], batch: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """One Ray task: `fn(*args)` for each args of the batch, in order (converters return failed rows, never raise)."""
+    return [fn(*args) for args in batch]
+
+
 def run_cases(
     fn: Callable[..., dict[str, Any]],
     jobs: Sequence[tuple[str, tuple[Any, ...]]],
     use_ray: bool,
     desc: str,
     max_in_flight: int | None = None,
+    batch: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run `fn(*args)` for each (case_id, args); returns one row per job, failures included (never raises).
 
-    With Ray, at most `max_in_flight` tasks (default: 4 per cluster CPU, at least 64) are submitted at a time and
+    With Ray, the jobs go `batch` at a time into one task (default `cases_per_task`: 1 unless there are many cases
+    per CPU) and at most `max_in_flight` tasks (default: 4 per cluster CPU, at least 64) are submitted at a time and
     refilled as they finish: every `ray.wait` then looks at a window of bounded size, so the driver's work per
     finished task is constant and a 100 000-case conversion costs the driver linear time (a wait over every
-    pending task, as before, made it quadratic: `tests/benchmarks/bench_ray_driver.py`)."""
+    pending task, as before, made it quadratic: `tests/benchmarks/bench_ray_driver.py`). A task whose worker dies
+    is retried `TASK_MAX_RETRIES` times as a whole (writes are atomic; a rerun skips unchanged cases); after that
+    each of its cases gets a failed row."""
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
@@ -74,15 +101,23 @@ def run_cases(
         return rows
     import ray
 
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     if max_in_flight is None:
-        max_in_flight = max(64, 4 * int(ray.cluster_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=1, max_retries=TASK_MAX_RETRIES, retry_exceptions=False)(fn)
+        max_in_flight = max(64, 4 * cpus)
+    if batch is None:
+        batch = cases_per_task(len(jobs), cpus)
+    if batch > 1:
+        logger.info("%d cases per Ray task (%d tasks on %d CPUs)", batch, -(-len(jobs) // batch), cpus)
+    remote = ray.remote(num_cpus=1, max_retries=TASK_MAX_RETRIES, retry_exceptions=False)(convert_batch)
     todo = iter(jobs)
-    in_flight: dict[Any, str] = {}
+    in_flight: dict[Any, list[str]] = {}
     failed = 0
     while True:
-        for cid, args in itertools.islice(todo, max_in_flight - len(in_flight)):
-            in_flight[remote.remote(*args)] = cid
+        while len(in_flight) < max_in_flight:
+            chunk = list(itertools.islice(todo, batch))
+            if not chunk:
+                break
+            in_flight[remote.remote(fn, [args for _, args in chunk])] = [cid for cid, _ in chunk]
         if not in_flight:
             break
         # One wait per batch of finished tasks, not per task: it returns when a quarter of the window is done or
@@ -92,24 +127,24 @@ def run_cases(
         try:
             results = ray.get(done)
         except Exception:  # some task's worker died TASK_MAX_RETRIES + 1 times: find which, one by one
-            results = [_get_or_failure(ray, ref, in_flight[ref]) for ref in done]
-        for ref, row in zip(done, results, strict=True):
+            results = [_get_or_failures(ray, ref, in_flight[ref]) for ref in done]
+        for ref, task_rows in zip(done, results, strict=True):
             del in_flight[ref]
-            rows.append(row)
-            failed += row["status"] == "failed"
-        bar.update(len(done))
+            rows.extend(task_rows)
+            failed += sum(row["status"] == "failed" for row in task_rows)
+            bar.update(len(task_rows))
         bar.set_postfix(failed=failed, refresh=False)
     bar.close()
     return rows
 
 
-def _get_or_failure(ray: Any, ref: Any, cid: str) -> dict[str, Any]:
-    """The task's row, or a failed row naming the case when its worker died on every retry."""
+def _get_or_failures(ray: Any, ref: Any, cids: list[str]) -> list[dict[str, Any]]:
+    """The task's rows, or a failed row for each of its cases when its worker died on every retry."""
     try:
         return ray.get(ref)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return result_row(cid, "failed", f"{cid}: worker failed after retries: {msg}")
+        return [result_row(cid, "failed", f"{cid}: worker failed after retries: {msg}") for cid in cids]
 
 
 def write_manifest(path: Path | str, rows: list[dict[str, Any]]) -> None:

@@ -20,8 +20,10 @@ from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import ray  # noqa: E402
+
 from preprocess.common import result_row  # noqa: E402
-from preprocess.runner import init_ray, run_cases  # noqa: E402
+from preprocess.runner import cases_per_task, init_ray, run_cases  # noqa: E402
 
 
 def trivial(case_id: str) -> dict[str, Any]:
@@ -63,10 +65,14 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     init_ray(None, None)
     measure(lambda jobs: run_cases(trivial, jobs, True, "warm-up"), 200)
-    print("| loop | tasks | wall s | driver main-thread CPU s | driver us/task | driver share of trivial run |"
+    cpus = int(ray.cluster_resources()["CPU"])
+    print("| loop | cases | wall s | driver main-thread CPU s | driver us/case | driver share of trivial run |"
           " driver share of a real run |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    cases = [("bounded window (now)", n, lambda jobs: run_cases(trivial, jobs, True, "bench")) for n in args.tasks]
+    cases = [(f"bounded window, {cases_per_task(n, cpus)} cases per task (auto, now)", n,
+              lambda jobs: run_cases(trivial, jobs, True, "bench")) for n in args.tasks]
+    cases += [("bounded window, 1 case per task", n, lambda jobs: run_cases(trivial, jobs, True, "bench", batch=1))
+              for n in args.tasks]
     cases += [("wait over all pending (before)", n, old_loop) for n in args.old_tasks]
     for name, n, run in cases:
         wall, cpu = measure(run, n)

@@ -42,15 +42,50 @@ def test_local_ray_run_with_a_bad_case(brats_src, tmp_path, manifest, cli_env, r
     bad = sorted(p for p in brats_src.iterdir())[0]
     t2 = next(bad.glob("*_t2.nii.gz"))
     t2.write_bytes(t2.read_bytes()[:100])  # truncated
-    r = subprocess.run(_cli("brats", "--src", str(brats_src), "--dst", str(tmp_path / "ray"), "--num-cpus", "2"),
+    # 3 cases per task: the bad case shares a task with good ones, which are still converted
+    r = subprocess.run(_cli("brats", "--src", str(brats_src), "--dst", str(tmp_path / "ray"), "--num-cpus", "2",
+                            "--cases-per-task", "3"),
                        env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr[-3000:]
+    assert "3 cases per Ray task (2 tasks on 2 CPUs)" in r.stderr
     assert f"FAILED {bad.name}" in r.stderr and "truncated or corrupt gzip" in r.stderr
     rows = manifest(tmp_path / "ray" / "brats.manifest.parquet")
     assert rows[bad.name]["status"] == "failed" and sum(r["status"] == "ok" for r in rows.values()) == 3
     # Same result as the in-process path.
     assert run_cli("brats", "--src", str(brats_src), "--dst", str(tmp_path / "ref")) == 3
     _assert_same_cases(tmp_path / "ray" / "brats.zarr", tmp_path / "ref" / "brats.zarr")
+
+
+DYING_WORKER = """
+import json, os, sys
+from preprocess.common import result_row
+from preprocess.runner import init_ray, run_cases
+
+def convert(case_id):
+    if case_id == "c03":
+        os._exit(1)  # the worker process dies, as when the kernel OOM-kills it
+    return result_row(case_id, "ok", "")
+
+init_ray(None, 2)
+rows = run_cases(convert, [(f"c{i:02d}", (f"c{i:02d}",)) for i in range(8)], True, "test", batch=3)
+print(json.dumps(rows))
+"""
+
+
+def test_a_task_whose_worker_dies_fails_each_of_its_cases_and_only_those(cli_env, tmp_path):
+    """Batches of 3: c00-c02, c03-c05, c06-c07. The task holding c03 kills its worker on every retry; its three
+    cases get failed rows naming them, every other case its own row, and the driver returns."""
+    r = subprocess.run([sys.executable, "-c", DYING_WORKER], env={**cli_env, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = next(line for line in r.stdout.splitlines() if line.startswith('[{"case_id"'))  # Ray logs around it
+    rows = {row["case_id"]: row for row in json.loads(table)}
+    assert sorted(rows) == [f"c{i:02d}" for i in range(8)]
+    failed = sorted(cid for cid, row in rows.items() if row["status"] == "failed")
+    assert failed == ["c03", "c04", "c05"], rows
+    for cid in failed:
+        assert rows[cid]["error"].startswith(f"{cid}: worker failed after retries"), rows[cid]
+    assert all(rows[cid]["status"] == "ok" for cid in rows if cid not in failed)
 
 
 def test_ray_job_submit_to_a_started_head(ray_head, brats_src, tmp_path, manifest, run_cli):

@@ -4,7 +4,8 @@ folder on each node), uploaded in the background, resumed from the bucket.
 Checkpoints (``<run_url>/checkpoints/<tag>/``):
 
 1. every rank saves the tag locally as on POSIX (`distseg.core.checkpoint.save`);
-2. the first rank of each node uploads every file of the tag its node holds (except the local marker), then puts
+2. the first rank of each node uploads the files of the tag that its node's ranks wrote (`node_files`: by the rank
+   in the file name; the staging folder may be node-local or shared, each file goes up once), then puts
    ``<tag>/uploaded/node<k>.json`` listing them with their sizes: training goes on meanwhile (one background
    thread per node; the next save waits only if the previous upload is still running);
 3. rank 0's thread waits for every node's list, checks each listed object's size in the bucket, then puts
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -43,6 +45,26 @@ NODE_WAIT_S = 3600.0
 """How long rank 0 waits for the other nodes' uploads of a tag before leaving it incomplete (ignored)."""
 
 
+_RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+
+
+def file_rank(name: str) -> int:
+    """The global rank that writes checkpoint file `name`: DeepSpeed's ZeRO shards carry their data-parallel rank
+    (``[bf16_]zero_pp_rank_<r>_mp_rank_00_{optim,model}_states.pt``; distseg is data-parallel only, so it is the
+    global rank) and distseg's RNG states theirs (``rng_rank<r>.pt``); everything else (ZeRO 0-2 model states,
+    ``trainer_state.json``) is written by rank 0."""
+    m = _RANK_IN_NAME.search(name)
+    return int(m.group(1)) if m else 0
+
+
+def node_files(tag_dir: Path, node: int, local_size: int) -> list[Path]:
+    """The files of `tag_dir` (top level, without the local marker) written by node `node`'s ranks
+    (``rank // local_size == node``): each node uploads only these, whether it sees only its own files (node-local
+    staging) or every node's (a shared staging folder)."""
+    return [p for p in sorted(tag_dir.iterdir())
+            if p.is_file() and p.name != MARKER and file_rank(p.name) // max(1, local_size) == node]
+
+
 def _s3(url: str) -> Any:
     """The obstore S3Store rooted at `url` (endpoint and credentials from the standard AWS variables)."""
     from distseg.data.remote import open_zarr_store
@@ -50,9 +72,14 @@ def _s3(url: str) -> Any:
     return open_zarr_store(url, read_only=False, backend="obstore").store
 
 
+def _local_size() -> int:
+    """Ranks per node (`LOCAL_SIZE`, set by DeepSpeed's launcher; 1 without it)."""
+    return max(1, int(os.environ.get("LOCAL_SIZE", "1")))
+
+
 def _node_index() -> tuple[int, int]:
     """(this node's index, number of nodes): ranks are laid out node by node (`LOCAL_SIZE` ranks each)."""
-    local = max(1, int(os.environ.get("LOCAL_SIZE", "1")))
+    local = _local_size()
     return dist.rank() // local, max(1, dist.world_size() // local)
 
 
@@ -63,6 +90,7 @@ class RunMirror:
         self.run_dir, self.url = run_dir, run_url.rstrip("/")
         self.keep_last, self.keep_best = keep_last, keep_best
         self.node, self.nodes = _node_index()
+        self.local_size = _local_size()
         self.uploads_files = dist.local_rank() == 0
         self.rank0 = dist.rank() == 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload") if self.uploads_files else None
@@ -111,10 +139,9 @@ class RunMirror:
 
         tag_dir = self.run_dir / "checkpoints" / tag
         files = {}
-        for p in sorted(tag_dir.iterdir()):
-            if p.is_file() and p.name != MARKER:
-                obstore.put(self.s3, f"checkpoints/{tag}/{p.name}", p)
-                files[p.name] = p.stat().st_size
+        for p in node_files(tag_dir, self.node, self.local_size):
+            obstore.put(self.s3, f"checkpoints/{tag}/{p.name}", p)
+            files[p.name] = p.stat().st_size
         obstore.put(self.s3, f"checkpoints/{tag}/{UPLOADED}/node{self.node:05d}.json", json.dumps(files).encode())
         if self.rank0:
             local_marker = json.loads((tag_dir / MARKER).read_text(encoding="utf-8"))

@@ -1,0 +1,52 @@
+"""Which node uploads which checkpoint file when a run's output is a bucket (`distseg.train.mirror.node_files`):
+every file exactly once, by the node whose rank wrote it, whether the staging folder is node-local or shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distseg.core.checkpoint import MARKER
+from distseg.train.mirror import file_rank, node_files
+
+
+def deepspeed_tag(tag_dir: Path, world: int, stage: int, bf16: bool) -> dict[str, int]:
+    """A tag folder with the files a `world`-rank run saves (names as DeepSpeed 0.19 and distseg write them), and
+    the rank that writes each."""
+    owners = {"trainer_state.json": 0, MARKER: 0}
+    optim = ("bf16_" if bf16 else "") + "zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+    if stage == 3:
+        owners.update({f"zero_pp_rank_{r}_mp_rank_00_model_states.pt": r for r in range(world)})
+    else:
+        owners["mp_rank_00_model_states.pt"] = 0
+    owners.update({optim.format(r=r): r for r in range(world)})
+    owners.update({f"rng_rank{r:05d}.pt": r for r in range(world)})
+    tag_dir.mkdir(parents=True)
+    for name in owners:
+        (tag_dir / name).write_bytes(b"x")
+    (tag_dir / "universal").mkdir()  # a sub-folder (the cached universal checkpoint) is never uploaded
+    return owners
+
+
+@pytest.mark.parametrize(("world", "stage", "bf16"), [(4, 2, True), (4, 3, False), (8, 1, False)])
+@pytest.mark.parametrize("local_size", [1, 2, 4])
+def test_each_file_is_uploaded_once_by_the_node_of_the_rank_that_wrote_it(tmp_path, world, stage, bf16, local_size):
+    owners = deepspeed_tag(tmp_path / "step_00000010", world, stage, bf16)
+    assert {name: file_rank(name) for name in owners if name != MARKER} == {
+        name: rank for name, rank in owners.items() if name != MARKER}
+    nodes = world // local_size
+    # a shared staging folder: every node sees every file, yet the nodes' lists partition the tag
+    per_node = [{p.name for p in node_files(tmp_path / "step_00000010", node, local_size)} for node in range(nodes)]
+    assert sum(len(files) for files in per_node) == len(owners) - 1  # each file once; the local marker never
+    assert set().union(*per_node) == set(owners) - {MARKER}
+    for node, files in enumerate(per_node):
+        assert all(owners[name] // local_size == node for name in files)
+    # node-local staging: a node holding only its own ranks' files uploads all of them
+    for node in range(nodes):
+        local = tmp_path / f"node{node}" / "step_00000010"
+        local.mkdir(parents=True)
+        for name, rank in owners.items():
+            if rank // local_size == node:
+                (local / name).write_bytes(b"x")
+        assert {p.name for p in node_files(local, node, local_size)} == per_node[node]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,24 +62,33 @@ def newest_complete_remote(s3: Any) -> str | None:
 
 def download_tag(s3: Any, key: str, dest: Path) -> dict[str, Any]:
     """Download the complete tag at `key` (``checkpoints/step_...``, or "" when `s3` is rooted at the tag) into the
-    folder `dest`: every file its marker lists, then the marker itself, into a temporary sibling renamed into place
-    (an interrupted download never looks complete). Returns the marker."""
+    folder `dest`: every file its marker lists, then the marker itself, into a temporary sibling of this process's
+    own renamed into place (an interrupted download never looks complete; nodes that share a staging folder and
+    download the same tag at once each leave a complete copy). Returns the marker."""
     import obstore
 
     prefix = f"{key.strip('/')}/" if key.strip("/") else ""
     marker = json.loads(bytes(obstore.get(s3, f"{prefix}{MARKER}").bytes()))
-    tmp = dest.with_name(f".{dest.name}.download")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = dest.with_name(f".{dest.name}.download.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    for name in marker["files"]:
-        if Path(name).name != name:  # a marker names files of its own tag only
-            raise checkpoint.CheckpointError(f"{prefix}{MARKER}: lists {name!r}; expected plain file names")
-        with open(tmp / name, "wb") as f:
-            for part in obstore.get(s3, f"{prefix}{name}").stream():
-                f.write(part)
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+    try:
+        for name in marker["files"]:
+            if Path(name).name != name:  # a marker names files of its own tag only
+                raise checkpoint.CheckpointError(f"{prefix}{MARKER}: lists {name!r}; expected plain file names")
+            with open(tmp / name, "wb") as f:
+                for part in obstore.get(s3, f"{prefix}{name}").stream():
+                    f.write(part)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another node sharing this folder put its complete copy in place first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if checkpoint.read_marker(dest) is None:
+            raise
     return marker
 
 

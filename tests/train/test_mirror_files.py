@@ -50,3 +50,42 @@ def test_each_file_is_uploaded_once_by_the_node_of_the_rank_that_wrote_it(tmp_pa
             if rank // local_size == node:
                 (local / name).write_bytes(b"x")
         assert {p.name for p in node_files(local, node, local_size)} == per_node[node]
+
+
+def test_nodes_sharing_a_staging_folder_download_the_same_tag_at_once(s3, tmp_path):
+    """Resume with a shared staging folder: every node's first rank downloads the bucket's newest tag into the same
+    folder at the same time; each works in a temporary folder of its own, and one complete copy is left."""
+    import json
+    import threading
+
+    from distseg.core import checkpoint
+    from distseg.core.checkpoint_s3 import download_tag
+    from distseg.train.mirror import _s3
+    from tests.s3server import BUCKET, upload_tree
+
+    tag = tmp_path / "bucket" / "checkpoints" / "step_00000010"
+    tag.mkdir(parents=True)
+    files = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt": 3_000_000 + r for r in range(4)}
+    for name, size in files.items():
+        (tag / name).write_bytes(bytes(size))
+    (tag / MARKER).write_text(json.dumps({"step": 10, "files": files}))
+    upload_tree(tmp_path / "bucket", BUCKET, "run", s3.endpoint)
+
+    staging = tmp_path / "shared" / "checkpoints"
+    staging.mkdir(parents=True)
+    errors: list[BaseException] = []
+
+    def node() -> None:
+        try:
+            download_tag(_s3(f"s3://{BUCKET}/run"), "checkpoints/step_00000010", staging / "step_00000010")
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=node) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert checkpoint.read_marker(staging / "step_00000010")["files"] == files
+    assert sorted(p.name for p in staging.iterdir()) == ["step_00000010"]  # no temporary folder left behind

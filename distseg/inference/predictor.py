@@ -23,6 +23,7 @@ from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, LoadedModel, ModelIO, ModelLoadError
 from distseg.inference.postprocess import Postprocessing, clip_to_containers, component_spacing, postprocess
 from distseg.inference.window import SlidingWindow, case_logits, window_predictor
+from distseg.models.memory_format import channels_last_wanted, use_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class Predictor:
         self.model = models.members[0]
         self.io = self.model.io
         self.device = torch.device(device)
+        for member in models.members:  # model.channels_last of each member's run (auto: 3D models on the CPU)
+            if member.module is not None and channels_last_wanted(member.config.model.channels_last,
+                                                                  3 if member.io.mode == "patch3d" else 2,
+                                                                  self.device.type):
+                use_channels_last(member.module)
         mirror = (0, 1, 2) if self.io.mode == "patch3d" else (1, 2)  # 2D models: in-plane flips only
         self.sw = SlidingWindow(window=self.io.window(), overlap=overlap, window_batch=window_batch,
                                 mirror_axes=mirror if tta else ())

@@ -8,9 +8,11 @@ import logging
 import torch
 
 from distseg.config import ConfigError, ExperimentConfig
+from distseg.core import dist
 from distseg.data.store import Store
 from distseg.data.targets import num_targets
 from distseg.models import build_model
+from distseg.models.memory_format import channels_last_wanted, use_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -42,4 +44,7 @@ def build_seeded_model(cfg: ExperimentConfig, in_channels: int, out_channels: in
         state = torch.load(cfg.model.init_weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         logger.info("initial weights from %s", cfg.model.init_weights)
+    if channels_last_wanted(cfg.model.channels_last, cfg.data.spatial_dims, dist.device().type):
+        use_channels_last(model)
+        logger.info("channels-last convolutions (model.channels_last=%s)", cfg.model.channels_last)
     return model

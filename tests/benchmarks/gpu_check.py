@@ -7,9 +7,11 @@ Runs, each as its own process (a failing part is reported, the others still run)
    BraTS plan, 31M) at 128^3 windows, distseg vs MONAI, with and without mirror TTA;
 2. bench_train.py --sections a --device cuda --precision bf16: one optimizer step, DeepSpeed (1 rank) vs a plain
    torch autocast loop, for `unet3d` at 2x4x128^3 (ZeRO 0 and 2) and the 65.8M `res_inception_unet` at 8x3x256^2;
-3. bench_models.py --device cuda: forward+backward time and peak memory of every model at its training size.
+3. bench_channels_last.py --device cuda --precision bf16: channels-last convolutions vs the default layout for
+   the full unet3d (2x4x128^3) and res_inception_unet (8x3x256^2), training step and forward;
+4. bench_models.py --device cuda: forward+backward time and peak memory of every model at its training size.
 Prints the GPU's name, torch/CUDA versions and every table. Without a CUDA GPU it says so and exits 0.
-Budget: under 8 minutes on an H100 (`--quick` skips part 3).
+Budget: under 8 minutes on an H100 (`--quick` skips part 4).
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def main() -> int:
             [py, str(HERE / "bench_train.py"), "--sections", "a", "--device", "cuda", "--precision", "bf16",
              "--step-model", model, "--step-overrides", overrides, "--steps", "20", "--warmup", "3", *extra],
             timeout=150, log=log)
+    results["channels_last"] = _run(
+        "Channels-last convolutions vs the default layout (bf16): model.channels_last=auto is off on GPUs until this "
+        "says otherwise",
+        [py, str(HERE / "bench_channels_last.py"), "--device", "cuda", "--precision", "bf16", "--steps", "10"],
+        timeout=150, log=log)
     if not args.quick:
         results["models"] = _run("Forward+backward per model at training size (fp32/TF32)",
                                  [py, str(HERE / "bench_models.py"), "--device", "cuda", "--steps", "3"],

@@ -72,6 +72,8 @@ def test_defaults_apply_where_the_yaml_is_silent():
         ("train.budget_measure_steps=0", "train.budget_measure_steps: expected an int >= 1"),
         ("data.foreground_cache_mb=-1", "data.foreground_cache_mb: expected an int >= 0"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: expected 0, 1, 2 or 3"),
+        ("model.channels_last=sometimes", "model.channels_last: expected true, false or auto, got 'sometimes'"),
+        ("model.channels_last=1", "model.channels_last: expected bool | str, got 1"),
         ("deepspeed.precision=fp8", "deepspeed.precision"),
         ("deepspeed.offload_param=true", "deepspeed.offload_param: expected zero_stage == 3"),
         ("deepspeed.preset=configs/deepspeed/nope.json", "deepspeed.preset: no DeepSpeed JSON"),

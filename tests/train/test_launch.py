@@ -123,6 +123,9 @@ def test_exact_resume_after_sigkill_ignores_an_interrupted_save(runner, brats_st
 
     out = runner.ok(runner.run(runner.launcher_cmd(DEBUG, common(brats_store, tmp_path, "resumed", *args))))
     assert "resumed from checkpoint step_00000004 (step 4, written by 2 ranks)" in out
+    # (a 3D model on the CPU: model.channels_last=auto ran the convolutions channels-last with ZeRO-3's gathered
+    # parameters, and the resume below is still exact)
+    assert "channels-last convolutions (model.channels_last=auto)" in out
     assert not debris.exists(), "the incomplete tag should be pruned once a newer checkpoint is complete"
 
     a, b = fp32_weights(ref_ckpt, "step_00000008"), fp32_weights(ckpt, "step_00000008")

@@ -5,6 +5,8 @@ A reader (or a run killed mid-write) never sees half a file; `os.replace` is ato
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -39,3 +41,24 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """`text` (UTF-8) written to a temporary sibling and renamed onto `path`."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+    """Strict JSON: non-finite floats become strings ("inf", "nan") instead of invalid tokens."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """`obj` as indented strict JSON (non-finite floats as strings), written like `write_text`."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")

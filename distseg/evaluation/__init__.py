@@ -16,17 +16,19 @@ per region with the worst value of every metric, included in the means.
 
 from distseg.evaluation.compare import compare
 from distseg.evaluation.lesionwise import LESION_HD95_PENALTY, LesionWiseResult, lesion_wise
-from distseg.evaluation.report import (
+from distseg.evaluation.meta import (
     EvaluationMeta,
-    EvaluationResult,
     ModelInfo,
     conventions_text,
-    log_evaluation,
     read_evaluation_meta,
+    write_evaluation_meta,
+)
+from distseg.evaluation.report import (
+    EvaluationResult,
+    log_evaluation,
     read_table,
     summarise,
     write_evaluation,
-    write_evaluation_meta,
 )
 from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import (

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from distseg.evaluation.report import EvaluationMeta, read_evaluation_meta
+from distseg.evaluation.meta import EvaluationMeta, read_evaluation_meta
 
 TWO_D_COLUMNS = (("dice", "Dice"), ("iou", "IoU"), ("accuracy", "Pixel accuracy"), ("precision", "Precision"),
                  ("recall", "Recall"))

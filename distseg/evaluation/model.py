@@ -35,7 +35,8 @@ from tqdm import tqdm
 from distseg.core.fileio import atomic_write
 from distseg.data.geometry import restore_to_source_geometry
 from distseg.data.store import Store
-from distseg.evaluation.report import EvaluationMeta, EvaluationResult, ModelInfo, log_evaluation
+from distseg.evaluation.meta import EvaluationMeta, ModelInfo
+from distseg.evaluation.report import EvaluationResult, log_evaluation
 from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import CaseFailure, ScoredCase, region_masks
 from distseg.inference.ensemble import ModelSet

@@ -13,7 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from distseg.evaluation.report import EvaluationMeta, EvaluationResult, write_evaluation
+from distseg.evaluation.meta import EvaluationMeta
+from distseg.evaluation.report import EvaluationResult, write_evaluation
 from distseg.evaluation.scoring import CaseItem, score_item
 
 log = logging.getLogger(__name__)

@@ -85,6 +85,12 @@ class ModelConfig:
     """Run the convolutions channels-last (`distseg.models.memory_format`; training and prediction; parameters and
     checkpoints unchanged): true, false or "auto" = 3D models on the CPU, where a training step measured 1.25-1.32x
     faster (1.16-1.19x in the 2-rank trainer; 2D models measured slower there; GPUs not measured yet)."""
+    compile: bool | str = False
+    """Compile the model with torch.compile for training (DeepSpeed's `engine.compile`: the module is compiled in
+    place, so checkpoints and state dicts are unchanged): false, true (torch's "default" mode), or a torch.compile
+    mode: "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs". The first steps pay the
+    compilation (CPU: ~35-60 s for a unet3d; cached in torch's inductor cache for the next run); see
+    `distseg.train.speed`."""
 
 
 @dataclass
@@ -111,6 +117,9 @@ class OptimConfig:
     """Final learning rate as a fraction of `lr` (cosine and poly)."""
     poly_power: float = 0.9
     """Exponent of the poly decay (1 - t)^power."""
+    fused: bool | str = "auto"
+    """torch's fused AdamW kernel (one kernel for every parameter tensor): true, false or "auto" = on CUDA GPUs
+    without optimizer offload (the fused kernel needs the parameters on the GPU)."""
 
 
 @dataclass
@@ -144,6 +153,10 @@ class TrainConfig:
     """With `max_minutes`: the first steps of each run (re)start are not timed (start-up costs)."""
     budget_measure_steps: int = 3
     """With `max_minutes`: timed steps before the first plan (until then the schedule spans `steps`)."""
+    cudnn_benchmark: bool | str = "auto"
+    """Let cuDNN time its convolution algorithms for each new input shape and keep the fastest
+    (`torch.backends.cudnn.benchmark`): true, false or "auto" = on with CUDA, whose training patches all have one
+    shape (the tuning happens once per shape: the first steps and the first validation windows are slower)."""
 
 
 @dataclass
@@ -263,6 +276,10 @@ class ExperimentConfig:
 
 
 # ------------------------------------------------------------------------------------- value checks
+COMPILE_VALUES = (False, True, "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""`model.compile`: off, torch.compile's default mode, or one of its named modes."""
+
+
 def _need(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
@@ -285,6 +302,7 @@ def _check_model(c: ModelConfig, spatial_dims: int, mode: str) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.overrides: {e}") from e
     _need(c.channels_last in (True, False, "auto"), "model.channels_last", "true, false or auto", c.channels_last)
+    _need(c.compile in COMPILE_VALUES, "model.compile", f"one of {list(COMPILE_VALUES)}", c.compile)
     if c.init_weights and not Path(c.init_weights).is_file():
         raise ConfigError(f"model.init_weights: no state dict file at {c.init_weights!r}")
     dims = getattr(resolved, "spatial_dims", 2)
@@ -306,6 +324,7 @@ def _check_optim(c: OptimConfig) -> None:
     _need(c.warmup_steps >= 0, "optim.warmup_steps", "an int >= 0", c.warmup_steps)
     _need(0 <= c.min_lr_ratio <= 1, "optim.min_lr_ratio", "a fraction in [0, 1]", c.min_lr_ratio)
     _need(c.poly_power > 0, "optim.poly_power", "a number > 0", c.poly_power)
+    _need(c.fused in (True, False, "auto"), "optim.fused", "true, false or auto", c.fused)
 
 
 def _check_train(c: TrainConfig, ck: CheckpointConfig, dbg: DebugConfig) -> None:
@@ -321,6 +340,8 @@ def _check_train(c: TrainConfig, ck: CheckpointConfig, dbg: DebugConfig) -> None
           "minutes > 0 (or null = no budget)", c.max_minutes)
     _need(c.budget_warmup_steps >= 0, "train.budget_warmup_steps", "an int >= 0", c.budget_warmup_steps)
     _need(c.budget_measure_steps >= 1, "train.budget_measure_steps", "an int >= 1", c.budget_measure_steps)
+    _need(c.cudnn_benchmark in (True, False, "auto"), "train.cudnn_benchmark", "true, false or auto",
+          c.cudnn_benchmark)
     _need(ck.every >= 0, "checkpoint.every", "an int >= 0 (0 = only at the end)", ck.every)
     _need(ck.keep_last >= 1, "checkpoint.keep_last", "an int >= 1", ck.keep_last)
     _need(ck.resume in ("auto", "never"), "checkpoint.resume", "'auto' or 'never'", ck.resume)
@@ -333,6 +354,8 @@ def _check_engine(c: EngineConfig, optim: OptimConfig) -> None:
           c.precision)
     if c.offload_optimizer:
         _need(c.zero_stage >= 1, "deepspeed.offload_optimizer", "zero_stage >= 1 to offload", c.zero_stage)
+        _need(optim.fused is not True, "optim.fused", "false or auto with deepspeed.offload_optimizer (the "
+              "offloaded optimizer is DeepSpeed's CPU Adam)", optim.fused)
     if c.offload_param:
         _need(c.zero_stage == 3, "deepspeed.offload_param", "zero_stage == 3 to offload parameters", c.zero_stage)
     if c.preset:

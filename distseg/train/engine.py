@@ -21,6 +21,7 @@ from torch import nn
 from distseg.config import ConfigError, ExperimentConfig
 from distseg.config_files import resolve_preset
 from distseg.train.optim import ScheduleLength, build_optimizer, build_scheduler, param_groups
+from distseg.train.speed import fused_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +221,14 @@ def initialize(
         mixed_precision_batchnorm(model)
     length = schedule_length or ScheduleLength(cfg.train.steps)
 
+    from distseg.core.dist import device
+
+    fused = fused_wanted(cfg.optim.fused, device().type, cfg.deepspeed.offload_optimizer)
     optimizer = build_optimizer(
-        cfg.optim, param_groups(model, cfg.optim.weight_decay), offload=cfg.deepspeed.offload_optimizer
+        cfg.optim, param_groups(model, cfg.optim.weight_decay), offload=cfg.deepspeed.offload_optimizer, fused=fused
     )
+    fused_note = " (fused kernel)" if optimizer.defaults.get("fused") else ""
+    logger.info("optimizer %s%s", type(optimizer).__name__, fused_note)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -34,14 +34,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable, offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW or SGD-Nesterov over `params` (parameter groups). `offload`: optimizer states live on the CPU."""
+def build_optimizer(cfg: OptimConfig, params: Iterable, offload: bool = False,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD-Nesterov over `params` (parameter groups). `offload`: optimizer states live on the CPU.
+    `fused`: torch's fused AdamW kernel (`optim.fused` resolved by `distseg.train.speed.fused_wanted`)."""
     if cfg.name == "adamw":
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
     if cfg.name == "sgd":
         # With offload this runs torch SGD on the CPU copies (the engine allows it via zero_force_ds_cpu_optimizer).
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)

@@ -50,6 +50,7 @@ from distseg.train.optim import ScheduleLength, refresh_lr
 from distseg.train.preemption import StopRequest
 from distseg.train.progress import StepWindow, mean_loss, perf_scalars, run_summary
 from distseg.train.setup import DTYPES, build_seeded_model, model_channels
+from distseg.train.speed import apply_backend_flags, compile_engine
 from distseg.train.state import NonFiniteLossError, TrainState
 from distseg.train.validation import WholeCaseValidator, crop_logits
 
@@ -99,10 +100,12 @@ class Trainer:
                 "validation": val_ids, "test_split_excluded": len(store.case_ids(split="test"))})
         if self.plan.universal:
             elastic.ensure_universal(self.ckpt_dir / str(self.plan.tag))  # collective: rank 0 converts
+        apply_backend_flags(cfg.train.cudnn_benchmark, self.device.type)
         model = build_seeded_model(cfg, *model_channels(cfg, store))
         self.schedule_length = ScheduleLength(cfg.train.steps)
         ds_config = {**build_ds_config(cfg, self.world_size), **elastic.universal_ds_config(self.plan)}
         self.engine = initialize(model, cfg, ds_config, self.schedule_length)
+        compile_engine(self.engine, cfg.model.compile)
         # DeepSpeed's ZeRO and bf16/fp16 optimizers expose `overflow` and skip steps whose global gradient norm
         # is not finite; a plain (ZeRO 0 fp32) optimizer would apply it, so there we check each micro-batch.
         self.skip_check = "step" if hasattr(self.engine.optimizer, "overflow") else "micro_batch"

@@ -74,6 +74,9 @@ def test_defaults_apply_where_the_yaml_is_silent():
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: expected 0, 1, 2 or 3"),
         ("model.channels_last=sometimes", "model.channels_last: expected true, false or auto, got 'sometimes'"),
         ("model.channels_last=1", "model.channels_last: expected bool | str, got 1"),
+        ("model.compile=fast", "model.compile: expected one of [False, True, 'reduce-overhead', 'max-autotune'"),
+        ("optim.fused=maybe", "optim.fused: expected true, false or auto, got 'maybe'"),
+        ("train.cudnn_benchmark=sometimes", "train.cudnn_benchmark: expected true, false or auto"),
         ("deepspeed.precision=fp8", "deepspeed.precision"),
         ("deepspeed.offload_param=true", "deepspeed.offload_param: expected zero_stage == 3"),
         ("deepspeed.preset=configs/deepspeed/nope.json", "deepspeed.preset: no DeepSpeed JSON"),
@@ -95,6 +98,13 @@ def test_bad_values_name_the_dotted_key(override: str, message: str):
     with pytest.raises(ConfigError) as err:
         load_config("configs/debug.yaml", [override])
     assert message in str(err.value)
+
+
+def test_fused_adamw_is_refused_with_an_offloaded_optimizer():
+    with pytest.raises(ConfigError, match="optim.fused: expected false or auto with deepspeed.offload_optimizer"):
+        load_config("configs/debug.yaml", ["deepspeed.offload_optimizer=true", "optim.fused=true"])
+    cfg = load_config("configs/debug.yaml", ["deepspeed.offload_optimizer=true", "model.compile=max-autotune"])
+    assert cfg.optim.fused == "auto" and cfg.model.compile == "max-autotune"
 
 
 def test_bad_files_are_named(tmp_path: Path):

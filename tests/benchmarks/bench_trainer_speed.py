@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_compiled = run_plain(config, common, device, args.warmup, args.steps, compile_model=True)
         rows.append(("plain torch loop, compiled", plain_compiled))
     preset_base = None
+    failed: list[str] = []
     for i, name in enumerate(names):
         extra = list(VARIANTS[name])
         if IMMEDIATE in extra:
@@ -258,11 +259,18 @@ def main(argv: list[str] | None = None) -> int:
             extra = [e for e in extra if e != IMMEDIATE] + [
                 f"deepspeed.preset={_preset_with_immediate_update(preset_base, work)}"]
         print(f"-- {name}", flush=True)
-        rows.append((f"trainer {name}", run_trainer(config, [*common, f"run.name=v{i}", *extra], device,
-                                                    args.warmup, args.steps)))
+        try:
+            rows.append((f"trainer {name}", run_trainer(config, [*common, f"run.name=v{i}", *extra], device,
+                                                        args.warmup, args.steps)))
+        except Exception as e:  # one failing switch must not hide the others' figures (one GPU call per session)
+            print(f"trainer {name} FAILED: {type(e).__name__}: {e}", flush=True)
+            failed.append(name)
+            rows.append((f"trainer {name}: FAILED ({type(e).__name__})", {}))
     print_table(rows, plain, plain_compiled, args, device)
+    if failed:
+        print(f"failed variants: {failed}")
     dist.shutdown()
-    return 0
+    return 1 if failed else 0
 
 
 def logging_setup() -> None:
@@ -278,6 +286,9 @@ def print_table(rows, plain, plain_compiled, args, device) -> None:
     print("| run | samples/s | ms/step | x plain | x plain compiled | data wait | peak GiB | first steps s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, r in rows:
+        if not r:
+            print(f"| {label} | | | | | | | |")
+            continue
         vs_c = f"{r['step_s'] / plain_compiled['step_s']:.3f}" if plain_compiled and "compile" in label else ""
         wait = "" if r["data_wait"] != r["data_wait"] else f"{100 * r['data_wait']:.1f} %"
         peak = "" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"

@@ -25,12 +25,18 @@ from tqdm import tqdm
 from distseg.core.fileio import atomic_write
 from distseg.data.store import Store
 from distseg.evaluation.crossval import CrossvalError, CrossvalPlan, fold_models, out_of_fold_cases
-from distseg.evaluation.model import PROBABILITIES_DIR, ProbabilityCache, choose_postprocessing, store_truth
+from distseg.evaluation.model import (
+    PROBABILITIES_DIR,
+    ProbabilityCache,
+    SubjectDice,
+    case_subject,
+    choose_postprocessing,
+    store_truth,
+)
 from distseg.evaluation.model import write_postprocessing as write_pp
 from distseg.inference.ensemble import write_ensemble
 from distseg.inference.loading import POSTPROCESSING_FILE, load_model
 from distseg.inference.postprocess import clip_to_containers
-from distseg.metrics import mask_counts
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +48,7 @@ class ConfigurationChoice:
     winner: tuple[str, ...]
     """Names (CV folder names) of the chosen configuration or ensemble."""
     scores: dict[str, dict[str, float]]
-    """{candidate: {region: mean out-of-fold Dice, "mean": ...}} for every candidate."""
+    """{candidate: {region: mean out-of-fold Dice per subject, "mean": ...}} for every candidate."""
     folder: Path
 
 
@@ -76,18 +82,16 @@ def choose_configuration(cv_dirs: Sequence[Path], out_dir: Path, max_members: in
     regions = first.io.decode_regions
     top = len(plans) if max_members is None else max(1, min(max_members, len(plans)))
     candidates = [c for k in range(1, top + 1) for c in itertools.combinations(range(len(plans)), k)]
-    sums = np.zeros((len(candidates), len(regions)))
+    scored = SubjectDice(len(candidates), len(regions))  # per subject: a patient's slices stacked
     truth = store_truth(store)
     for cid in tqdm(cases, desc="configurations", unit="case", dynamic_ncols=True):
-        label, _ = truth(cid)
+        label, attrs = truth(cid)
         gt = np.stack([np.isin(label, vals) for vals in regions.values()])
         probs = [c.get(cid) for c in caches]
         for i, members in enumerate(candidates):
             mean = sum(probs[m] for m in members) / len(members)
-            tp, fp, fn, _ = mask_counts(clip_to_containers(mean > 0.5, regions), gt).T.astype(np.float64)
-            denom = 2 * tp + fp + fn
-            sums[i] += np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
-    means = sums / max(1, len(cases))
+            scored.add(i, case_subject(cid, attrs), clip_to_containers(mean > 0.5, regions), gt)
+    means = scored.means()
     scores: dict[str, dict[str, float]] = {}
     for members, row in zip(candidates, means, strict=True):
         key = " + ".join(names[m] for m in members)
@@ -109,7 +113,9 @@ def choose_configuration(cv_dirs: Sequence[Path], out_dir: Path, max_members: in
     members = [t for m in winner for t in fold_models(plans[m]).values()]
     write_ensemble(out_dir, members, {"configurations": [plans[m].folder for m in winner]})
     doc: dict[str, Any] = {"winner": [names[m] for m in winner], "scores": scores, "cases": len(cases),
-                           "criterion": "mean out-of-fold Dice over regions (ties: fewer members)",
+                           "criterion": "mean out-of-fold Dice over regions, Dice per subject (a patient's slices "
+                                        "stacked; a 3D case is its own subject); ties: fewer members",
+                           "subjects": scored.n_subjects,
                            "cv_folders": [p.folder for p in plans]}
     text = json.dumps(doc, indent=1)
     atomic_write(out_dir / CHOICE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -204,11 +204,42 @@ def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequenc
 
 
 # ------------------------------------------------------------------------------------------------ choosing
-def _dice(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """(K,) Dice per region (BraTS: both empty -> 1) of bool (K, *S) masks."""
-    tp, fp, fn, _ = mask_counts(pred, gt).T.astype(np.float64)
-    denom = 2 * tp + fp + fn
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+class SubjectDice:
+    """Mean Dice over subjects of several candidates (rules or configurations), accumulated one case at a time.
+
+    A subject's cases are stacked: their confusion counts are summed per candidate and region, Dice is taken per
+    subject (BraTS convention: both empty -> 1), then averaged over subjects; this is the per-subject table's Dice
+    (`distseg.evaluation.scoring`) and the per-patient figure users report for 2D slice datasets (LGG). Where every
+    case is its own subject (3D stores, 2D images without a patient) it is the mean Dice over cases. Choosing on
+    the per-slice mean instead favours removing small components (an empty slice predicted empty scores 1), which
+    can lower every patient's Dice: measured on the LGG out-of-fold cases (.notes/crossval.md)."""
+
+    def __init__(self, n_candidates: int, n_regions: int) -> None:
+        self.shape = (n_candidates, n_regions, 3)
+        self.counts: dict[str, np.ndarray] = {}
+
+    def add(self, candidate: int, subject: str, pred: np.ndarray, gt: np.ndarray) -> None:
+        """Count bool (K, *S) `pred` against `gt` for `candidate` under `subject`."""
+        acc = self.counts.setdefault(subject, np.zeros(self.shape))
+        acc[candidate] += mask_counts(pred, gt)[:, :3]
+
+    def means(self) -> np.ndarray:
+        """(n_candidates, K) mean Dice over subjects."""
+        if not self.counts:
+            return np.zeros(self.shape[:2])
+        c = np.stack(list(self.counts.values()))  # (subjects, candidates, K, 3)
+        tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
+        denom = 2 * tp + fp + fn
+        return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0).mean(axis=0)
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.counts)
+
+
+def case_subject(case_id: str, attrs: dict[str, Any]) -> str:
+    """The subject (patient) a stored case belongs to; a case without one is its own subject (the fold rule)."""
+    return attrs.get("subject") or case_id
 
 
 def _candidates() -> list[RegionRule]:
@@ -237,6 +268,7 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
                           regions: dict[str, list[int]]) -> tuple[Postprocessing, list[dict[str, Any]]]:
     """nnU-Net's rule on the cached predictions of `case_ids`: per region in order (containers first), try every
     candidate and keep the best one only if the mean Dice over regions rises and no region's mean Dice drops.
+    Dice is per subject (`SubjectDice`: a patient's slices stacked; a 3D case is its own subject).
 
     Streams: one pass over the cases per region, one case in memory at a time. Returns the rules and every
     candidate's mean Dice per region (for postprocessing.json)."""
@@ -249,9 +281,10 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
     base: np.ndarray | None = None
     for k, name in enumerate(names):
         cands = _candidates()
-        sums = np.zeros((len(cands) + 1, len(names)))  # row 0: the rules chosen so far
+        scores = SubjectDice(len(cands) + 1, len(names))  # candidate 0: the rules chosen so far
         for cid in tqdm(cases, desc=f"postprocessing {name}", unit="case", dynamic_ncols=True):
             label, attrs = truth(cid)
+            subject = case_subject(cid, attrs)
             gt = np.stack([np.isin(label, vals) for vals in regions.values()])
             masks = clip_to_containers(cache.get(cid) > 0.5, regions)  # as `decode` reads them
             spacing = component_spacing(attrs)
@@ -267,8 +300,8 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
                 trial = ruled.copy()
                 trial[k] = _apply_with_labels(labels_k, sizes_k, rule, voxel)
                 clip_to_containers(trial, regions)  # as `postprocess` and `decode` do
-                sums[c] += _dice(trial, gt)
-        means = sums / len(cases)
+                scores.add(c, subject, trial, gt)
+        means = scores.means()
         if base is None:
             base = means[0]
         for rule, row in zip(cands, means[1:], strict=True):
@@ -293,7 +326,8 @@ def write_postprocessing(path: Path, pp: Postprocessing, table: list[dict[str, A
     the criterion and every candidate's score."""
     doc = json.dumps({"rules": pp.to_dict(), "chosen_on": chosen_on,
                       "criterion": "nnU-Net: per region in order, keep a rule only if the mean Dice over regions "
-                                   "rises and no region's mean Dice drops", "candidates": table}, indent=1)
+                                   "rises and no region's mean Dice drops (Dice per subject: a patient's slices "
+                                   "stacked; a 3D case is its own subject)", "candidates": table}, indent=1)
     return atomic_write(path, lambda tmp: tmp.write_text(doc, encoding="utf-8"))
 
 

@@ -102,6 +102,51 @@ def test_postprocessing_kept_only_when_the_mean_rises_and_no_region_drops(tmp_pa
     assert not pp.rules  # every candidate either changes nothing or lowers a region: no rule kept
 
 
+def _slices() -> dict[str, tuple[np.ndarray, dict]]:
+    """Two 2D slices of one patient: an empty slice with a 20-pixel false positive, and a slice whose tumour (400 px)
+    has a separate real 30-pixel lesion; predictions: the false positive, and the tumour exactly."""
+    empty, tumour = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
+    tumour[5:25, 5:25] = 1
+    tumour[30:35, 30:36] = 1
+    fp = np.zeros((40, 40), bool)
+    fp[32:36, 2:7] = True
+    return {"s1": (empty, fp), "s2": (tumour, tumour.astype(bool))}
+
+
+@pytest.mark.parametrize("subject", ["TCGA_X", None])
+def test_postprocessing_is_chosen_on_the_per_subject_dice_when_cases_are_slices(tmp_path: Path, subject) -> None:
+    """Removing components < 50 px turns the empty slice's Dice from 0 to 1 (the per-slice mean rises by 0.48) but
+    deletes the real 30-px lesion: the patient's stacked Dice falls from 0.977 to 0.964, so with a subject the rule
+    is refused; slices without a subject are each their own subject and the rule is kept."""
+    cache, truths = ProbabilityCache(tmp_path), {}
+    for cid, (label, pred) in _slices().items():
+        truths[cid] = (label, {"source_ndim": 2, "subject": subject})
+        cache.put(cid, pred[None].astype(np.float32))
+    pp, table = choose_postprocessing(cache, truths.__getitem__, ["s1", "s2"], {"tumour": [1]})
+    rows = {r["rule"]: r["mean_dice"] for r in table}
+    if subject:
+        assert not pp.rules
+        assert rows["remove components < 50"] == pytest.approx(800 / 830)
+    else:
+        assert pp.rules["tumour"] == RegionRule(min_volume=50.0)  # ties with < 100 and < 250: the smallest wins
+        assert rows["remove components < 50"] == pytest.approx((1 + 800 / 830) / 2)
+
+
+def test_subject_dice_stacks_a_subjects_cases_and_averages_over_subjects() -> None:
+    from distseg.evaluation.model import SubjectDice
+
+    gt = np.zeros((1, 4, 4), bool)
+    gt[0, :2] = True  # 8 px
+    half = np.zeros_like(gt)
+    half[0, 0] = True  # 4 px, all inside
+    d = SubjectDice(1, 1)
+    d.add(0, "a", half, gt)  # tp 4, fn 4
+    d.add(0, "a", gt, gt)  # tp 8
+    d.add(0, "b", np.zeros_like(gt), np.zeros_like(gt))  # both empty: 1
+    assert d.n_subjects == 2
+    assert d.means()[0, 0] == pytest.approx((24 / 28 + 1.0) / 2)
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 def test_binary_model_on_a_brats_store_predicts_and_scores_the_whole_tumour() -> None:
     """`data.target: binary` trains on label > 0: its output is the whole tumour (0/1), scored against all tumour

@@ -82,14 +82,46 @@ def download_tag(s3: Any, key: str, dest: Path) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(dest, ignore_errors=True)
-    try:
-        tmp.rename(dest)
-    except OSError:  # another node sharing this folder put its complete copy in place first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if checkpoint.read_marker(dest) is None:
-            raise
+    _install(tmp, dest)
     return marker
+
+
+def _install(tmp: Path, dest: Path, attempts: int = 3) -> None:
+    """Move the complete download `tmp` to `dest` without ever deleting a complete copy in place there.
+
+    Nodes sharing a staging folder may install the same tag at once, and all their copies are identical. A
+    complete `dest` is kept (ours is discarded); an incomplete leftover (an older interrupted download) is first
+    renamed aside atomically, then deleted, so no process removes files from a folder another one just installed
+    (the old way, delete `dest` then rename, could delete a peer's fresh copy and fail with "Directory not empty":
+    found by tests/train/test_mirror_files.py)."""
+    for _ in range(attempts):
+        if checkpoint.inspect_tag(dest).state == checkpoint.COMPLETE:  # a peer's complete copy: keep it
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if dest.exists():
+            aside = dest.with_name(f".{dest.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            try:
+                dest.rename(aside)
+            except FileNotFoundError:  # a peer moved it aside already
+                pass
+            else:
+                if checkpoint.inspect_tag(aside).state == checkpoint.COMPLETE:  # it was completed meanwhile
+                    try:
+                        aside.rename(dest)
+                    except OSError:
+                        pass
+                    else:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        return
+                shutil.rmtree(aside, ignore_errors=True)
+        try:
+            tmp.rename(dest)
+            return
+        except OSError:  # a peer's copy landed in between (ENOTEMPTY / EEXIST): look at it again
+            continue
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise checkpoint.CheckpointError(f"{dest}: could not install the downloaded checkpoint after {attempts} tries "
+                                     "(other processes keep replacing it)")
 
 
 def prune_remote(s3: Any, url: str, keep_last: int, keep_best: bool) -> None:

@@ -3,6 +3,7 @@ every file exactly once, by the node whose rank wrote it, whether the staging fo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,29 @@ def test_nodes_sharing_a_staging_folder_download_the_same_tag_at_once(s3, tmp_pa
     assert not errors, errors
     assert checkpoint.read_marker(staging / "step_00000010")["files"] == files
     assert sorted(p.name for p in staging.iterdir()) == ["step_00000010"]  # no temporary folder left behind
+
+
+def _tag(folder: Path, complete: bool, step: int) -> Path:
+    folder.mkdir(parents=True)
+    files = {"mp_rank_00_model_states.pt": 100}
+    (folder / "mp_rank_00_model_states.pt").write_bytes(bytes(100))
+    if complete:
+        (folder / MARKER).write_text(json.dumps({"step": step, "files": files}))
+    return folder
+
+
+def test_installing_a_download_never_replaces_a_complete_copy_and_clears_a_stale_one(tmp_path):
+    """A peer's complete copy already in place is kept as it is (same inode: no process deletes files from a copy
+    another one may be reading); an incomplete leftover is replaced; nothing temporary is left behind."""
+    from distseg.core.checkpoint import read_marker
+    from distseg.core.checkpoint_s3 import _install
+
+    dest = _tag(tmp_path / "step_00000010", complete=True, step=10)
+    inode = dest.stat().st_ino
+    _install(_tag(tmp_path / ".step_00000010.download.1", complete=True, step=10), dest)
+    assert dest.stat().st_ino == inode and read_marker(dest) is not None
+
+    stale = _tag(tmp_path / "step_00000020", complete=False, step=20)
+    _install(_tag(tmp_path / ".step_00000020.download.2", complete=True, step=20), stale)
+    assert read_marker(stale) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010", "step_00000020"]

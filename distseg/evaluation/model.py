@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from distseg.core.fileio import atomic_write
@@ -49,7 +50,7 @@ from distseg.inference.postprocess import (
     component_spacing,
 )
 from distseg.inference.predictor import Predictor, decode
-from distseg.metrics import mask_counts
+from distseg.metrics import dice_from_counts, mask_counts
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +228,8 @@ class SubjectDice:
         """(n_candidates, K) mean Dice over subjects."""
         if not self.counts:
             return np.zeros(self.shape[:2])
-        c = np.stack(list(self.counts.values()))  # (subjects, candidates, K, 3)
-        tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
-        denom = 2 * tp + fp + fn
-        return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0).mean(axis=0)
+        counts = torch.from_numpy(np.stack(list(self.counts.values())))  # (subjects, candidates, K, 3)
+        return dice_from_counts(counts).numpy().mean(axis=0)
 
     @property
     def n_subjects(self) -> int:

@@ -235,10 +235,18 @@ def fsync_tag_files(tag_dir: Path) -> None:
 
     Every rank flushes every file: on file systems that cache writes in the writing client (NFS, Lustre) only the
     writer's fsync makes its bytes durable, and which of DeepSpeed's files a rank wrote is DeepSpeed's business.
-    An fsync of a file another rank already flushed is cheap."""
+    An fsync of a file another rank already flushed is cheap.
+
+    Other ranks write into the same folder meanwhile: their temporary files (``.name.<hex>.json``, ``*.tmp``) are
+    skipped, and a file renamed away between the listing and its fsync is not an error (its writer flushed it before
+    the rename: `_write_text`, or flushes its final name itself)."""
     for p in sorted(tag_dir.iterdir()):
-        if p.is_file():
+        if p.name.startswith(".") or p.suffix == ".tmp" or not p.is_file():
+            continue
+        try:
             fsync_path(p)
+        except FileNotFoundError:
+            logger.debug("checkpoint file %s was renamed while being flushed (another rank's write)", p)
 
 
 def mark_complete(ckpt_dir: Path, tag_dir: Path, marker: dict[str, Any]) -> None:

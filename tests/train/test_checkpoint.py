@@ -141,6 +141,32 @@ def test_a_save_killed_between_its_files_and_its_marker_is_ignored_then_pruned(t
     assert (tmp_path / "latest").read_text() == "step_00000006"
 
 
+def test_flushing_a_tag_tolerates_other_ranks_renaming_their_files(tmp_path: Path, monkeypatch):
+    """Each rank fsyncs the whole tag folder while the others still write into it (CI stop 19: rank 1 listed rank
+    0's temporary ``.trainer_state.<hex>.json``, which was renamed before rank 1 flushed it, and the save crashed).
+    Replayed on real files: the first fsync renames the other ranks' temporaries onto their final names."""
+    tag_dir = tmp_path / checkpoint.tag_for(2)
+    tag_dir.mkdir()
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    (tag_dir / ".trainer_state.1c72e294d691.json").write_text("{}")
+    (tag_dir / "rng_rank00001.tmp").write_bytes(b"r")
+    (tag_dir / "zero_pp_rank_1_optim_states.pt.part").write_bytes(b"o")
+    real_fsync, flushed = checkpoint.fsync_path, []
+
+    def racing_fsync(path):
+        if not flushed:  # the other ranks finish their atomic writes right after this rank's listing
+            (tag_dir / ".trainer_state.1c72e294d691.json").replace(tag_dir / checkpoint.STATE_FILE)
+            (tag_dir / "rng_rank00001.tmp").replace(tag_dir / "rng_rank00001.pt")
+            (tag_dir / "zero_pp_rank_1_optim_states.pt.part").replace(tag_dir / "zero_pp_rank_1_optim_states.pt")
+        flushed.append(Path(path).name)
+        real_fsync(path)
+
+    monkeypatch.setattr(checkpoint, "fsync_path", racing_fsync)
+    checkpoint.fsync_tag_files(tag_dir)  # no FileNotFoundError
+    assert flushed[0] == "mp_rank_00_model_states.pt" and "rng_rank00001.tmp" not in flushed
+    assert not any(name.startswith(".") for name in flushed)
+
+
 def test_a_dice_from_another_step_never_makes_a_checkpoint_best(tmp_path: Path):
     """A checkpoint saved between validations carries the last Dice of an earlier step: never "best"."""
     fake_tag(tmp_path, 4, 0.5)

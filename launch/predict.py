@@ -43,6 +43,7 @@ class InputCase:
     case_id: str
     source: str
     load: Callable[[], object]  # -> distseg.data.store.CaseArrays; raises on bad input
+    place: object = None  # distseg.inference.postprocess.StackPlace: a subject's 2D slices are postprocessed together
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +86,7 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
     """Every case under `paths` for a model of store `kind`; returns (cases sorted by id, problems)."""
     from distseg.data.layout import StoreError
     from distseg.data.store import Store
+    from distseg.inference.postprocess import stack_place
     from preprocess.discover import IMAGE_EXTS, SourceCase, discover_brats, discover_images2d
 
     cases: dict[str, InputCase] = {}
@@ -117,7 +119,11 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
             problems.append(f"{path}: a {store.kind} store, but the model was trained on {kind} data")
             return
         for cid in store.case_ids(folds=folds, split=split):
-            add(InputCase(cid, f"{path}:{cid}", lambda s=store, c=cid: s.case_arrays(c)))
+            add(InputCase(cid, f"{path}:{cid}", lambda s=store, c=cid: s.case_arrays(c),
+                          stack_place(cid, store.case_attrs(cid))))
+
+    def place_2d(sc: SourceCase) -> object:
+        return stack_place(sc.case_id, {"source_ndim": 2, "subject": sc.subject, "slice_index": sc.slice_index})
 
     for path in paths:
         if is_remote(path):
@@ -138,14 +144,14 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
                 problems.append(f"{path}: not an image; expected PNG, JPEG or TIFF")
                 continue
             sc = SourceCase(path.stem, "images2d", {"image": path})
-            add(InputCase(sc.case_id, str(path), raw_2d(sc)))
+            add(InputCase(sc.case_id, str(path), raw_2d(sc), place_2d(sc)))
         else:
             found = [sc for sc in discover_images2d(path) if "image" in sc.files]
             if not found:
                 problems.append(f"{path}: no image found; expected PNG, JPEG or TIFF files (masks are not inputs)")
             for sc in found:
                 sc.problems = []  # an image without a mask is fine for prediction
-                add(InputCase(sc.case_id, str(sc.files["image"]), raw_2d(sc)))
+                add(InputCase(sc.case_id, str(sc.files["image"]), raw_2d(sc), place_2d(sc)))
     selected = [cases[k] for k in sorted(cases) if not only or k in only]
     missing = sorted(only - set(cases))
     if missing:
@@ -170,26 +176,47 @@ def pick_device(arg: str, local_rank: int) -> str:
     return arg
 
 
-def predict_cases(predictor, cases: list[InputCase], out_dir: Path, save_probabilities: bool,
+def _reason(e: Exception, item: InputCase) -> str:
+    """One line naming the case or its file."""
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return reason if item.case_id in reason or item.source in reason else f"{item.source}: {reason}"
+
+
+def predict_cases(predictor, groups: list[list[InputCase]], out_dir: Path, save_probabilities: bool,
                   rank: int = 0) -> Iterator[tuple[InputCase, object, object, str, list[Path]]]:
-    """Predict and write each case; yields (input, CaseArrays or None, Prediction or None, error text, the files
-    written)."""
+    """Predict and write each case, a stack at a time (`group_by_stack`: a subject's slices when the postprocessing
+    has subject rules, else one case); yields (input, CaseArrays or None, Prediction or None, error text, the files
+    written). A case that fails is left out of its stack; the others go on."""
     from distseg.inference.outputs import write_prediction
 
-    bar = tqdm(cases, desc=f"predict[rank {rank}]", unit="case", dynamic_ncols=True, disable=not cases)
-    for item in bar:
-        try:
-            case = item.load()
-            pred = predictor.predict(case, keep_probabilities=True)
-            written = write_prediction(out_dir, case, pred, predictor.io.kind, predictor.io.channels,
-                                       save_probabilities)
-        except Exception as e:  # one bad case never stops the others; the reason names the case or file
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if item.case_id not in reason and item.source not in reason:
-                reason = f"{item.source}: {reason}"
-            yield item, None, None, reason, []
+    total = sum(len(g) for g in groups)
+    bar = tqdm(total=total, desc=f"predict[rank {rank}]", unit="case", dynamic_ncols=True, disable=not total)
+    for group in groups:
+        loaded = []
+        for item in group:
+            try:
+                case = item.load()
+                loaded.append((item, case, predictor.case_probabilities(case)))
+            except Exception as e:  # one bad case never stops the others; the reason names the case or file
+                yield item, None, None, _reason(e, item), []
+            bar.update()
+        if not loaded:
             continue
-        yield item, case, pred, "", list(written.values())
+        try:
+            preds = predictor.decode_stack([c for _, c, _ in loaded], [p for _, _, p in loaded],
+                                           [getattr(item.place, "position", None) for item, _, _ in loaded])
+        except Exception as e:  # the stack could not be postprocessed (e.g. two slices at one position)
+            for item, _, _ in loaded:
+                yield item, None, None, _reason(e, item), []
+            continue
+        for (item, case, _), pred in zip(loaded, preds, strict=True):
+            try:
+                written = write_prediction(out_dir, case, pred, predictor.io.kind, predictor.io.channels,
+                                           save_probabilities)
+            except Exception as e:
+                yield item, None, None, _reason(e, item), []
+                continue
+            yield item, case, pred, "", list(written.values())
     bar.close()
 
 
@@ -234,12 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         logger.error("no case to predict in %s", " ".join(str(p) for p in args.input))
         return EXIT_BAD_INPUT
-    mine = cases[rank::world]
+    from distseg.inference.postprocess import group_by_stack
+
+    stacked = predictor.postprocessing is not None and predictor.postprocessing.has_subject_rules()
+    groups = group_by_stack(cases, lambda c: c.place) if stacked else [[c] for c in cases]
+    mine_groups = groups[rank::world]  # a subject's slices stay on one rank
+    mine = [c for g in mine_groups for c in g]
     logger.info("model %s (%s, %s, window %s); %d cases, %d on this rank; device %s", models.describe(),
                 models.members[0].config.model.name, io.mode, predictor.sw.window, len(cases), len(mine), device)
     t0 = time.perf_counter()
     failed = 0
-    for item, _, _, error, written in predict_cases(predictor, mine, out_dir, args.save_probabilities, rank):
+    for item, _, _, error, written in predict_cases(predictor, mine_groups, out_dir, args.save_probabilities, rank):
         if not error and sink is not None:
             try:  # this case's files only (the other ranks upload theirs); no walk over the whole folder per case
                 sink.sync(files=written)

@@ -85,7 +85,7 @@ def choose_configuration(cv_dirs: Sequence[Path], out_dir: Path, max_members: in
     scored = SubjectDice(len(candidates), len(regions))  # per subject: a patient's slices stacked
     truth = store_truth(store)
     for cid in tqdm(cases, desc="configurations", unit="case", dynamic_ncols=True):
-        label, attrs = truth(cid)
+        label, attrs = truth.label(cid), truth.attrs(cid)
         gt = np.stack([np.isin(label, vals) for vals in regions.values()])
         probs = [c.get(cid) for c in caches]
         for i, members in enumerate(candidates):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,11 @@ from distseg.inference.postprocess import (
     Postprocessing,
     RegionRule,
     clip_to_containers,
-    component_labels,
     component_spacing,
+    group_by_stack,
+    postprocess_stack,
+    rule_variants,
+    stack_place,
 )
 from distseg.inference.predictor import Predictor, decode
 from distseg.metrics import dice_from_counts, mask_counts
@@ -192,16 +195,31 @@ def predict_and_score(predictor: Predictor, store: Store, case_ids: Sequence[str
 
 def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequence[str], io: ModelIO,
                         pp: Postprocessing) -> Iterator[ScoredCase | CaseFailure]:
-    """The cached predictions with `pp` applied, scored (cases without cached probabilities are failed rows)."""
-    for cid in case_ids:
-        source = f"{store.path}:{cid}"
-        if not cache.has(cid):
-            yield CaseFailure(cid, f"{source}: no prediction (the case failed to predict)", pred_source=source,
-                              gt_source=source)
+    """The cached predictions with `pp` applied, scored (cases without cached probabilities are failed rows).
+
+    One stack at a time (`group_by_stack`: a subject's 2D slices together when `pp` has "subject" rules, else one
+    case), so a subject rule sees the patient's slices as prediction applies it."""
+    regions = io.decode_regions
+    stacked = pp.has_subject_rules()
+    places = {cid: stack_place(cid, store.case_attrs(cid)) if stacked else stack_place(cid, {})
+              for cid in case_ids}
+    for group in group_by_stack(case_ids, places.__getitem__):
+        present = [cid for cid in group if cache.has(cid)]
+        for cid in group:
+            if cid not in present:
+                source = f"{store.path}:{cid}"
+                yield CaseFailure(cid, f"{source}: no prediction (the case failed to predict)", pred_source=source,
+                                  gt_source=source)
+        if not present:
             continue
-        label, attrs = store.read_label(cid), store.case_attrs(cid)
-        _, _, labels_source = decode(cache.get(cid), io, attrs, pp)
-        yield _scored(cid, labels_source, io, attrs, label, source)
+        attrs = {cid: store.case_attrs(cid) for cid in present}
+        probs = {cid: cache.get(cid) for cid in present}
+        cleaned = postprocess_stack([clip_to_containers(probs[c] > 0.5, regions) for c in present],
+                                    [places[c].position for c in present], regions, pp,
+                                    component_spacing(attrs[present[0]]), what=f"{store.path}:{present[0]}")
+        for cid, masks in zip(present, cleaned, strict=True):
+            _, _, labels_source = decode(probs[cid], io, attrs[cid], masks=masks)
+            yield _scored(cid, labels_source, io, attrs[cid], store.read_label(cid), f"{store.path}:{cid}")
 
 
 # ------------------------------------------------------------------------------------------------ choosing
@@ -241,65 +259,75 @@ def case_subject(case_id: str, attrs: dict[str, Any]) -> str:
     return attrs.get("subject") or case_id
 
 
-def _candidates() -> list[RegionRule]:
-    return [RegionRule(keep_largest=True), *(RegionRule(min_volume=v) for v in MIN_VOLUME_CANDIDATES)]
+def _candidates(subject_scope: bool) -> list[RegionRule]:
+    """Per case: keep the largest component, remove components below each size; the same over a subject's stacked
+    slices when some subject has several (2D slice stores)."""
+    scopes = ("case", "subject") if subject_scope else ("case",)
+    return [rule for scope in scopes for rule in (RegionRule(keep_largest=True, scope=scope),
+                                                  *(RegionRule(min_volume=v, scope=scope)
+                                                    for v in MIN_VOLUME_CANDIDATES))]
 
 
-def _apply_with_labels(labels: np.ndarray, sizes: np.ndarray, rule: RegionRule, voxel: float) -> np.ndarray:
-    """One region's mask under `rule`, from its connected components computed once."""
-    if rule.is_identity() or sizes.size == 0:
-        return labels > 0
-    if rule.keep_largest:
-        return labels == (int(np.argmax(sizes)) + 1)
-    keep = np.concatenate([[False], sizes * voxel >= rule.min_volume])
-    return keep[labels]
+@dataclass
+class Truth:
+    """Where the ground truth comes from: a case id's stored-frame label (Z, Y, X) and its attrs."""
 
+    label: Callable[[str], np.ndarray]
+    attrs: Callable[[str], dict[str, Any]]
 
-Truth = Callable[[str], tuple[np.ndarray, dict[str, Any]]]
-"""case id -> (its stored-frame ground-truth label (Z, Y, X), its attrs)."""
+    @classmethod
+    def of_pairs(cls, pairs: Mapping[str, tuple[np.ndarray, dict[str, Any]]]) -> Truth:
+        """From case id -> (label, attrs) (hand-built cases)."""
+        return cls(lambda cid: pairs[cid][0], lambda cid: pairs[cid][1])
 
 
 def store_truth(store: Store) -> Truth:
-    return lambda cid: (store.read_label(cid), store.case_attrs(cid))
+    return Truth(store.read_label, store.case_attrs)
 
 
 def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Sequence[str],
                           regions: dict[str, list[int]]) -> tuple[Postprocessing, list[dict[str, Any]]]:
     """nnU-Net's rule on the cached predictions of `case_ids`: per region in order (containers first), try every
     candidate and keep the best one only if the mean Dice over regions rises and no region's mean Dice drops.
-    Dice is per subject (`SubjectDice`: a patient's slices stacked; a 3D case is its own subject).
+    Dice is per subject (`SubjectDice`: a patient's slices stacked; a 3D case is its own subject). On 2D slice
+    stores the candidates also act on a subject's stacked slices ("subject" scope; `stack_place`).
 
-    Streams: one pass over the cases per region, one case in memory at a time. Returns the rules and every
-    candidate's mean Dice per region (for postprocessing.json)."""
+    Streams: one pass over the stacks per region, one stack (a 3D case, or a patient's slices) in memory at a time.
+    Returns the rules and every candidate's mean Dice per region (for postprocessing.json)."""
     names = list(regions)
     cases = [cid for cid in case_ids if cache.has(cid)]
     chosen = Postprocessing()
     table: list[dict[str, Any]] = []
     if not cases:
         return chosen, table
+    attrs_of = {cid: truth.attrs(cid) for cid in cases}
+    places = {cid: stack_place(cid, attrs_of[cid]) for cid in cases}
+    stacks = group_by_stack(cases, places.__getitem__)
+    cands = _candidates(subject_scope=any(len(g) > 1 for g in stacks))
     base: np.ndarray | None = None
     for k, name in enumerate(names):
-        cands = _candidates()
         scores = SubjectDice(len(cands) + 1, len(names))  # candidate 0: the rules chosen so far
-        for cid in tqdm(cases, desc=f"postprocessing {name}", unit="case", dynamic_ncols=True):
-            label, attrs = truth(cid)
-            subject = case_subject(cid, attrs)
-            gt = np.stack([np.isin(label, vals) for vals in regions.values()])
-            masks = clip_to_containers(cache.get(cid) > 0.5, regions)  # as `decode` reads them
-            spacing = component_spacing(attrs)
-            voxel = float(np.prod(spacing)) if spacing is not None else 1.0
-            ruled = masks.copy()
-            for j, other in enumerate(names):
-                rule = chosen.rules.get(other)
-                if rule is not None and j != k:
-                    labels_j, sizes_j = component_labels(masks[j])
-                    ruled[j] = _apply_with_labels(labels_j, sizes_j, rule, voxel)
-            labels_k, sizes_k = component_labels(masks[k])
-            for c, rule in enumerate([RegionRule(), *cands]):
-                trial = ruled.copy()
-                trial[k] = _apply_with_labels(labels_k, sizes_k, rule, voxel)
-                clip_to_containers(trial, regions)  # as `postprocess` and `decode` do
-                scores.add(c, subject, trial, gt)
+        for group in tqdm(stacks, desc=f"postprocessing {name}", unit="stack", dynamic_ncols=True):
+            positions = [places[c].position for c in group]
+            spacing = component_spacing(attrs_of[group[0]])
+            what = f"{group[0]} ({len(group)} cases)"
+            masks = [clip_to_containers(cache.get(cid) > 0.5, regions) for cid in group]  # as `decode` reads them
+            others = Postprocessing({n: r for n, r in chosen.rules.items() if n != name})
+            ruled = postprocess_stack(masks, positions, regions, others, spacing, what)
+            # `postprocess_stack` clipped nested regions; the candidates act on region k as thresholded
+            for m, raw in zip(ruled, masks, strict=True):
+                m[k] = raw[k]
+            variants = rule_variants([m[k] for m in masks], positions, [RegionRule(), *cands], spacing, what)
+            truths = []
+            for cid in group:
+                label = truth.label(cid)
+                truths.append(np.stack([np.isin(label, vals) for vals in regions.values()]))
+            for c, variant in enumerate(variants):
+                for cid, m, region_k, gt in zip(group, ruled, variant, truths, strict=True):
+                    trial = m.copy()
+                    trial[k] = region_k
+                    clip_to_containers(trial, regions)  # as `postprocess` and `decode` do
+                    scores.add(c, case_subject(cid, attrs_of[cid]), trial, gt)
         means = scores.means()
         if base is None:
             base = means[0]

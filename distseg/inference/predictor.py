@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,13 @@ from distseg.data.store import CaseArrays
 from distseg.data.targets import regions_to_labels
 from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, LoadedModel, ModelIO, ModelLoadError
-from distseg.inference.postprocess import Postprocessing, clip_to_containers, component_spacing, postprocess
+from distseg.inference.postprocess import (
+    Postprocessing,
+    clip_to_containers,
+    component_spacing,
+    postprocess,
+    postprocess_stack,
+)
 from distseg.inference.window import SlidingWindow, case_logits, window_predictor
 from distseg.models.memory_format import channels_last_wanted, use_channels_last
 
@@ -167,18 +174,45 @@ class Predictor:
                              f"{'2D image' if is2d else '3D volume'}")
 
     def predict(self, case: CaseArrays, keep_probabilities: bool = True) -> Prediction:
-        """Segment one whole case (stored frame in, stored frame + source grid out)."""
+        """Segment one whole case (stored frame in, stored frame + source grid out); a "subject" postprocessing
+        rule acts on this case alone (`predict_stack` gives it the subject's other slices)."""
+        return self.predict_stack([case], [None], keep_probabilities)[0]
+
+    def case_probabilities(self, case: CaseArrays) -> np.ndarray:
+        """One case's stored-frame probabilities float32 (K, Z, Y, X), after checking that it fits the model."""
         self.check_case(case)
-        probs = self.probabilities(case.normalised()).cpu().numpy()
-        masks, labels, source = decode(probs, self.io, case.attrs, self.postprocessing)
-        return Prediction(case.case_id, probs if keep_probabilities else np.zeros((0,)), masks, labels, source,
-                          self.io.output_names)
+        return self.probabilities(case.normalised()).cpu().numpy()
+
+    def predict_stack(self, cases: Sequence[CaseArrays], positions: Sequence[int | None],
+                      keep_probabilities: bool = True) -> list[Prediction]:
+        """Segment the cases of one stack (`distseg.inference.postprocess.group_by_stack`: a subject's 2D slices,
+        `positions` their slice positions) so that "subject" postprocessing rules see them together."""
+        return self.decode_stack(cases, [self.case_probabilities(c) for c in cases], positions, keep_probabilities)
+
+    def decode_stack(self, cases: Sequence[CaseArrays], probabilities: Sequence[np.ndarray],
+                     positions: Sequence[int | None], keep_probabilities: bool = True) -> list[Prediction]:
+        """The stack's probabilities (each (K, Z, Y, X)) -> predictions: thresholded, postprocessed together
+        (`postprocess_stack`), decoded per case (`decode`)."""
+        regions = self.io.decode_regions
+        masks = [clip_to_containers(p > 0.5, regions) for p in probabilities]
+        if self.postprocessing is not None:
+            masks = postprocess_stack(masks, positions, regions, self.postprocessing,
+                                      component_spacing(cases[0].attrs), what=cases[0].case_id)
+        out = []
+        for case, probs, m in zip(cases, probabilities, masks, strict=True):
+            m, labels, source = decode(probs, self.io, case.attrs, masks=m)
+            out.append(Prediction(case.case_id, probs if keep_probabilities else np.zeros((0,)), m, labels, source,
+                                  self.io.output_names))
+        return out
 
 
-def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Postprocessing | None = None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Postprocessing | None = None,
+           masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stored-frame probabilities float (K, Z, Y, X) -> (region masks bool (K, Z, Y, X) after `pp`, canonical labels
     uint8 (Z, Y, X), labels in the source grid and convention).
+
+    `masks`: the region masks already thresholded and postprocessed by the caller (`postprocess_stack`: rules that
+    see a subject's other slices); `pp` is then not applied again.
 
     The one decoding used by prediction and evaluation. A binary model on a multi-label store (BraTS with
     `data.target: binary`) has no label of its own: its source output is the foreground mask as 0/1. A 2D case
@@ -190,9 +224,10 @@ def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Po
     # the raw channels would let a core voxel outside the whole tumour count as tumour (WT = union of the
     # channels); measured on out-of-fold predictions of 16 real BraTS cases (brats_budget_cv, .notes/crossval.md):
     # Dice WT 0.418 -> 0.737, TC 0.176 -> 0.446, ET unchanged.
-    masks = clip_to_containers(probabilities > 0.5, regions)
-    if pp is not None:
-        masks = postprocess(masks, regions, pp, component_spacing(attrs))
+    if masks is None:
+        masks = clip_to_containers(probabilities > 0.5, regions)
+        if pp is not None:
+            masks = postprocess(masks, regions, pp, component_spacing(attrs))
     binary_multilabel = io.target == "binary" and len(next(iter(regions.values()))) > 1
     labels = masks[0].astype(np.uint8) if binary_multilabel else regions_to_labels(masks, regions)
     if attrs.get("resized_from") is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distseg.config import load_config
-from distseg.evaluation.model import ProbabilityCache, choose_postprocessing
+from distseg.evaluation.model import ProbabilityCache, Truth, choose_postprocessing
 from distseg.inference.ensemble import ModelSet, ensemble_members, load_models, write_ensemble
 from distseg.inference.loading import LoadedModel, ModelIO, ModelLoadError
 from distseg.inference.postprocess import RegionRule
@@ -87,7 +87,7 @@ def test_postprocessing_kept_only_when_the_mean_rises_and_no_region_drops(tmp_pa
         pred = np.stack([np.isin(label, v) for v in REGIONS.values()]).astype(np.float32)
         pred[0][_ball(label.shape, (3, 3, 3), 1.5)] = 1.0  # WT island far from the tumour: a false positive
         cache.put(cid, pred)
-    pp, table = choose_postprocessing(cache, truths.__getitem__, ["a", "b"], REGIONS)
+    pp, table = choose_postprocessing(cache, Truth.of_pairs(truths), ["a", "b"], REGIONS)
     assert pp.rules["WT"] == RegionRule(keep_largest=True)
     assert "TC" not in pp.rules and "ET" not in pp.rules  # nothing to gain there: left alone
     assert {row["region"] for row in table} == set(REGIONS)
@@ -98,7 +98,7 @@ def test_postprocessing_kept_only_when_the_mean_rises_and_no_region_drops(tmp_pa
     label[_ball(label.shape, (12, 12, 17), 1)] = 3  # separate small ET focus inside WT
     truths["c"] = (label, attrs)
     cache.put("c", np.stack([np.isin(label, v) for v in REGIONS.values()]).astype(np.float32))
-    pp, _ = choose_postprocessing(cache, truths.__getitem__, ["c"], REGIONS)
+    pp, _ = choose_postprocessing(cache, Truth.of_pairs(truths), ["c"], REGIONS)
     assert not pp.rules  # every candidate either changes nothing or lowers a region: no rule kept
 
 
@@ -122,7 +122,7 @@ def test_postprocessing_is_chosen_on_the_per_subject_dice_when_cases_are_slices(
     for cid, (label, pred) in _slices().items():
         truths[cid] = (label, {"source_ndim": 2, "subject": subject})
         cache.put(cid, pred[None].astype(np.float32))
-    pp, table = choose_postprocessing(cache, truths.__getitem__, ["s1", "s2"], {"tumour": [1]})
+    pp, table = choose_postprocessing(cache, Truth.of_pairs(truths), ["s1", "s2"], {"tumour": [1]})
     rows = {r["rule"]: r["mean_dice"] for r in table}
     if subject:
         assert not pp.rules

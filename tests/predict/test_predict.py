@@ -15,6 +15,7 @@ from PIL import Image
 
 from distseg.core.overlay import upscale_factor
 from distseg.train.monitor import read_events
+from tests.predict.conftest import PYTHON, ok, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -284,6 +285,64 @@ def test_2d_masks_and_overlays_at_the_input_size(images_run, images_data, predic
         gt = np.asarray(Image.open(raw / "masks" / f"{r['case_id']}.png")) > 0
         assert r["status"] == "ok" and r["dice"] == pytest.approx(_dice(pred, gt), abs=1e-9), r
 
+
+
+def test_subject_postprocessing_sees_a_patients_slices_in_predict_and_evaluate(images_run, images_data, predict_cli,
+                                                                               predict_launcher, evaluate_cli,
+                                                                               tmp_path):
+    """A "subject" rule acts on a patient's slices stacked, in `launch/predict.py` (on 2 ranks: a patient's slices
+    stay on one rank) and in `launch/evaluate.py --postprocess`. The trained debug model with its head's bias raised
+    by 1000 calls every pixel tumour (an exported model: real weights, known answer); one image is copied to slices
+    1-4 and 6 of a patient. "Remove components below (one slice's pixels + 1)" empties every slice judged alone,
+    but over the stack slices 1-4 join into one component and slice 6, past the missing slice 5, stays alone."""
+    import torch
+
+    from distseg.inference.export import export
+    from distseg.inference.postprocess import component_labels
+
+    raw, _ = images_data
+    model = export(images_run, tmp_path / "model")["weights"]
+    state = torch.load(model, weights_only=True)
+    state["head.bias"] += 1000.0
+    torch.save(state, model)
+    res = predict_cli("--model", model, "--input", raw, "--output", tmp_path / "plain")
+    assert res.returncode == 0, res.stdout[-3000:]
+    plain = {m.name[: -len("_mask.png")]: np.asarray(Image.open(m)) > 0
+             for m in (tmp_path / "plain").glob("*_mask.png")}
+    case_id = sorted(plain)[0]
+    mask = plain[case_id]
+    assert mask.all(), "the head's bias should make every pixel tumour"
+    largest = int(component_labels(mask)[1].max())
+    patient = tmp_path / "src" / "PAT"
+    patient.mkdir(parents=True)
+    for index in (1, 2, 3, 4, 6):
+        shutil.copy(raw / "images" / f"{case_id}.png", patient / f"PAT_{index}.png")
+        shutil.copy(raw / "masks" / f"{case_id}.png", patient / f"PAT_{index}_mask.png")
+    rules = tmp_path / "pp.json"
+    rules.write_text(json.dumps({"rules": {"tumour": {"min_volume": largest + 1, "scope": "subject"}}}))
+
+    res = predict_launcher("--model", model, "--input", tmp_path / "src", "--output", tmp_path / "pp",
+                           "--postprocess", rules)
+    assert res.returncode == 0, res.stdout[-3000:]
+    labels, sizes = component_labels(np.stack([mask] * 4))
+    kept = np.concatenate([[False], sizes >= largest + 1])[labels][0]  # what each of slices 1-4 keeps
+    assert kept.any()  # judged alone, every slice would be empty
+    for index in (1, 2, 3, 4):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pp" / f"PAT_{index}_mask.png")) > 0, kept)
+    assert not np.asarray(Image.open(tmp_path / "pp" / "PAT_6_mask.png")).any()
+
+    # evaluate.py applies it the same way: the postprocessed scores are those of the masks predict.py wrote
+    ok(run_cmd([PYTHON, "-m", "preprocess", "images2d", "--src", str(tmp_path / "src"), "--dst", str(tmp_path),
+                "--name", "pat", "--serial", "--folds", "2"]))
+    res = evaluate_cli("--model", model, "--store", tmp_path / "pat.zarr", "--postprocess", rules, "--output",
+                       tmp_path / "eval")
+    assert res.returncode == 0, res.stdout[-3000:]
+    rows = {r["case_id"]: r for r in pq.read_table(tmp_path / "eval" / "postprocessed" / "metrics.parquet").to_pylist()}
+    gt = np.asarray(Image.open(raw / "masks" / f"{case_id}.png")) > 0
+    assert sorted(rows) == [f"PAT_{i}" for i in (1, 2, 3, 4, 6)]
+    for index in (1, 2, 3, 4):
+        assert rows[f"PAT_{index}"]["dice"] == pytest.approx(_dice(kept, gt), abs=1e-9)
+    assert rows["PAT_6"]["dice"] == pytest.approx(_dice(np.zeros_like(gt), gt), abs=1e-9)
 
 
 def test_a_downsampled_model_trains_validates_and_predicts_at_full_resolution(brats_data, train_cli, predict_cli,

@@ -19,6 +19,9 @@ flag per micro-batch between forward and backward (a host sync), skipping just t
 
 `train.max_minutes` (distseg.train.budget): the run times its steps, plans the steps that fit, lays the LR schedule over
 them, and stops there with a final checkpoint; rank 0 plans and broadcasts, so every rank stops at the same step.
+
+The trainer's resume/save steps live in `distseg.train.checkpoint_steps` and its budget timing and re-planning in
+`distseg.train.budget_steps` (mixins: same object, same attributes).
 """
 
 from __future__ import annotations
@@ -27,13 +30,12 @@ import logging
 import math
 import time
 from collections.abc import Generator
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from distseg.config import ExperimentConfig, make_run_dir, to_dict, write_resolved
+from distseg.config import ExperimentConfig, make_run_dir, write_resolved
 from distseg.core import checkpoint, dist
 from distseg.data.loader import build_device_augment, build_train_loader, build_val_iterator, open_store
 from distseg.data.targets import labels_to_targets, target_names
@@ -42,11 +44,13 @@ from distseg.inference.postprocess import clip_to_containers
 from distseg.losses import build_loss
 from distseg.metrics import MetricAccumulator, confusion_counts_from_masks
 from distseg.train import elastic, lost_rank
-from distseg.train.budget import CostEstimate, WallClockBudget, describe
+from distseg.train.budget import WallClockBudget
+from distseg.train.budget_steps import BudgetSteps
+from distseg.train.checkpoint_steps import CheckpointSteps
 from distseg.train.engine import build_ds_config, initialize, resolve_precision
 from distseg.train.mirror import build_mirror
 from distseg.train.monitor import build_monitor, memory_stats
-from distseg.train.optim import ScheduleLength, refresh_lr
+from distseg.train.optim import ScheduleLength
 from distseg.train.preemption import StopRequest
 from distseg.train.progress import StepWindow, mean_loss, perf_scalars, run_summary
 from distseg.train.setup import DTYPES, build_seeded_model, model_channels
@@ -59,7 +63,7 @@ logger = logging.getLogger(__name__)
 CASES_FILE = "cases.json"
 """<run>/cases.json: the case ids a run trains on and validates on (written by rank 0 at start)."""
 
-class Trainer:
+class Trainer(CheckpointSteps, BudgetSteps):
     """Builds the model, engine, loss, augmentation and monitor for this rank; `train()` runs the loop."""
 
     def __init__(self, cfg: ExperimentConfig, stop: StopRequest | None = None) -> None:
@@ -125,51 +129,6 @@ class Trainer:
             self.budget = WallClockBudget(t.max_minutes, t.steps, t.val_every, cfg.checkpoint.every,
                                           t.budget_warmup_steps, t.budget_measure_steps, budget_costs)
 
-    # ------------------------------------------------------------------------------------------- resume
-    def _resume(self) -> CostEstimate | None:
-        """Load the checkpoint rank 0 chose (`distseg.train.elastic.plan_resume`), if any; returns the wall-clock
-        budget's saved timings."""
-        plan = self.plan
-        if plan.tag is None or plan.saved is None:
-            return None
-        same_layout = plan.saved.world_size == self.world_size
-        saved = checkpoint.load(self.engine, self.ckpt_dir, plan.tag, universal=elastic.UNIVERSAL if plan.universal
-                                else None, restore_rng=same_layout)
-        self.state = TrainState(**saved["counters"])
-        if not same_layout:  # the stream continues after every micro-batch the old ranks drew (distseg.train.elastic)
-            self.state.stream_base += self.state.micro_batches * plan.saved.world_size
-            self.state.micro_batches = 0
-        # The latest validation result travels with the checkpoint, so a rerun of a finished run still reports it.
-        self.last_dice = dict(saved.get("val_dice_regions", {}))
-        self.resumed_from = plan.tag
-        if self.state.planned_steps is not None:
-            # The optimizer's LR was saved under this plan; the remaining steps follow the same schedule.
-            self.schedule_length.total = self.state.planned_steps
-        logger.info("resumed from checkpoint %s (step %d, written by %d ranks%s)", plan.tag, self.state.step,
-                    plan.saved.world_size, ", universal format" if plan.universal else "")
-        return CostEstimate(**saved["budget"]) if saved.get("budget") else None
-
-    def _save(self) -> None:
-        self._saved = self.state.step
-        self.state.elapsed_s = self._elapsed()
-        # A Dice belongs to the step it was measured at: only then may this checkpoint become "best".
-        validated = self.state.val_step == self.state.step
-        state = {"counters": asdict(self.state), "val_dice": self.state.val_dice if validated else None,
-                 "val_step": self.state.val_step if validated else None, "val_dice_regions": self.last_dice,
-                 "config": to_dict(self.cfg), "epoch": self.epoch,
-                 "budget": asdict(self.budget.costs) if self.budget else None, "io": self.io.to_dict()}
-        c = self.cfg.checkpoint
-        layout = {"grad_accum": self.cfg.train.grad_accum, "batch_size": self.cfg.data.batch_size,
-                  "zero_stage": self.cfg.deepspeed.zero_stage}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, c.keep_last, c.keep_best, layout)
-        self.mirror.after_save(tag)  # s3:// runs: uploaded in the background, marker last
-
-    @property
-    def epoch(self) -> float:
-        """Passes over the training cases, counted in samples (each case is drawn once per epoch across ranks)."""
-        return self.state.samples_seen / max(1, self.train_cases)
-
-    # ------------------------------------------------------------------------------------------- one micro-batch
     def _inject_nan(self) -> bool:
         """FAULT INJECTION (debug.inject_nan_at_step): rank 0's loss becomes NaN for `inject_nan_times` tries."""
         d = self.cfg.debug
@@ -296,10 +255,6 @@ class Trainer:
             checkpoint.write_json(self.run_dir / "summary.json", summary)
         return state
 
-    def _elapsed(self) -> float:
-        """Training seconds of this job: the previous runs' (from the checkpoint) plus this run's loop so far."""
-        return self._elapsed_base + (time.perf_counter() - self._t_start)
-
     def _loop(self, batches: Generator[dict[str, Any], None, None], window: StepWindow, voxels: int, bar: tqdm) -> None:
         """Micro-batches until the planned optimizer steps are done: step, log, (re)plan, validate, checkpoint."""
         cfg, state = self.cfg, self.state
@@ -378,44 +333,6 @@ class Trainer:
         due = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stop
         if due and self._saved != state.step:
             self._timed(self._save, "checkpoint")
-
-    def _timed(self, fn, what: str) -> None:
-        t0 = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - t0
-        self._event_s += seconds
-        if self.budget is not None:
-            getattr(self.budget, f"{what}_done")(seconds)
-
-    # ------------------------------------------------------------------------------------------- budget
-    def _plan(self) -> None:
-        """(Re)plan the steps that fit in `train.max_minutes` (collective: rank 0 decides, everyone follows).
-
-        The first plan of a fresh run times one checkpoint save first (the final save must fit too) and, when
-        no periodic validation would come before the planned end, one validation as well."""
-        assert self.budget is not None
-        cfg, state, budget = self.cfg, self.state, self.budget
-        first = state.planned_steps is None
-        if first and budget.costs.checkpoint_s is None:
-            self._timed(self._save, "checkpoint")
-        planned = self._broadcast_plan()
-        if (first and cfg.train.val_every and budget.costs.validation_s is None
-                and (state.step // cfg.train.val_every + 1) * cfg.train.val_every >= planned):
-            self._timed(self.validate, "validation")
-            planned = self._broadcast_plan()
-        if planned != self.schedule_length.total or first:
-            changed = first or abs(planned - self.schedule_length.total) * 20 >= max(1, planned)
-            self.schedule_length.total = planned
-            refresh_lr(self.engine.lr_scheduler)  # the next update already follows the new plan
-            if changed and self.rank == 0:  # log the first plan and moves of >= 5 %, not every small revision
-                logger.info("%s", describe(planned, state.step, budget, self._elapsed()))
-        state.planned_steps = planned
-
-    def _broadcast_plan(self) -> int:
-        planned = None
-        if self.rank == 0:
-            planned = self.budget.plan(self.state.step, self._elapsed(), self.state.planned_steps)
-        return int(dist.broadcast_object(planned))
 
     def _log(self, window: StepWindow, voxels: int, bar: tqdm, lr: float) -> None:
         """Scalars of the steps since the last log (collective: the loss is all-reduced here; rank 0 writes, other

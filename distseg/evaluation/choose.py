@@ -25,7 +25,7 @@ from tqdm import tqdm
 from distseg.core.fileio import atomic_write
 from distseg.data.store import Store
 from distseg.evaluation.crossval import CrossvalError, CrossvalPlan, fold_models, out_of_fold_cases
-from distseg.evaluation.model import (
+from distseg.evaluation.postprocessing import (
     PROBABILITIES_DIR,
     ProbabilityCache,
     SubjectDice,
@@ -33,7 +33,7 @@ from distseg.evaluation.model import (
     choose_postprocessing,
     store_truth,
 )
-from distseg.evaluation.model import write_postprocessing as write_pp
+from distseg.evaluation.postprocessing import write_postprocessing as write_pp
 from distseg.inference.ensemble import write_ensemble
 from distseg.inference.loading import POSTPROCESSING_FILE, load_model
 from distseg.inference.postprocess import clip_to_containers

@@ -43,15 +43,17 @@ from distseg.core.exit_codes import OK, PREEMPTED
 from distseg.core.fileio import atomic_write
 from distseg.data.store import Store
 from distseg.evaluation.model import (
-    PROBABILITIES_DIR,
     ModelEvaluation,
     PredictSettings,
-    ProbabilityCache,
-    choose_postprocessing,
     evaluate_model,
     evaluation_meta,
     postprocessed_cases,
     predict_and_score,
+)
+from distseg.evaluation.postprocessing import (
+    PROBABILITIES_DIR,
+    ProbabilityCache,
+    choose_postprocessing,
     store_truth,
     write_postprocessing,
 )

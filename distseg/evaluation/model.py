@@ -13,30 +13,33 @@ the challenge and the `--pred/--gt` files mode do. Cases stream through one at a
 on disk (float16, ``out_dir/probabilities``) for the choices; memory stays flat however many cases there are. A
 case that fails to predict is a failed row (Dice 0, HD95 penalty) and the others go on.
 
-Postprocessing is chosen as nnU-Net's `find_best_configuration` does: per region in order, try "keep the largest
-component" and "remove components below V" and keep a rule only if the mean Dice over regions rises and no region's
-mean Dice drops. It is chosen only on cases whose role is "validation" (choosing on the test split is refused) and
-written to ``out_dir/postprocessing.json``, never beside the model as a side effect; a cross-validation folder
-holds the rule chosen on its pooled out-of-fold predictions (`distseg.evaluation.crossval`).
+Postprocessing is chosen (`distseg.evaluation.postprocessing`) only on cases whose role is "validation" (choosing on
+the test split is refused) and written to ``out_dir/postprocessing.json``, never beside the model as a side effect; a
+cross-validation folder holds the rule chosen on its pooled out-of-fold predictions (`distseg.evaluation.crossval`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from distseg.core.fileio import atomic_write
 from distseg.data.geometry import restore_to_source_geometry
 from distseg.data.store import Store
 from distseg.evaluation.meta import EvaluationMeta, ModelInfo
+from distseg.evaluation.postprocessing import (
+    PROBABILITIES_DIR,
+    ProbabilityCache,
+    choose_postprocessing,
+    store_truth,
+    write_postprocessing,
+)
 from distseg.evaluation.report import EvaluationResult, log_evaluation
 from distseg.evaluation.run import evaluate_arrays
 from distseg.evaluation.scoring import CaseFailure, ScoredCase, region_masks
@@ -44,22 +47,16 @@ from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, ModelIO
 from distseg.inference.postprocess import (
     Postprocessing,
-    RegionRule,
     clip_to_containers,
     component_spacing,
     group_by_stack,
     postprocess_stack,
-    rule_variants,
     stack_place,
 )
 from distseg.inference.predictor import Predictor, decode
-from distseg.metrics import dice_from_counts, mask_counts
 
 logger = logging.getLogger(__name__)
 
-MIN_VOLUME_CANDIDATES = (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
-"""Component-size thresholds tried per region (mm^3 in 3D, pixels in 2D)."""
-PROBABILITIES_DIR = "probabilities"
 
 
 @dataclass
@@ -85,31 +82,6 @@ class ModelEvaluation:
 
 
 # ------------------------------------------------------------------------------------------------ per-case stores
-class ProbabilityCache:
-    """Stored-frame sigmoid probabilities of predicted cases, one compressed float16 file per case:
-    ``<folder>/<case_id>.npz`` with ``probabilities`` (K, Z, Y, X). What the choices read back one case at a time
-    (postprocessing; ensembles of configurations average them)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-
-    def path(self, case_id: str) -> Path:
-        return self.folder / f"{case_id}.npz"
-
-    def put(self, case_id: str, probabilities: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        data = np.asarray(probabilities, dtype=np.float16)
-        atomic_write(self.path(case_id), lambda tmp: np.savez_compressed(tmp, probabilities=data))
-
-    def get(self, case_id: str) -> np.ndarray:
-        """float32 (K, Z, Y, X)."""
-        with np.load(self.path(case_id)) as f:
-            return f["probabilities"].astype(np.float32)
-
-    def has(self, case_id: str) -> bool:
-        return self.path(case_id).is_file()
-
-
 def _source_spacing(attrs: dict[str, Any]) -> tuple[float, ...] | None:
     """Voxel size per axis of the source grid (mm), or None for 2D images (pixels)."""
     if attrs.get("source_ndim") == 2:
@@ -223,141 +195,6 @@ def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequenc
 
 
 # ------------------------------------------------------------------------------------------------ choosing
-class SubjectDice:
-    """Mean Dice over subjects of several candidates (rules or configurations), accumulated one case at a time.
-
-    A subject's cases are stacked: their confusion counts are summed per candidate and region, Dice is taken per
-    subject (BraTS convention: both empty -> 1), then averaged over subjects; this is the per-subject table's Dice
-    (`distseg.evaluation.scoring`) and the per-patient figure users report for 2D slice datasets (LGG). Where every
-    case is its own subject (3D stores, 2D images without a patient) it is the mean Dice over cases. Choosing on
-    the per-slice mean instead favours removing small components (an empty slice predicted empty scores 1), which
-    can lower every patient's Dice: measured on the LGG out-of-fold cases (.notes/crossval.md)."""
-
-    def __init__(self, n_candidates: int, n_regions: int) -> None:
-        self.shape = (n_candidates, n_regions, 3)
-        self.counts: dict[str, np.ndarray] = {}
-
-    def add(self, candidate: int, subject: str, pred: np.ndarray, gt: np.ndarray) -> None:
-        """Count bool (K, *S) `pred` against `gt` for `candidate` under `subject`."""
-        acc = self.counts.setdefault(subject, np.zeros(self.shape))
-        acc[candidate] += mask_counts(pred, gt)[:, :3]
-
-    def means(self) -> np.ndarray:
-        """(n_candidates, K) mean Dice over subjects."""
-        if not self.counts:
-            return np.zeros(self.shape[:2])
-        counts = torch.from_numpy(np.stack(list(self.counts.values())))  # (subjects, candidates, K, 3)
-        return dice_from_counts(counts).numpy().mean(axis=0)
-
-    @property
-    def n_subjects(self) -> int:
-        return len(self.counts)
-
-
-def case_subject(case_id: str, attrs: dict[str, Any]) -> str:
-    """The subject (patient) a stored case belongs to; a case without one is its own subject (the fold rule)."""
-    return attrs.get("subject") or case_id
-
-
-def _candidates(subject_scope: bool) -> list[RegionRule]:
-    """Per case: keep the largest component, remove components below each size; the same over a subject's stacked
-    slices when some subject has several (2D slice stores)."""
-    scopes = ("case", "subject") if subject_scope else ("case",)
-    return [rule for scope in scopes for rule in (RegionRule(keep_largest=True, scope=scope),
-                                                  *(RegionRule(min_volume=v, scope=scope)
-                                                    for v in MIN_VOLUME_CANDIDATES))]
-
-
-@dataclass
-class Truth:
-    """Where the ground truth comes from: a case id's stored-frame label (Z, Y, X) and its attrs."""
-
-    label: Callable[[str], np.ndarray]
-    attrs: Callable[[str], dict[str, Any]]
-
-    @classmethod
-    def of_pairs(cls, pairs: Mapping[str, tuple[np.ndarray, dict[str, Any]]]) -> Truth:
-        """From case id -> (label, attrs) (hand-built cases)."""
-        return cls(lambda cid: pairs[cid][0], lambda cid: pairs[cid][1])
-
-
-def store_truth(store: Store) -> Truth:
-    return Truth(store.read_label, store.case_attrs)
-
-
-def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Sequence[str],
-                          regions: dict[str, list[int]]) -> tuple[Postprocessing, list[dict[str, Any]]]:
-    """nnU-Net's rule on the cached predictions of `case_ids`: per region in order (containers first), try every
-    candidate and keep the best one only if the mean Dice over regions rises and no region's mean Dice drops.
-    Dice is per subject (`SubjectDice`: a patient's slices stacked; a 3D case is its own subject). On 2D slice
-    stores the candidates also act on a subject's stacked slices ("subject" scope; `stack_place`).
-
-    Streams: one pass over the stacks per region, one stack (a 3D case, or a patient's slices) in memory at a time.
-    Returns the rules and every candidate's mean Dice per region (for postprocessing.json)."""
-    names = list(regions)
-    cases = [cid for cid in case_ids if cache.has(cid)]
-    chosen = Postprocessing()
-    table: list[dict[str, Any]] = []
-    if not cases:
-        return chosen, table
-    attrs_of = {cid: truth.attrs(cid) for cid in cases}
-    places = {cid: stack_place(cid, attrs_of[cid]) for cid in cases}
-    stacks = group_by_stack(cases, places.__getitem__)
-    cands = _candidates(subject_scope=any(len(g) > 1 for g in stacks))
-    base: np.ndarray | None = None
-    for k, name in enumerate(names):
-        scores = SubjectDice(len(cands) + 1, len(names))  # candidate 0: the rules chosen so far
-        for group in tqdm(stacks, desc=f"postprocessing {name}", unit="stack", dynamic_ncols=True):
-            positions = [places[c].position for c in group]
-            spacing = component_spacing(attrs_of[group[0]])
-            what = f"{group[0]} ({len(group)} cases)"
-            masks = [clip_to_containers(cache.get(cid) > 0.5, regions) for cid in group]  # as `decode` reads them
-            others = Postprocessing({n: r for n, r in chosen.rules.items() if n != name})
-            ruled = postprocess_stack(masks, positions, regions, others, spacing, what)
-            # `postprocess_stack` clipped nested regions; the candidates act on region k as thresholded
-            for m, raw in zip(ruled, masks, strict=True):
-                m[k] = raw[k]
-            variants = rule_variants([m[k] for m in masks], positions, [RegionRule(), *cands], spacing, what)
-            truths = []
-            for cid in group:
-                label = truth.label(cid)
-                truths.append(np.stack([np.isin(label, vals) for vals in regions.values()]))
-            for c, variant in enumerate(variants):
-                for cid, m, region_k, gt in zip(group, ruled, variant, truths, strict=True):
-                    trial = m.copy()
-                    trial[k] = region_k
-                    clip_to_containers(trial, regions)  # as `postprocess` and `decode` do
-                    scores.add(c, case_subject(cid, attrs_of[cid]), trial, gt)
-        means = scores.means()
-        if base is None:
-            base = means[0]
-        for rule, row in zip(cands, means[1:], strict=True):
-            table.append({"region": name, "rule": rule.describe(), "mean_dice": float(row.mean()),
-                          **{f"dice_{n}": float(v) for n, v in zip(names, row, strict=True)}})
-        ok = [(row.mean(), c) for c, row in enumerate(means[1:])
-              if row.mean() > base.mean() + 1e-9 and np.all(row >= base - 1e-9)]
-        if ok:
-            score, c = max(ok, key=lambda t: (t[0], -t[1]))  # ties: the first (simplest) candidate
-            chosen.rules[name] = cands[c]
-            logger.info("postprocessing %s: %s (mean Dice over regions %.4f -> %.4f)", name, cands[c].describe(),
-                        base.mean(), score)
-            base = means[1 + c]
-        else:
-            logger.info("postprocessing %s: none (no candidate raises the mean without lowering a region)", name)
-    return chosen, table
-
-
-def write_postprocessing(path: Path, pp: Postprocessing, table: list[dict[str, Any]],
-                         chosen_on: dict[str, Any]) -> Path:
-    """postprocessing.json: the rules (what `launch/predict.py --postprocess` applies), where they were chosen,
-    the criterion and every candidate's score."""
-    doc = json.dumps({"rules": pp.to_dict(), "chosen_on": chosen_on,
-                      "criterion": "nnU-Net: per region in order, keep a rule only if the mean Dice over regions "
-                                   "rises and no region's mean Dice drops (Dice per subject: a patient's slices "
-                                   "stacked; a 3D case is its own subject)", "candidates": table}, indent=1)
-    return atomic_write(path, lambda tmp: tmp.write_text(doc, encoding="utf-8"))
-
-
 # ------------------------------------------------------------------------------------------------ the whole job
 def evaluate_model(models: ModelSet, store: Store, case_ids: Sequence[str], out_dir: Path,
                    settings: PredictSettings | None = None, role: str = "validation", what: str = "",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distseg.config import load_config
-from distseg.evaluation.model import ProbabilityCache, Truth, choose_postprocessing
+from distseg.evaluation.postprocessing import ProbabilityCache, Truth, choose_postprocessing
 from distseg.inference.ensemble import ModelSet, ensemble_members, load_models, write_ensemble
 from distseg.inference.loading import LoadedModel, ModelIO, ModelLoadError
 from distseg.inference.postprocess import RegionRule
@@ -133,7 +133,7 @@ def test_postprocessing_is_chosen_on_the_per_subject_dice_when_cases_are_slices(
 
 
 def test_subject_dice_stacks_a_subjects_cases_and_averages_over_subjects() -> None:
-    from distseg.evaluation.model import SubjectDice
+    from distseg.evaluation.postprocessing import SubjectDice
 
     gt = np.zeros((1, 4, 4), bool)
     gt[0, :2] = True  # 8 px

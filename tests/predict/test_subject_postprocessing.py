@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distseg.evaluation.model import ProbabilityCache, Truth, choose_postprocessing
+from distseg.evaluation.postprocessing import ProbabilityCache, Truth, choose_postprocessing
 from distseg.inference.postprocess import (
     Postprocessing,
     RegionRule,

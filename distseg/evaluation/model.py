@@ -47,7 +47,7 @@ from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, ModelIO
 from distseg.inference.postprocess import (
     Postprocessing,
-    clip_to_containers,
+    binarise,
     component_spacing,
     group_by_stack,
     postprocess_stack,
@@ -186,11 +186,11 @@ def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequenc
             continue
         attrs = {cid: store.case_attrs(cid) for cid in present}
         probs = {cid: cache.get(cid) for cid in present}
-        cleaned = postprocess_stack([clip_to_containers(probs[c] > 0.5, regions) for c in present],
+        cleaned = postprocess_stack([binarise(probs[c], regions, pp) for c in present],
                                     [places[c].position for c in present], regions, pp,
                                     component_spacing(attrs[present[0]]), what=f"{store.path}:{present[0]}")
         for cid, masks in zip(present, cleaned, strict=True):
-            _, _, labels_source = decode(probs[cid], io, attrs[cid], masks=masks)
+            _, _, labels_source = decode(probs[cid], io, attrs[cid], pp, masks=masks)
             yield _scored(cid, labels_source, io, attrs[cid], store.read_label(cid), f"{store.path}:{cid}")
 
 

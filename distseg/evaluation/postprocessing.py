@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from distseg.data.store import Store
 from distseg.inference.postprocess import (
     Postprocessing,
     RegionRule,
+    binarise,
     clip_to_containers,
     component_spacing,
     group_by_stack,
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 MIN_VOLUME_CANDIDATES = (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
 """Component-size thresholds tried per region (mm^3 in 3D, pixels in 2D)."""
+THRESHOLD_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+"""Probability thresholds tried per region (0.5, the default, is the one to beat)."""
 PROBABILITIES_DIR = "probabilities"
 
 
@@ -138,62 +141,100 @@ def choose_postprocessing(cache: ProbabilityCache, truth: Truth, case_ids: Seque
                           regions: dict[str, list[int]]) -> tuple[Postprocessing, list[dict[str, Any]]]:
     """nnU-Net's rule on the cached predictions of `case_ids`: per region in order (containers first), try every
     candidate and keep the best one only if the mean Dice over regions rises and no region's mean Dice drops.
-    Dice is per subject (`SubjectDice`: a patient's slices stacked; a 3D case is its own subject). On 2D slice
-    stores the candidates also act on a subject's stacked slices ("subject" scope; `stack_place`).
+    First each region's probability threshold (`THRESHOLD_CANDIDATES`; 0.5 unless another wins), then the
+    connected-component rules on the masks those thresholds give. Dice is per subject (`SubjectDice`: a patient's
+    slices stacked; a 3D case is its own subject). On 2D slice stores the component candidates also act on a
+    subject's stacked slices ("subject" scope; `stack_place`).
 
-    Streams: one pass over the stacks per region, one stack (a 3D case, or a patient's slices) in memory at a time.
-    Returns the rules and every candidate's mean Dice per region (for postprocessing.json)."""
-    names = list(regions)
+    Streams: one pass over the cases per region and stage, one stack (a 3D case, or a patient's slices) in memory at
+    a time. Returns the rules and every candidate's mean Dice per region (for postprocessing.json)."""
     cases = [cid for cid in case_ids if cache.has(cid)]
     chosen = Postprocessing()
     table: list[dict[str, Any]] = []
     if not cases:
         return chosen, table
     attrs_of = {cid: truth.attrs(cid) for cid in cases}
+    _choose_thresholds(cache, truth, cases, attrs_of, regions, chosen, table)
+    _choose_components(cache, truth, cases, attrs_of, regions, chosen, table)
+    return chosen, table
+
+
+def _accept(name: str, means: np.ndarray, cands: Sequence[RegionRule], chosen: Postprocessing,
+            table: list[dict[str, Any]], names: Sequence[str]) -> None:
+    """Record every candidate's scores; keep the best one (`means[1 + c]`) if it beats the rules so far
+    (`means[0]`) on the mean over regions without lowering any region."""
+    base = means[0]
+    for rule, row in zip(cands, means[1:], strict=True):
+        table.append({"region": name, "rule": rule.describe(), "mean_dice": float(row.mean()),
+                      **{f"dice_{n}": float(v) for n, v in zip(names, row, strict=True)}})
+    ok = [(row.mean(), c) for c, row in enumerate(means[1:])
+          if row.mean() > base.mean() + 1e-9 and np.all(row >= base - 1e-9)]
+    if ok:
+        score, c = max(ok, key=lambda t: (t[0], -t[1]))  # ties: the first (simplest) candidate
+        chosen.rules[name] = cands[c]
+        logger.info("postprocessing %s: %s (mean Dice over regions %.4f -> %.4f)", name, cands[c].describe(),
+                    base.mean(), score)
+    else:
+        logger.info("postprocessing %s: %s kept (no candidate raises the mean without lowering a region)", name,
+                    chosen.rules[name].describe() if name in chosen.rules else "none")
+
+
+def _truth_masks(truth: Truth, cid: str, regions: dict[str, list[int]]) -> np.ndarray:
+    label = truth.label(cid)
+    return np.stack([np.isin(label, vals) for vals in regions.values()])
+
+
+def _choose_thresholds(cache: ProbabilityCache, truth: Truth, cases: Sequence[str], attrs_of: dict[str, Any],
+                       regions: dict[str, list[int]], chosen: Postprocessing, table: list[dict[str, Any]]) -> None:
+    """Each region's probability threshold in turn, the others at their chosen values (undertrained or
+    foreground-oversampled models are often miscalibrated: BraTS out of fold, .notes/crossval.md)."""
+    names = list(regions)
+    for k, name in enumerate(names):
+        current = chosen.thresholds(names)
+        cands = [RegionRule(threshold=t) for t in THRESHOLD_CANDIDATES if t != current[k]]
+        trials = [current[k], *(r.threshold for r in cands)]
+        scores = SubjectDice(len(trials), len(names))
+        for cid in tqdm(cases, desc=f"threshold {name}", unit="case", dynamic_ncols=True):
+            probs, gt = cache.get(cid), _truth_masks(truth, cid, regions)
+            for c, t in enumerate(trials):
+                tv = current.copy()
+                tv[k] = t
+                scores.add(c, case_subject(cid, attrs_of[cid]),
+                           clip_to_containers(probs > tv.reshape(-1, *([1] * (probs.ndim - 1))), regions), gt)
+        _accept(name, scores.means(), cands, chosen, table, names)
+
+
+def _choose_components(cache: ProbabilityCache, truth: Truth, cases: Sequence[str], attrs_of: dict[str, Any],
+                       regions: dict[str, list[int]], chosen: Postprocessing, table: list[dict[str, Any]]) -> None:
+    """Per region: keep the largest component or remove small ones (per case; over a subject's stacked slices)."""
+    names = list(regions)
     places = {cid: stack_place(cid, attrs_of[cid]) for cid in cases}
     stacks = group_by_stack(cases, places.__getitem__)
-    cands = _candidates(subject_scope=any(len(g) > 1 for g in stacks))
-    base: np.ndarray | None = None
     for k, name in enumerate(names):
+        threshold = chosen.thresholds(names)[k]
+        cands = [replace(r, threshold=float(threshold))
+                 for r in _candidates(subject_scope=any(len(g) > 1 for g in stacks))]
         scores = SubjectDice(len(cands) + 1, len(names))  # candidate 0: the rules chosen so far
         for group in tqdm(stacks, desc=f"postprocessing {name}", unit="stack", dynamic_ncols=True):
             positions = [places[c].position for c in group]
             spacing = component_spacing(attrs_of[group[0]])
             what = f"{group[0]} ({len(group)} cases)"
-            masks = [clip_to_containers(cache.get(cid) > 0.5, regions) for cid in group]  # as `decode` reads them
+            masks = [binarise(cache.get(cid), regions, chosen) for cid in group]  # as `decode` reads them
             others = Postprocessing({n: r for n, r in chosen.rules.items() if n != name})
             ruled = postprocess_stack(masks, positions, regions, others, spacing, what)
             # `postprocess_stack` clipped nested regions; the candidates act on region k as thresholded
             for m, raw in zip(ruled, masks, strict=True):
                 m[k] = raw[k]
-            variants = rule_variants([m[k] for m in masks], positions, [RegionRule(), *cands], spacing, what)
-            truths = []
-            for cid in group:
-                label = truth.label(cid)
-                truths.append(np.stack([np.isin(label, vals) for vals in regions.values()]))
+            current = chosen.rules.get(name, RegionRule(threshold=float(threshold)))
+            variants = rule_variants([m[k] for m in masks], positions, [current, *cands], spacing, what)
+            truths = [_truth_masks(truth, cid, regions) for cid in group]
             for c, variant in enumerate(variants):
                 for cid, m, region_k, gt in zip(group, ruled, variant, truths, strict=True):
                     trial = m.copy()
                     trial[k] = region_k
                     clip_to_containers(trial, regions)  # as `postprocess` and `decode` do
                     scores.add(c, case_subject(cid, attrs_of[cid]), trial, gt)
-        means = scores.means()
-        if base is None:
-            base = means[0]
-        for rule, row in zip(cands, means[1:], strict=True):
-            table.append({"region": name, "rule": rule.describe(), "mean_dice": float(row.mean()),
-                          **{f"dice_{n}": float(v) for n, v in zip(names, row, strict=True)}})
-        ok = [(row.mean(), c) for c, row in enumerate(means[1:])
-              if row.mean() > base.mean() + 1e-9 and np.all(row >= base - 1e-9)]
-        if ok:
-            score, c = max(ok, key=lambda t: (t[0], -t[1]))  # ties: the first (simplest) candidate
-            chosen.rules[name] = cands[c]
-            logger.info("postprocessing %s: %s (mean Dice over regions %.4f -> %.4f)", name, cands[c].describe(),
-                        base.mean(), score)
-            base = means[1 + c]
-        else:
-            logger.info("postprocessing %s: none (no candidate raises the mean without lowering a region)", name)
-    return chosen, table
+        _accept(name, scores.means(), cands, chosen, table, names)
 
 
 def write_postprocessing(path: Path, pp: Postprocessing, table: list[dict[str, Any]],

@@ -8,6 +8,10 @@ datasets such as LGG, where a patient is a volume cut into images). Keeping the 
 lone false positive on a slice without tumour; over the stacked slices it is removed (LGG out-of-fold per-patient
 Dice 0.731 -> 0.753, .notes/crossval.md). A 3D case is its own stack, so both scopes act alike on it.
 
+Each rule also carries its region's probability threshold (`binarise`; 0.5 unless one was chosen out of fold): a
+model that overcalls a region (BraTS tumour core out of fold: Dice 0.50 at 0.5, 0.65 at 0.7) is decided at its own
+operating point before any component is cleaned.
+
     stacks = group_by_stack(case_ids, lambda c: stack_place(c, attrs[c]))
     cleaned = postprocess_stack([masks[c] for c in stack], [stack_place(c, attrs[c]).position for c in stack], ...)
 """
@@ -27,6 +31,10 @@ def nesting(regions: Mapping[str, Sequence[int]]) -> dict[int, list[int]]:
     return {k: [j for j, outer in enumerate(sets) if j != k and sets[k] < outer] for k in range(len(sets))}
 
 
+DEFAULT_THRESHOLD = 0.5
+"""sigmoid(logit) > 0.5: the decision the model was trained for, unless a threshold was chosen out of fold."""
+
+
 @dataclass
 class RegionRule:
     """Connected-component cleanup of one region's mask."""
@@ -38,12 +46,17 @@ class RegionRule:
     scope: str = "case"
     """"case": the components of one case; "subject": those of a subject's 2D slices stacked in slice order
     (components join across neighbouring slices; see the module doc). A 3D case is its own stack."""
+    threshold: float = DEFAULT_THRESHOLD
+    """A voxel belongs to the region when its probability is above this (chosen out of fold; see `binarise`)."""
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"postprocessing rule scope {self.scope!r}; expected one of {', '.join(SCOPES)}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"postprocessing threshold {self.threshold}; expected a probability in (0, 1)")
 
     def is_identity(self) -> bool:
+        """No component cleanup (the threshold is applied by `binarise`, before any rule)."""
         return not self.keep_largest and self.min_volume <= 0
 
     def describe(self) -> str:
@@ -52,8 +65,12 @@ class RegionRule:
         elif self.min_volume > 0:
             text = f"remove components < {self.min_volume:g}"
         else:
-            return "none"
-        return f"{text} (a subject's slices stacked)" if self.scope == "subject" else text
+            text = "none"
+        if text != "none" and self.scope == "subject":
+            text += " (a subject's slices stacked)"
+        if self.threshold != DEFAULT_THRESHOLD:
+            text = f"threshold {self.threshold:g}" + ("" if text == "none" else f", {text}")
+        return text
 
 
 SCOPES = ("case", "subject")
@@ -66,15 +83,21 @@ class Postprocessing:
     rules: dict[str, RegionRule] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, dict[str, float | bool | str]]:
-        return {name: {"keep_largest": r.keep_largest, "min_volume": r.min_volume, "scope": r.scope}
-                for name, r in self.rules.items()}
+        return {name: {"keep_largest": r.keep_largest, "min_volume": r.min_volume, "scope": r.scope,
+                       "threshold": r.threshold} for name, r in self.rules.items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, float | bool | str]]) -> Postprocessing:
-        """Rules as `to_dict` writes them; files written before scopes existed are "case" rules."""
+        """Rules as `to_dict` writes them; files written before scopes and thresholds existed are "case" rules
+        at threshold 0.5."""
         return cls({name: RegionRule(bool(r.get("keep_largest", False)), float(r.get("min_volume", 0.0)),
-                                     str(r.get("scope", "case")))
+                                     str(r.get("scope", "case")), float(r.get("threshold", DEFAULT_THRESHOLD)))
                     for name, r in d.items()})
+
+    def thresholds(self, regions: Iterable[str]) -> np.ndarray:
+        """float64 (K,) probability threshold of each region in `regions` order (0.5 where no rule sets one)."""
+        return np.array([self.rules[n].threshold if n in self.rules else DEFAULT_THRESHOLD for n in regions],
+                        dtype=np.float64)
 
     def has_subject_rules(self) -> bool:
         """Whether a rule needs a subject's slices together (prediction then groups them: `group_by_stack`)."""
@@ -223,6 +246,16 @@ def postprocess_stack(masks: Sequence[np.ndarray], positions: Sequence[int | Non
     for m in out:
         clip_to_containers(m, regions)
     return out
+
+
+def binarise(probabilities: np.ndarray, regions: Mapping[str, Sequence[int]],
+             pp: Postprocessing | None = None) -> np.ndarray:
+    """Probabilities float (K, *S) -> bool region masks (K, *S): each region above its threshold (`pp`'s, 0.5 by
+    default), then nested regions clipped to their containers. The one thresholding of prediction, evaluation and
+    the choices."""
+    t = (pp or Postprocessing()).thresholds(regions)
+    probabilities = np.asarray(probabilities)
+    return clip_to_containers(probabilities > t.reshape(-1, *([1] * (probabilities.ndim - 1))), regions)
 
 
 def clip_to_containers(masks: np.ndarray, regions: Mapping[str, Sequence[int]]) -> np.ndarray:

@@ -24,7 +24,7 @@ from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, LoadedModel, ModelIO, ModelLoadError
 from distseg.inference.postprocess import (
     Postprocessing,
-    clip_to_containers,
+    binarise,
     component_spacing,
     postprocess,
     postprocess_stack,
@@ -194,13 +194,13 @@ class Predictor:
         """The stack's probabilities (each (K, Z, Y, X)) -> predictions: thresholded, postprocessed together
         (`postprocess_stack`), decoded per case (`decode`)."""
         regions = self.io.decode_regions
-        masks = [clip_to_containers(p > 0.5, regions) for p in probabilities]
+        masks = [binarise(p, regions, self.postprocessing) for p in probabilities]
         if self.postprocessing is not None:
             masks = postprocess_stack(masks, positions, regions, self.postprocessing,
                                       component_spacing(cases[0].attrs), what=cases[0].case_id)
         out = []
         for case, probs, m in zip(cases, probabilities, masks, strict=True):
-            m, labels, source = decode(probs, self.io, case.attrs, masks=m)
+            m, labels, source = decode(probs, self.io, case.attrs, self.postprocessing, masks=m)
             out.append(Prediction(case.case_id, probs if keep_probabilities else np.zeros((0,)), m, labels, source,
                                   self.io.output_names))
         return out
@@ -211,8 +211,9 @@ def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Po
     """Stored-frame probabilities float (K, Z, Y, X) -> (region masks bool (K, Z, Y, X) after `pp`, canonical labels
     uint8 (Z, Y, X), labels in the source grid and convention).
 
-    `masks`: the region masks already thresholded and postprocessed by the caller (`postprocess_stack`: rules that
-    see a subject's other slices); `pp` is then not applied again.
+    `pp`: its per-region thresholds (`binarise`) and component rules. `masks`: the region masks already thresholded
+    and postprocessed by the caller (`postprocess_stack`: rules that see a subject's other slices); `pp`'s rules are
+    then not applied again (its thresholds still decide a resized case's resampled probabilities).
 
     The one decoding used by prediction and evaluation. A binary model on a multi-label store (BraTS with
     `data.target: binary`) has no label of its own: its source output is the foreground mask as 0/1. A 2D case
@@ -225,15 +226,17 @@ def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Po
     # channels); measured on out-of-fold predictions of 16 real BraTS cases (brats_budget_cv, .notes/crossval.md):
     # Dice WT 0.418 -> 0.737, TC 0.176 -> 0.446, ET unchanged.
     if masks is None:
-        masks = clip_to_containers(probabilities > 0.5, regions)
+        masks = binarise(probabilities, regions, pp)
         if pp is not None:
             masks = postprocess(masks, regions, pp, component_spacing(attrs))
     binary_multilabel = io.target == "binary" and len(next(iter(regions.values()))) > 1
     labels = masks[0].astype(np.uint8) if binary_multilabel else regions_to_labels(masks, regions)
     if attrs.get("resized_from") is not None:
-        removed = (probabilities > 0.5) & ~masks  # what `pp` took away stays away after resampling
+        t = (pp or Postprocessing()).thresholds(regions)
+        removed = (probabilities > t.reshape(-1, 1, 1, 1)) & ~masks  # what `pp` took away stays away
         kept = np.where(removed, 0.0, probabilities).astype(np.float32)
-        src_masks = np.stack([paste_to_source(p, attrs) for p in kept]) > 0.5
+        src_probs = np.stack([paste_to_source(p, attrs) for p in kept])  # (K, *source grid)
+        src_masks = src_probs > t.reshape(-1, *([1] * (src_probs.ndim - 1)))
         src = src_masks[0].astype(np.uint8) if binary_multilabel else regions_to_labels(src_masks, regions)
     else:
         src = paste_to_source(labels, attrs)

@@ -25,11 +25,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from distseg.core import exit_codes
 from distseg.data.location import is_remote, path_or_url
+
+if TYPE_CHECKING:
+    from distseg.inference.postprocess import StackPlace
 
 logger = logging.getLogger("launch.predict")
 
@@ -43,7 +47,7 @@ class InputCase:
     case_id: str
     source: str
     load: Callable[[], object]  # -> distseg.data.store.CaseArrays; raises on bad input
-    place: object = None  # distseg.inference.postprocess.StackPlace: a subject's 2D slices are postprocessed together
+    place: StackPlace | None = None  # a subject's 2D slices are postprocessed together (`group_by_stack`)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,7 +126,7 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
             add(InputCase(cid, f"{path}:{cid}", lambda s=store, c=cid: s.case_arrays(c),
                           stack_place(cid, store.case_attrs(cid))))
 
-    def place_2d(sc: SourceCase) -> object:
+    def place_2d(sc: SourceCase) -> StackPlace:
         return stack_place(sc.case_id, {"source_ndim": 2, "subject": sc.subject, "slice_index": sc.slice_index})
 
     for path in paths:
@@ -138,7 +142,8 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
                 problems.append(f"{path}: no BraTS case found; expected <case>_{{t1,t1ce,t2,flair}}.nii.gz files "
                                 "(2018-2021) or BraTS-XXX-00000-000-{t1n,t1c,t2w,t2f}.nii.gz (2023+)")
             for sc in found:
-                add(InputCase(sc.case_id, str(next(iter(sc.files.values())).parent), raw_brats(sc)))
+                add(InputCase(sc.case_id, str(next(iter(sc.files.values())).parent), raw_brats(sc),
+                              stack_place(sc.case_id, {})))
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTS:
                 problems.append(f"{path}: not an image; expected PNG, JPEG or TIFF")
@@ -204,7 +209,7 @@ def predict_cases(predictor, groups: list[list[InputCase]], out_dir: Path, save_
             continue
         try:
             preds = predictor.decode_stack([c for _, c, _ in loaded], [p for _, _, p in loaded],
-                                           [getattr(item.place, "position", None) for item, _, _ in loaded])
+                                           [item.place.position if item.place else None for item, _, _ in loaded])
         except Exception as e:  # the stack could not be postprocessed (e.g. two slices at one position)
             for item, _, _ in loaded:
                 yield item, None, None, _reason(e, item), []
@@ -261,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         logger.error("no case to predict in %s", " ".join(str(p) for p in args.input))
         return EXIT_BAD_INPUT
-    from distseg.inference.postprocess import group_by_stack
+    from distseg.inference.postprocess import group_by_stack, stack_place
 
     stacked = predictor.postprocessing is not None and predictor.postprocessing.has_subject_rules()
-    groups = group_by_stack(cases, lambda c: c.place) if stacked else [[c] for c in cases]
+    groups = group_by_stack(cases, lambda c: c.place or stack_place(c.case_id, {})) if stacked else [[c] for c in cases]
     mine_groups = groups[rank::world]  # a subject's slices stay on one rank
     mine = [c for g in mine_groups for c in g]
     logger.info("model %s (%s, %s, window %s); %d cases, %d on this rank; device %s", models.describe(),

@@ -222,13 +222,18 @@ def test_evaluate_model_chooses_postprocessing_and_logs_to_tensorboard(brats_run
     assert set(chosen) >= {"rules", "candidates"} and {c["region"] for c in chosen["candidates"]} == {"WT", "TC", "ET"}
     events = read_events(brats_run / "tb")
     assert "eval/dice/WT" in events and "eval/summary/text_summary" in events
-    res = predict_cli("--model", brats_run, "--input", store, "--output", tmp_path / "pp", "--postprocess",
-                      out / "postprocessing.json")
-    assert res.returncode == 0, res.stdout[-3000:]
     from distseg.evaluation.scoring import default_regions, region_masks
-    from distseg.inference.postprocess import Postprocessing, postprocess
+    from distseg.inference.postprocess import DEFAULT_THRESHOLD, Postprocessing, postprocess
 
+    # The chosen component rules at the default threshold, so that the 0.5 masks written above are their input
+    # (chosen thresholds are applied to probabilities: tests/predict/test_thresholds.py).
     rule = Postprocessing.from_dict(chosen["rules"])
+    for r in rule.rules.values():
+        r.threshold = DEFAULT_THRESHOLD
+    (tmp_path / "rules.json").write_text(json.dumps({"rules": rule.to_dict()}))
+    res = predict_cli("--model", brats_run, "--input", store, "--output", tmp_path / "pp", "--postprocess",
+                      tmp_path / "rules.json")
+    assert res.returncode == 0, res.stdout[-3000:]
     for case_id in cases:
         plain = region_masks(_labels(out / "predictions" / f"{case_id}.nii.gz"), "brats2018")
         spacing = nib.load(str(out / "predictions" / f"{case_id}.nii.gz")).header.get_zooms()

@@ -8,10 +8,10 @@
    fold only. A rerun skips finished folds and resumes the others from their newest complete checkpoint.
 2. predicts every training-pool case with the fold model that never trained on it (out of fold) and scores them
    together (role "validation");
-3. chooses the connected-component postprocessing on the pooled out-of-fold predictions (nnU-Net's rule: kept only
-   when the mean Dice rises and no region drops) and writes `postprocessing.json` and `ensemble.json`, so the folder
-   is a model: `launch/predict.py --model DIR --postprocess` and `launch/evaluate.py --model DIR` use the fold
-   ensemble (probabilities averaged window by window);
+3. chooses the postprocessing (per-region thresholds, then connected components) on the pooled out-of-fold
+   predictions (nnU-Net's rule: each kept only when the mean Dice rises and no region drops) and writes
+   `postprocessing.json` and `ensemble.json`, so the folder is a model: `launch/predict.py --model DIR --postprocess`
+   and `launch/evaluate.py --model DIR` use the fold ensemble (probabilities averaged window by window);
 4. with --test, then evaluates the ensemble (+ postprocessing) on the test split set aside at preprocessing
    (`--test-subjects` / `--test-fraction`): the number to report. No choice ever reads the test split.
 

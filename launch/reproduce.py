@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         "Roles: **test** = the test split set aside at preprocessing, never trained on, validated on or chosen on "
         "(checkpoint, postprocessing, configuration): the numbers to report. **validation** = cases that chose "
         "something (out-of-fold cases chose each fold's checkpoint and the postprocessing; fold 0 chose the single "
-        "model's checkpoint and postprocessing): optimistic. `+ pp` = with the connected-component postprocessing "
-        "chosen on the validation cases. Whole cases / whole slices, sliding window, no test-time augmentation.", "",
+        "model's checkpoint and postprocessing): optimistic. `+ pp` = with the postprocessing (per-region "
+        "thresholds, connected components) chosen on the validation cases. Whole cases / whole slices, sliding "
+        "window, no test-time augmentation.", "",
         *sections, "## Stage times (s)", "", *[f"- {k}: {v:.0f}" for k, v in timings.items()],
         f"- total: {sum(timings.values()):.0f}",
     ]

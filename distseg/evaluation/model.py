@@ -1,5 +1,5 @@
 """Evaluate a model (or an ensemble) on store cases: predict whole cases, score them, and, on validation cases only,
-choose the connected-component postprocessing.
+choose the postprocessing (`distseg.evaluation.postprocessing`).
 
     models = load_models([run_dir])                                  # distseg.inference.ensemble
     ev = evaluate_model(models, store, store.case_ids(folds=[0], labelled_only=True), out_dir,

@@ -1,5 +1,5 @@
-"""Choosing the connected-component postprocessing on validation (out-of-fold) predictions, and the per-subject
-Dice the choices are made on.
+"""Choosing the postprocessing (per-region thresholds, connected components) on validation (out-of-fold) predictions,
+and the per-subject Dice the choices are made on.
 
     cache = ProbabilityCache(out_dir / PROBABILITIES_DIR)            # stored-frame probabilities, one file per case
     pp, table = choose_postprocessing(cache, store_truth(store), case_ids, regions)

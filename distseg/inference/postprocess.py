@@ -138,15 +138,9 @@ def voxel_volume(spacing: Sequence[float] | None) -> float:
 
 def postprocess(masks: np.ndarray, regions: Mapping[str, Sequence[int]], pp: Postprocessing,
                 spacing: Sequence[float] | None = None) -> np.ndarray:
-    """bool (K, *S) region masks -> cleaned masks: each region's rule, then nested regions clipped to their
-    containers (so a removed whole-tumour island takes its core and enhancing voxels with it)."""
-    masks = np.asarray(masks, dtype=bool).copy()
-    names = list(regions)
-    for k, name in enumerate(names):
-        rule = pp.rules.get(name)
-        if rule is not None:
-            masks[k] = apply_rule(masks[k], rule, spacing)
-    return clip_to_containers(masks, regions)
+    """bool (K, *S) region masks of one case -> cleaned masks: each region's rule, then nested regions clipped to
+    their containers (so a removed whole-tumour island takes its core and enhancing voxels with it)."""
+    return postprocess_stack([masks], [None], regions, pp, spacing)[0]
 
 
 # ------------------------------------------------------------------------------------------------ stacks

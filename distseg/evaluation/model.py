@@ -47,13 +47,10 @@ from distseg.inference.ensemble import ModelSet
 from distseg.inference.loading import POSTPROCESSING_FILE, ModelIO
 from distseg.inference.postprocess import (
     Postprocessing,
-    binarise,
-    component_spacing,
     group_by_stack,
-    postprocess_stack,
     stack_place,
 )
-from distseg.inference.predictor import Predictor, decode
+from distseg.inference.predictor import Predictor, decode_stack
 
 logger = logging.getLogger(__name__)
 
@@ -171,27 +168,23 @@ def postprocessed_cases(cache: ProbabilityCache, store: Store, case_ids: Sequenc
 
     One stack at a time (`group_by_stack`: a subject's 2D slices together when `pp` has "subject" rules, else one
     case), so a subject rule sees the patient's slices as prediction applies it."""
-    regions = io.decode_regions
     stacked = pp.has_subject_rules()
     places = {cid: stack_place(cid, store.case_attrs(cid)) if stacked else stack_place(cid, {})
               for cid in case_ids}
     for group in group_by_stack(case_ids, places.__getitem__):
         present = [cid for cid in group if cache.has(cid)]
         for cid in group:
-            if cid not in present:
+            if not cache.has(cid):
                 source = f"{store.path}:{cid}"
                 yield CaseFailure(cid, f"{source}: no prediction (the case failed to predict)", pred_source=source,
                                   gt_source=source)
         if not present:
             continue
-        attrs = {cid: store.case_attrs(cid) for cid in present}
-        probs = {cid: cache.get(cid) for cid in present}
-        cleaned = postprocess_stack([binarise(probs[c], regions, pp) for c in present],
-                                    [places[c].position for c in present], regions, pp,
-                                    component_spacing(attrs[present[0]]), what=f"{store.path}:{present[0]}")
-        for cid, masks in zip(present, cleaned, strict=True):
-            _, _, labels_source = decode(probs[cid], io, attrs[cid], pp, masks=masks)
-            yield _scored(cid, labels_source, io, attrs[cid], store.read_label(cid), f"{store.path}:{cid}")
+        attrs = [store.case_attrs(cid) for cid in present]
+        decoded = decode_stack([cache.get(cid) for cid in present], attrs, [places[c].position for c in present],
+                               io, pp, what=f"{store.path}:{present[0]}")
+        for cid, a, (_, _, labels_source) in zip(present, attrs, decoded, strict=True):
+            yield _scored(cid, labels_source, io, a, store.read_label(cid), f"{store.path}:{cid}")
 
 
 # ------------------------------------------------------------------------------------------------ choosing

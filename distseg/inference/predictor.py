@@ -193,17 +193,24 @@ class Predictor:
                      positions: Sequence[int | None], keep_probabilities: bool = True) -> list[Prediction]:
         """The stack's probabilities (each (K, Z, Y, X)) -> predictions: thresholded, postprocessed together
         (`postprocess_stack`), decoded per case (`decode`)."""
-        regions = self.io.decode_regions
-        masks = [binarise(p, regions, self.postprocessing) for p in probabilities]
-        if self.postprocessing is not None:
-            masks = postprocess_stack(masks, positions, regions, self.postprocessing,
-                                      component_spacing(cases[0].attrs), what=cases[0].case_id)
-        out = []
-        for case, probs, m in zip(cases, probabilities, masks, strict=True):
-            m, labels, source = decode(probs, self.io, case.attrs, self.postprocessing, masks=m)
-            out.append(Prediction(case.case_id, probs if keep_probabilities else np.zeros((0,)), m, labels, source,
-                                  self.io.output_names))
-        return out
+        decoded = decode_stack(probabilities, [c.attrs for c in cases], positions, self.io, self.postprocessing,
+                               what=cases[0].case_id)
+        return [Prediction(case.case_id, probs if keep_probabilities else np.zeros((0,)), m, labels, source,
+                           self.io.output_names)
+                for case, probs, (m, labels, source) in zip(cases, probabilities, decoded, strict=True)]
+
+
+def decode_stack(probabilities: Sequence[np.ndarray], attrs: Sequence[dict[str, Any]],
+                 positions: Sequence[int | None], io: ModelIO, pp: Postprocessing | None = None,
+                 what: str = "stack") -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One stack's probabilities (each (K, Z, Y, X); `group_by_stack`) -> `decode`'s (masks, labels, source labels)
+    per case: thresholded and postprocessed together (`postprocess_stack`), then decoded case by case. Shared by
+    prediction and by evaluation's postprocessed scores."""
+    regions = io.decode_regions
+    masks = [binarise(p, regions, pp) for p in probabilities]
+    if pp is not None:
+        masks = postprocess_stack(masks, positions, regions, pp, component_spacing(attrs[0]), what=what)
+    return [decode(p, io, a, pp, masks=m) for p, a, m in zip(probabilities, attrs, masks, strict=True)]
 
 
 def decode(probabilities: np.ndarray, io: ModelIO, attrs: dict[str, Any], pp: Postprocessing | None = None,

@@ -286,13 +286,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
+    where = f" [config file {p}{' with overrides' if overrides else ''}]" if path is not None else ""
     try:
         cfg = from_dict(ExperimentConfig, raw)
-    except ConfigError:
-        raise
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from e
     except (TypeError, ValueError) as e:  # a section's own __post_init__ checks
-        raise ConfigError(str(e)) from e
-    cfg.validate()
+        raise ConfigError(f"{e}{where}") from e
     return cfg
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -20,13 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, OMITTED_CHUNKS, TMP_DIR, StoreError
+from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, OMITTED_CHUNKS, TMP_DIR, StoreError, validate_case_id
 from distseg.data.location import is_remote
 
 logger = logging.getLogger(__name__)
-
-_CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -50,15 +46,6 @@ class Layout:
     """Shuffle filter for 1-byte images (2D uint8 sources), where byte shuffle does nothing. Bit shuffle stores the
     LGG TIFF pixels in 1.14x the deflate-TIFF bytes instead of 1.40x at the same decode speed (0.19 ms per 3x256^2
     slice). Labels keep `shuffle`: on BraTS label volumes bit shuffle is 16 % smaller but decodes 2.6x slower."""
-
-
-def validate_case_id(case_id: str) -> None:
-    """Raise ValueError unless `case_id` is a safe single path component (no '/', no '..', no leading dot)."""
-    if not _CASE_ID_RE.match(case_id) or ".." in case_id:
-        raise ValueError(
-            f"case id {case_id!r} is not a safe folder name: expected letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit and no '..'"
-        )
 
 
 def path_or_url(text: str) -> Path | str:

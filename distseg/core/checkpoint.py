@@ -37,6 +37,7 @@ import torch
 
 from distseg.core import dist, exit_codes
 from distseg.core.fileio import atomic_write, fsync_path
+from distseg.core.safe_load import weights_only_loads
 
 logger = logging.getLogger(__name__)
 
@@ -310,9 +311,10 @@ def load(engine, ckpt_dir: Path, tag: str, universal: str | None = None, restore
     """
     tag_dir = ckpt_dir / tag
     load_dir, load_tag = (tag_dir, universal) if universal else (ckpt_dir, tag)
-    load_path, _ = engine.load_checkpoint(
-        str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with weights_only_loads(str(tag_dir)):  # DeepSpeed's files, read without running pickled code
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
     state = json.loads((tag_dir / STATE_FILE).read_text(encoding="utf-8"))
@@ -338,7 +340,7 @@ def consolidated_fp32_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads(str(tag_dir)):  # prints its progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)

@@ -62,3 +62,13 @@ def json_safe(value: Any) -> Any:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """`obj` as indented strict JSON (non-finite floats as strings), written like `write_text`."""
     write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def inside(folder: str | os.PathLike[str], name: str) -> Path:
+    """``folder / name`` for a `name` taken from data (a case id plus a suffix): refuses anything but one plain path
+    component, so an id read from a store or a file name can never write outside `folder` (``../x``, ``/abs``,
+    ``..``, separators, NUL or control characters)."""
+    if (not name or name in {".", ".."} or "/" in name or "\\" in name or os.sep in name
+            or any(ord(c) < 32 for c in name)):
+        raise ValueError(f"{name!r} is not a plain file name: refusing to write it under {folder}")
+    return Path(folder) / name

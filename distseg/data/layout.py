@@ -4,6 +4,7 @@ version, and the error type readers raise. See `distseg.data.store` for the whol
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,20 @@ test splits have no `split` attr: every case is "train"."""
 
 class StoreError(Exception):
     """A store, case or attribute is missing or not what this reader expects (the message names which)."""
+
+CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+"""What a stored case id may be: a safe single folder (or object key) name."""
+
+
+def validate_case_id(case_id: str) -> None:
+    """Raise ValueError unless `case_id` is a safe single path component: letters, digits, '.', '_' or '-',
+    starting with a letter or digit, no '..', at most 200 characters (nothing else, not even a final newline)."""
+    if not isinstance(case_id, str) or not CASE_ID_PATTERN.fullmatch(case_id) or ".." in case_id:
+        raise ValueError(
+            f"case id {case_id!r} is not a safe folder name: expected letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit and no '..'"
+        )
+
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import numpy as np
 
 from distseg.data.chunks import ChunkReader
 from distseg.data.index import load_index
-from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, SPLITS, TEST_FOLD, StoreError
+from distseg.data.layout import CASES_GROUP, FORMAT_VERSION, SPLITS, TEST_FOLD, StoreError, validate_case_id
 from distseg.data.location import LocalLocation, Location, open_location
 from distseg.data.normalise import normalise
 from distseg.data.shards import ShardReader
@@ -156,11 +156,18 @@ class Store:
     # ---- case listing and metadata -------------------------------------------------------------------------
     def _all_case_ids(self) -> list[str]:
         if self._indexed:
-            return sorted(self._case_attrs)
-        # A case counts only once its group metadata exists: writers rename complete cases into place (POSIX) or
-        # put the case's zarr.json after every array object (object storage).
-        return sorted(d for d in self.location.list_dir(CASES_GROUP)
-                      if self.location.exists(f"{CASES_GROUP}/{d}/zarr.json"))
+            ids = sorted(self._case_attrs)
+        else:
+            # A case counts only once its group metadata exists: writers rename complete cases into place (POSIX) or
+            # put the case's zarr.json after every array object (object storage).
+            ids = sorted(d for d in self.location.list_dir(CASES_GROUP)
+                         if self.location.exists(f"{CASES_GROUP}/{d}/zarr.json"))
+        for cid in ids:  # ids name output files downstream: a tampered index must not lead outside their folder
+            try:
+                validate_case_id(cid)
+            except ValueError as e:
+                raise StoreError(f"{self.path}: {e} (listed in its {'index' if self._indexed else 'cases'})") from None
+        return ids
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         """The case group's attributes (cached)."""

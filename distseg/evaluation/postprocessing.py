@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distseg.core.fileio import atomic_write
+from distseg.core.fileio import atomic_write, inside
 from distseg.data.store import Store
 from distseg.inference.postprocess import (
     Postprocessing,
@@ -62,7 +62,7 @@ class ProbabilityCache:
         self.folder = Path(folder)
 
     def path(self, case_id: str) -> Path:
-        return self.folder / f"{case_id}.npz"
+        return inside(self.folder, f"{case_id}.npz")
 
     def put(self, case_id: str, probabilities: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -145,10 +145,11 @@ def _io_for_checkpoint(state: dict[str, Any], cfg: ExperimentConfig, tag_dir: Pa
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a COMPLETE DeepSpeed checkpoint tag of any ZeRO stage and rank count (in memory)."""
     from distseg.core import checkpoint
+    from distseg.core.safe_load import UnsafeCheckpointError
 
     try:
         return checkpoint.consolidated_fp32_state(tag_dir)
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, UnsafeCheckpointError) as e:
         raise ModelLoadError(str(e)) from e
     except Exception as e:  # DeepSpeed and torch raise assorted errors for damaged shards
         raise ModelLoadError(f"{tag_dir}: cannot consolidate the checkpoint's weights ({type(e).__name__}: {e})") from e

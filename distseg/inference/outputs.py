@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from distseg.core.fileio import atomic_write
+from distseg.core.fileio import atomic_write, inside
 from distseg.core.overlay import overlay_figure
 from distseg.data.geometry import paste_to_source
 from distseg.data.labels import BINARY_REGIONS, BRATS_REGIONS
@@ -169,8 +169,8 @@ def write_prediction(out_dir: Path, case: CaseArrays, pred: Prediction, kind: st
     written: dict[str, Path] = {}
     attrs = case.attrs
     if attrs.get("source_ndim") == 2:
-        written["mask"] = write_png(out_dir / f"{case.case_id}_mask.png", pred.labels_source.astype(np.uint8))
-        written["overlay"] = write_png(out_dir / f"{case.case_id}_overlay.png",
+        written["mask"] = write_png(inside(out_dir, f"{case.case_id}_mask.png"), pred.labels_source.astype(np.uint8))
+        written["overlay"] = write_png(inside(out_dir, f"{case.case_id}_overlay.png"),
                                        overlay_2d(case, pred.masks, pred.output_names, kind))
     else:
         header_from = None
@@ -178,10 +178,11 @@ def write_prediction(out_dir: Path, case: CaseArrays, pred: Prediction, kind: st
         if attrs.get("source_dir") and modalities:
             first = modalities.get("flair") or next(iter(modalities.values()))
             header_from = Path(attrs["source_dir"]) / first
-        written["nifti"] = write_nifti(out_dir / f"{case.case_id}.nii.gz", pred.labels_source, attrs["affine"],
+        written["nifti"] = write_nifti(inside(out_dir, f"{case.case_id}.nii.gz"), pred.labels_source, attrs["affine"],
                                        header_from)
-        written["overlay"] = write_png(out_dir / f"{case.case_id}_overlay.png",
+        written["overlay"] = write_png(inside(out_dir, f"{case.case_id}_overlay.png"),
                                        overlay_3d(case, pred.masks, channels, kind, pred.output_names))
     if save_probabilities:
-        written["probabilities"] = write_probabilities(out_dir / f"{case.case_id}_probabilities.npz", pred, attrs)
+        written["probabilities"] = write_probabilities(inside(out_dir, f"{case.case_id}_probabilities.npz"), pred,
+                                                       attrs)
     return written

@@ -203,8 +203,9 @@ def convert_to_universal(tag_dir: Path, out: Path) -> float:
     shutil.rmtree(tmp, ignore_errors=True)
     for stale in tag_dir.glob(f".{out.name}.tmp*"):  # an earlier conversion killed half-way
         shutil.rmtree(stale, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--inject_missing_state"]
+    cmd = [sys.executable, "-m", "distseg.core.safe_load",  # the converter, its torch.load calls restricted
+           "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir), "--output_folder", str(tmp),
+           "--inject_missing_state"]
     t0 = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

@@ -114,7 +114,7 @@ def test_case_id_escaping_the_output_folder_is_refused(tmp_path, synth_brats_src
     store_path = tmp_path / "out" / "x.zarr"
     init_store(store_path, brats_root_attrs())
     files = {m: p for m, p in discover_brats(synth_brats_src)[0].files.items()}
-    for evil in ("..", "../escape", "a/b", ".hidden"):
+    for evil in ("..", "../escape", "a/b", ".hidden", "ok\n"):
         row = convert_brats_case(SourceCase(evil, "brats2018", files), store_path, 0, Layout())
         assert row["status"] == "failed" and "not a safe folder name" in row["error"], row
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(tmp_path / "out")) == ["x.zarr"]

@@ -60,6 +60,17 @@ def test_unknown_case_raises_naming_it(store_path):
         Store.open(store_path).case("nope")
 
 
+@pytest.mark.parametrize("evil", ["../../outside", "/abs/path", "ok\n"])
+def test_a_tampered_index_cannot_lead_case_ids_outside_their_folder(store_path, evil):
+    """Case ids name output files (predictions, probability caches): an index.json listing a path is refused."""
+    index = json.loads((store_path / "index.json").read_text())
+    index["cases"][evil] = next(iter(index["cases"].values()))
+    (store_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="not a safe folder name") as err:
+        Store.open(store_path).case_ids()
+    assert str(store_path) in str(err.value)
+
+
 def test_folds_filtering(store_path):
     s = Store.open(store_path)
     ids = s.case_ids()

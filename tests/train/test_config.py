@@ -107,6 +107,13 @@ def test_fused_adamw_is_refused_with_an_offloaded_optimizer():
     assert cfg.optim.fused == "auto" and cfg.model.compile == "max-autotune"
 
 
+def test_a_bad_key_in_a_file_names_the_file(tmp_path: Path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"optim.lrr: unknown config key .*\[config file {bad}\]"):
+        load_config(bad)
+
+
 def test_bad_files_are_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")

@@ -48,6 +48,7 @@ class InputCase:
     source: str
     load: Callable[[], object]  # -> distseg.data.store.CaseArrays; raises on bad input
     place: StackPlace | None = None  # a subject's 2D slices are postprocessed together (`group_by_stack`)
+    loose_slice: bool = False  # a raw 2D slice with a slice number but no patient folder: cannot be stacked
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,7 +92,7 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
     from distseg.data.layout import StoreError
     from distseg.data.store import Store
     from distseg.inference.postprocess import stack_place
-    from preprocess.discover import IMAGE_EXTS, SourceCase, discover_brats, discover_images2d
+    from preprocess.discover import IMAGE_EXTS, SourceCase, discover_brats, discover_images2d, slice_index_of
 
     cases: dict[str, InputCase] = {}
     problems: list[str] = []
@@ -127,7 +128,13 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
                           stack_place(cid, store.case_attrs(cid))))
 
     def place_2d(sc: SourceCase) -> StackPlace:
-        return stack_place(sc.case_id, {"source_ndim": 2, "subject": sc.subject, "slice_index": sc.slice_index})
+        # A patient is its folder (images/ and masks/ count as their parent), not the folder's name: two inputs
+        # holding a P1 each are two patients.
+        folder = sc.files["image"].parent
+        if folder.name.lower() in ("images", "image", "imgs"):
+            folder = folder.parent
+        subject = str(folder.resolve()) if sc.subject else None
+        return stack_place(sc.case_id, {"source_ndim": 2, "subject": subject, "slice_index": sc.slice_index})
 
     for path in paths:
         if is_remote(path):
@@ -148,15 +155,16 @@ def discover_inputs(paths: list[str | Path], kind: str, channels: list[str], res
             if path.suffix.lower() not in IMAGE_EXTS:
                 problems.append(f"{path}: not an image; expected PNG, JPEG or TIFF")
                 continue
-            sc = SourceCase(path.stem, "images2d", {"image": path})
-            add(InputCase(sc.case_id, str(path), raw_2d(sc), place_2d(sc)))
+            sc = SourceCase(path.stem, "images2d", {"image": path}, slice_index=slice_index_of(path.stem))
+            add(InputCase(sc.case_id, str(path), raw_2d(sc), place_2d(sc), loose_slice=sc.slice_index is not None))
         else:
             found = [sc for sc in discover_images2d(path) if "image" in sc.files]
             if not found:
                 problems.append(f"{path}: no image found; expected PNG, JPEG or TIFF files (masks are not inputs)")
             for sc in found:
                 sc.problems = []  # an image without a mask is fine for prediction
-                add(InputCase(sc.case_id, str(sc.files["image"]), raw_2d(sc), place_2d(sc)))
+                add(InputCase(sc.case_id, str(sc.files["image"]), raw_2d(sc), place_2d(sc),
+                              loose_slice=sc.subject is None and sc.slice_index is not None))
     selected = [cases[k] for k in sorted(cases) if not only or k in only]
     missing = sorted(only - set(cases))
     if missing:
@@ -269,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     from distseg.inference.postprocess import group_by_stack, stack_place
 
     stacked = predictor.postprocessing is not None and predictor.postprocessing.has_subject_rules()
-    groups = group_by_stack(cases, lambda c: c.place or stack_place(c.case_id, {})) if stacked else [[c] for c in cases]
+    loose = [c.case_id for c in cases if c.loose_slice]
+    if stacked and loose:
+        logger.warning("%d slices (%s%s) lie directly in an --input folder or are single files: no patient folder "
+                       "groups them, so the postprocessing's subject rules act on each slice alone; pass the folder "
+                       "that holds the patient folders (LGG layout: kaggle_3m/, not kaggle_3m/<patient>/)",
+                       len(loose), ", ".join(loose[:3]), ", ..." if len(loose) > 3 else "")
+    groups = (group_by_stack(cases, lambda c: c.place or stack_place(c.case_id, {}), lambda c: c.case_id)
+              if stacked else [[c] for c in cases])
     mine_groups = groups[rank::world]  # a subject's slices stay on one rank
     mine = [c for g in mine_groups for c in g]
     logger.info("model %s (%s, %s, window %s); %d cases, %d on this rank; device %s", models.describe(),

@@ -155,6 +155,8 @@ def predict_and_score(predictor: Predictor, store: Store, case_ids: Sequence[str
             item = _scored(cid, pred.labels_source, predictor.io, case.attrs, case.label, source)
         except Exception as e:  # one bad case never stops the others; its row says why
             logger.exception("case %s failed", cid)
+            if cache is not None:  # a file from an earlier run into this folder is not this model's prediction
+                cache.discard(cid)
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             yield CaseFailure(cid, reason if cid in reason else f"{source}: {reason}", pred_source=source,
                               gt_source=source)

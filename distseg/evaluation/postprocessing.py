@@ -77,6 +77,10 @@ class ProbabilityCache:
     def has(self, case_id: str) -> bool:
         return self.path(case_id).is_file()
 
+    def discard(self, case_id: str) -> None:
+        """Forget a case (it failed to predict this time): an older run's file must not stand in for it."""
+        self.path(case_id).unlink(missing_ok=True)
+
 
 class SubjectDice:
     """Mean Dice over subjects of several candidates (rules or configurations), accumulated one case at a time.
@@ -225,11 +229,10 @@ def _choose_components(cache: ProbabilityCache, truth: Truth, cases: Sequence[st
             masks = [binarise(cache.get(cid), regions, chosen) for cid in group]  # as `decode` reads them
             others = Postprocessing({n: r for n, r in chosen.rules.items() if n != name})
             ruled = postprocess_stack(masks, positions, regions, others, spacing, what)
-            # `postprocess_stack` clipped nested regions; the candidates act on region k as thresholded
-            for m, raw in zip(ruled, masks, strict=True):
-                m[k] = raw[k]
+            # region k as `postprocess_stack` hands it to its rule: thresholded, clipped to its cleaned containers
+            # (the regions after k have no rule yet: the choice goes in region order)
             current = chosen.rules.get(name, RegionRule(threshold=float(threshold)))
-            variants = rule_variants([m[k] for m in masks], positions, [current, *cands], spacing, what)
+            variants = rule_variants([m[k] for m in ruled], positions, [current, *cands], spacing, what)
             truths = [_truth_masks(truth, cid, regions) for cid in group]
             for c, variant in enumerate(variants):
                 for cid, m, region_k, gt in zip(group, ruled, variant, truths, strict=True):

@@ -18,11 +18,14 @@ operating point before any component is cleaned.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def nesting(regions: Mapping[str, Sequence[int]]) -> dict[int, list[int]]:
@@ -166,12 +169,35 @@ def stack_place(case_id: str, attrs: Mapping[str, Any]) -> StackPlace:
 T = TypeVar("T")
 
 
-def group_by_stack(items: Iterable[T], place: Callable[[T], StackPlace]) -> list[list[T]]:
-    """`items` grouped by their stack, in order of first appearance (a case of its own is a group of one)."""
+def group_by_stack(items: Iterable[T], place: Callable[[T], StackPlace],
+                   name: Callable[[T], str] = str) -> list[list[T]]:
+    """`items` grouped by their stack, in order of first appearance (a case of its own is a group of one).
+
+    A subject whose slices clash (two at one position: e.g. two scans of one patient that a subject pattern put
+    under one subject) cannot be stacked: its slices become stacks of their own, with a warning naming the clash
+    (`name`: an item's case id), so its "subject" rules act per slice instead of failing the run."""
     groups: dict[Hashable, list[T]] = {}
     for item in items:
         groups.setdefault(place(item).key, []).append(item)
-    return list(groups.values())
+    out: list[list[T]] = []
+    for key, group in groups.items():
+        seen: dict[int, T] = {}
+        clash = None
+        for item in group:
+            q = place(item).position
+            if q is not None and q in seen:
+                clash = (seen[q], item, q)
+                break
+            if q is not None:
+                seen[q] = item
+        if clash is None:
+            out.append(group)
+            continue
+        a, b, q = clash
+        logger.warning("%s and %s are both slice %d of %s: its %d slices are postprocessed one by one (subject "
+                       "rules need one slice per position)", name(a), name(b), q, key[-1], len(group))
+        out.extend([item] for item in group)
+    return out
 
 
 def _stacked(parts: Sequence[np.ndarray], positions: Sequence[int], what: str) -> tuple[np.ndarray, list[int]]:
@@ -187,7 +213,8 @@ def _stacked(parts: Sequence[np.ndarray], positions: Sequence[int], what: str) -
     seen = np.zeros(depth, dtype=bool)
     for o, p in zip(offsets, parts, strict=True):
         if seen[o:o + p.shape[0]].any():
-            raise ValueError(f"{what}: two slices at position {o + min(positions)}; expected one slice per position")
+            raise ValueError(f"{what}: two slices at position {o + min(positions)}; expected one slice per position "
+                             "(`group_by_stack` splits such subjects)")
         seen[o:o + p.shape[0]] = True
         vol[o:o + p.shape[0]] = p
     return vol, offsets
@@ -227,10 +254,17 @@ def postprocess_stack(masks: Sequence[np.ndarray], positions: Sequence[int | Non
                       regions: Mapping[str, Sequence[int]], pp: Postprocessing,
                       spacing: Sequence[float] | None = None, what: str = "stack") -> list[np.ndarray]:
     """The bool (K, Z, Y, X) region masks of one stack's cases (`group_by_stack`; positions from `stack_place`) ->
-    cleaned copies: each region's rule in region order ("case" rules on each case, "subject" rules over the cases
-    stacked), then nested regions clipped to their containers. One case alone is `postprocess`."""
+    cleaned copies: in region order, each region first clipped to its containers as cleaned so far (the tumour core
+    keeps only what lies in the whole tumour that survived its rule), then its rule ("case" rules on each case,
+    "subject" rules over the cases stacked); last, nested regions clipped to their containers. A rule therefore never
+    picks a piece of a region that its container's rule removed (BraTS: keep-largest on TC choosing a core inside a
+    discarded whole-tumour island would leave no core at all). One case alone is `postprocess`."""
     out = [np.asarray(m, dtype=bool).copy() for m in masks]
+    outers = nesting(regions)
     for k, name in enumerate(regions):
+        for m in out:
+            for j in outers[k]:
+                m[k] &= m[j]
         rule = pp.rules.get(name)
         if rule is None or rule.is_identity():
             continue

@@ -119,15 +119,20 @@ def test_the_cv_folder_is_a_model_for_predict(cv: dict, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_case_that_fails_is_a_counted_row(cv: dict, tmp_path: Path) -> None:
-    """A damaged case (a chunk file gone) fails to predict: a failed row, the others scored, exit 3."""
+    """A damaged case (a chunk file gone) fails to predict: a failed row, the others scored, exit 3. Evaluated
+    again into the same folder, the probabilities its earlier, healthy run left are not used for the choice."""
     store = tmp_path / "b.zarr"
     shutil.copytree(cv["store"], store)
     victim = Store.open(store).case_ids(folds=[1], labelled_only=True)[0]
+    evaluate = [PYTHON, "launch/evaluate.py", "--model", str(cv["out"] / "runs" / "fold_1"), "--store", str(store),
+                "--output", str(tmp_path / "eval"), "--choose-postprocessing"]
+    ok(run_cmd(evaluate))
+    assert (tmp_path / "eval" / "probabilities" / f"{victim}.npz").is_file()
     chunk = sorted((store / "cases" / victim / "image").glob("c.*"))[0]
     chunk.unlink()
-    res = run_cmd([PYTHON, "launch/evaluate.py", "--model", str(cv["out"] / "runs" / "fold_1"), "--store",
-                   str(store), "--output", str(tmp_path / "eval")])
+    res = run_cmd(evaluate)
     assert res.returncode == 3, res.stdout[-3000:]
+    assert not (tmp_path / "eval" / "probabilities" / f"{victim}.npz").exists()
     rows = pq.read_table(tmp_path / "eval" / "metrics.parquet").to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]
     assert {r["case_id"] for r in failed} == {victim} and chunk.name in failed[0]["error"]

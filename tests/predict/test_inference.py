@@ -148,6 +148,21 @@ def test_postprocessing_rules_and_nesting():
         RegionRule(min_volume=5)
 
 
+def test_a_nested_region_is_cleaned_inside_its_cleaned_container():
+    """TC's keep-largest must choose among the pieces inside the whole tumour that WT's rule kept: the core in a
+    discarded WT island is larger, and choosing it first would leave no core at all once clipped."""
+    wt = np.zeros((20, 20, 20), dtype=bool)
+    wt[2:10, 2:10, 2:10] = True  # the tumour: 512 voxels
+    wt[14:17, 14:17, 14:17] = True  # a 27-voxel island
+    tc = np.zeros_like(wt)
+    tc[4:6, 4:6, 4:6] = True  # 8 voxels of core in the tumour
+    tc[14:17, 14:17, 14:17] = True  # the island, all "core"
+    masks = np.stack([wt, tc, np.zeros_like(wt)])
+    pp = Postprocessing({"WT": RegionRule(keep_largest=True), "TC": RegionRule(keep_largest=True)})
+    out = postprocess(masks, BRATS_REGIONS, pp)
+    assert out[0].sum() == 512 and out[1].sum() == 8 and out[1][4:6, 4:6, 4:6].all()
+
+
 @pytest.mark.parametrize("spatial_dims,shape", [(3, (2, 21, 30, 17)), (2, (2, 5, 33, 40))])
 def test_downsampled_prediction_returns_the_original_grid(spatial_dims, shape):
     """`data.downsample`: pool by f, tile at that resolution, interpolate logits back to the case's own grid."""

@@ -94,6 +94,23 @@ def test_stacks_group_a_subjects_slices_and_leave_other_cases_alone():
     assert stack_place("a_2", attrs["a_2"]).position == 2 and stack_place("vol", attrs["vol"]).position is None
 
 
+def test_a_subject_with_two_slices_at_one_position_is_split_with_a_warning_naming_them(tmp_path: Path, caplog):
+    """Two scans of one patient under one subject (a subject pattern that drops the scan date): their slices clash.
+    The choice and the application go on, slice by slice for that subject, and the warning names the clash."""
+    attrs = {"scan1_3": _attrs(3, "P"), "scan1_4": _attrs(4, "P"), "scan2_3": _attrs(3, "P"), "q_1": _attrs(1, "Q"),
+             "q_2": _attrs(2, "Q")}
+    groups = group_by_stack(attrs, lambda c: stack_place(c, attrs[c]))
+    assert groups == [["scan1_3"], ["scan1_4"], ["scan2_3"], ["q_1", "q_2"]]
+    assert "scan1_3 and scan2_3 are both slice 3 of P" in caplog.text
+    cache, truths = ProbabilityCache(tmp_path), {}
+    for cid, (label, pred, index) in _patient().items():
+        for scan in ("s1", "s2"):  # the same three slices twice
+            truths[f"{scan}{cid}"] = (label[None], _attrs(index))
+            cache.put(f"{scan}{cid}", pred[None, None].astype(np.float32))
+    pp, table = choose_postprocessing(cache, Truth.of_pairs(truths), list(truths), TUMOUR)
+    assert all("stacked" not in r["rule"] for r in table) and pp.rules.get("tumour", RegionRule()).scope == "case"
+
+
 def test_rule_scope_round_trips_and_old_files_read_as_case_rules():
     pp = Postprocessing({"tumour": RegionRule(min_volume=250.0, scope="subject")})
     assert Postprocessing.from_dict(pp.to_dict()) == pp and pp.has_subject_rules()
@@ -101,3 +118,25 @@ def test_rule_scope_round_trips_and_old_files_read_as_case_rules():
     assert old.rules["tumour"] == RegionRule(keep_largest=True) and not old.has_subject_rules()
     with pytest.raises(ValueError, match="scope 'patient'"):
         Postprocessing.from_dict({"tumour": {"keep_largest": True, "scope": "patient"}})
+
+
+def test_raw_slices_are_stacked_by_their_patient_folder_not_its_name(tmp_path: Path):
+    """`launch/predict.py` on raw 2D inputs: two inputs that each hold a patient folder named P1 are two patients;
+    a patient folder given itself (its slices at the input's root) cannot be stacked and is flagged for a warning."""
+    from PIL import Image
+
+    from launch.predict import discover_inputs
+
+    pixels = Image.fromarray(np.zeros((8, 8), np.uint8))
+    for site, stems in (("siteA", ["P1_1", "P1_2"]), ("siteB", ["P1_3"])):
+        (tmp_path / site / "P1").mkdir(parents=True)
+        for stem in stems:
+            pixels.save(tmp_path / site / "P1" / f"{stem}.png")
+    cases, problems = discover_inputs([tmp_path / "siteA", tmp_path / "siteB"], "images2d", ["gray"], None, None,
+                                      set())
+    assert not problems
+    groups = group_by_stack(cases, lambda c: c.place, lambda c: c.case_id)
+    assert [[c.case_id for c in g] for g in groups] == [["P1_1", "P1_2"], ["P1_3"]]
+    assert not any(c.loose_slice for c in cases)
+    direct, _ = discover_inputs([tmp_path / "siteA" / "P1"], "images2d", ["gray"], None, None, set())
+    assert [c.loose_slice for c in direct] == [True, True] and all(c.place.position is None for c in direct)

@@ -11,7 +11,7 @@ import pytest
 from distseg.evaluation.postprocessing import ProbabilityCache, Truth, choose_postprocessing
 from distseg.inference.loading import ModelIO
 from distseg.inference.postprocess import Postprocessing, RegionRule, binarise
-from distseg.inference.predictor import decode
+from distseg.inference.predictor import decode, decode_stack
 
 REGIONS = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
 ATTRS = {"shape": [4, 16, 16, 16], "original_shape_zyx": [16, 16, 16], "crop_box_zyx": [[0, 16]] * 3,
@@ -69,6 +69,10 @@ def test_decoding_applies_the_chosen_thresholds():
     tuned = decode(probs, io, ATTRS, Postprocessing({"TC": RegionRule(threshold=0.7)}))[1]
     np.testing.assert_array_equal(tuned, label)  # canonical labels exactly the truth
     assert (plain != label).sum() == 8**3 - 6**3  # the halo was painted as core at 0.5
+    # the path of `predict.py --postprocess` and evaluation's postprocessed scores: thresholds, then the rules
+    pp = Postprocessing({"TC": RegionRule(threshold=0.7, keep_largest=True)})
+    (_, stacked, _), = decode_stack([probs], [ATTRS], [None], io, pp)
+    np.testing.assert_array_equal(stacked, label)
 
 
 def test_a_resized_2d_case_uses_the_threshold_after_resampling(tmp_path: Path):
@@ -98,3 +102,29 @@ def test_thresholds_round_trip_and_old_files_read_as_one_half():
     assert old.rules["WT"].threshold == 0.5
     with pytest.raises(ValueError, match="threshold 1.5"):
         Postprocessing.from_dict({"WT": {"threshold": 1.5}})
+
+
+def test_a_rule_that_raises_the_mean_but_lowers_a_region_is_refused(tmp_path: Path):
+    """nnU-Net's acceptance rule has two halves: the mean over regions rises AND no region drops. Here TC at 0.7
+    removes a large false halo (TC Dice 0.22 -> 0.99, the mean rises) but also a piece of true core that holds
+    enhancing tumour, so ET (clipped to TC) falls 1.0 -> 0.86: refused."""
+    shape = (16, 16, 16)
+    label = np.zeros(shape, np.uint8)
+    label[_box(shape, (2, 2, 2), (14, 14, 14))] = 2  # oedema around
+    label[_box(shape, (5, 5, 5), (11, 11, 11))] = 1  # core: 216 voxels
+    kept, lost = _box(shape, (6, 6, 6), (8, 8, 9)), _box(shape, (9, 9, 9), (10, 11, 11))  # 12 + 4 enhancing
+    label[kept | lost] = 3
+    probs = np.full((3, *shape), 0.05, np.float32)
+    probs[0][label > 0] = 0.9
+    probs[1][label > 0] = 0.65  # the halo: every oedema voxel called core
+    probs[1][np.isin(label, [1, 3])] = 0.9
+    probs[1][lost] = 0.65  # core with enhancing tumour the model is less sure of
+    probs[2][label == 3] = 0.9
+    cache = ProbabilityCache(tmp_path)
+    cache.put("a", probs)
+    pp, table = choose_postprocessing(cache, Truth.of_pairs({"a": (label, ATTRS)}), ["a"], REGIONS)
+    rows = {(r["region"], r["rule"]): r for r in table}
+    base, strict = rows[("TC", "threshold 0.6")], rows[("TC", "threshold 0.7")]  # 0.6 keeps the halo: = base
+    assert strict["mean_dice"] > base["mean_dice"] + 0.05  # the mean alone would take it
+    assert strict["dice_ET"] < base["dice_ET"] - 0.1
+    assert pp.rules.get("TC", RegionRule()).threshold == 0.5

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--launcher", default=None,
                    help="the launcher command instead of the local one, e.g. 'deepspeed --hostfile H --num_nodes 2'")
     p.add_argument("--only-train", action="store_true", help="train the folds, then stop (a job-array task)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="check the CV folder against this config, overrides and store, record them, then stop (what "
+                        "a job-array task does before its own launcher trains the fold)")
     p.add_argument("--skip-train", action="store_true",
                    help="every fold is trained: predict out of fold, choose, write the ensemble")
     p.add_argument("--test", action="store_true", help="finally evaluate the ensemble on the store's test split")
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", e)
         return USAGE
     logger.info("cross-validation folder %s: folds %s of %d", plan.folder, plan.folds, plan.n_folds)
+    if args.plan_only:
+        plan.save()
+        return OK
     if not args.skip_train:
         launcher = shlex.split(args.launcher) if args.launcher else [_deepspeed(), "--num_gpus", str(args.ranks)]
         rc = run_folds(plan, launcher, REPO / "launch" / "train.py", env=default_env(), cwd=Path.cwd())

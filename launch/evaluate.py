@@ -141,9 +141,13 @@ def run_model(args: argparse.Namespace) -> int:
         folds, what = None, "test split"
         cases = store.case_ids(labelled_only=True, split="test")
     else:
-        folds = args.fold if args.fold else sorted({f for m in models.members for f in m.config.data.val_folds})
+        folds, problem = held_out_folds(models, args.fold)
+        if problem:
+            logger.error("%s", problem)
+            return USAGE
         what = f"folds {folds}"
         cases = store.case_ids(folds=folds, labelled_only=True)
+    _warn_if_another_store(models, args.store)
     if not cases:
         logger.error("%s: no labelled case in the %s; expected %s", args.store, what,
                      "a store preprocessed with --test-subjects/--test-fraction" if args.split == "test"
@@ -164,6 +168,40 @@ def run_model(args: argparse.Namespace) -> int:
         rules = ", ".join(f"{k}: {r.describe()}" for k, r in evaluation.postprocessing.rules.items())
         sys.stdout.write(f"\n## With the chosen postprocessing ({rules})\n\n{evaluation.postprocessed.markdown}")
     return SOME_FAILED if evaluation.result.n_failed else OK
+
+
+def held_out_folds(models, asked: list[int] | None) -> tuple[list[int], str | None]:
+    """The folds every member of `models` held out (its `data.val_folds`): the only non-test cases it can be scored
+    on without scoring cases it trained on. `asked` (--fold): checked against them. Returns (folds, problem)."""
+    held = [set(m.config.data.val_folds) for m in models.members]
+    common = sorted(set.intersection(*held)) if held else []
+    if asked:
+        for fold in asked:
+            trained = [m.source for m, h in zip(models.members, held, strict=True) if fold not in h]
+            if trained:
+                return [], (f"--fold {fold}: {', '.join(trained)} trained on it (validation folds "
+                            f"{sorted(held[0]) if len(held) == 1 else 'differ per member'}); scoring cases a model "
+                            "trained on is not a validation number. Use the folds it held out, or --split test")
+        return list(asked), None
+    if not common:
+        return [], (f"{models.describe()}: no fold is held out by every member (fold models of a cross-validation "
+                    "each trained on the others' folds; a model trained without validation holds out none): its "
+                    "out-of-fold scores are the CV folder's oof/ report (launch/crossval.py), its unbiased ones "
+                    "--split test")
+    return common, None
+
+
+def _warn_if_another_store(models, store: str) -> None:
+    """Folds and splits are the store's: scoring a model on another store's fold or test split may score cases it
+    trained on (a copy or a re-preprocessing can move cases between folds)."""
+    def norm(p: str) -> str:
+        return str(p).rstrip("/") if is_remote(str(p)) else str(Path(p).expanduser().resolve())
+
+    trained = {norm(m.config.data.store) for m in models.members if m.config.data.store}
+    if trained and norm(store) not in trained:
+        logger.warning("%s was trained on %s, not on --store %s: its folds and test split are that store's, so make "
+                       "sure this store assigns cases the same way (same preprocessing, same --test-subjects)",
+                       models.describe(), ", ".join(sorted(trained)), store)
 
 
 def run_files(argv: list[str]) -> int:

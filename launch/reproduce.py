@@ -190,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                       str(args.ranks), "--output", str(cv_dir), f"data.store={store}", *args.overrides], env,
                      logs / f"crossval_{cv_config}.log", ok_codes=(0, 3))
                 timings[f"crossval {cv_config} (folds + out of fold + choices)"] = time.perf_counter() - t0
-                rows += [(f"{cv_config}: {FOLDS}-fold ensemble", "out of fold", cv_dir / "oof"),
-                         (f"{cv_config}: {FOLDS}-fold ensemble + pp", "out of fold", cv_dir / "oof" / "postprocessed")]
+                # out of fold, each case is scored by the one fold model that never saw it (not the ensemble)
+                rows += [(f"{cv_config}: {FOLDS} fold models", "out of fold", cv_dir / "oof"),
+                         (f"{cv_config}: {FOLDS} fold models + pp", "out of fold", cv_dir / "oof" / "postprocessed")]
                 cv_dirs.append(cv_dir)
             chosen = cv_dirs[0]
             if len(cv_dirs) > 1:  # the configuration (or ensemble of them) with the best out-of-fold Dice

@@ -64,6 +64,14 @@ def run_dataset(args: argparse.Namespace) -> int:
     if args.subject_regex is not None:
         apply_subject_regex(cases, args.subject_regex)
         subject_rule = f"group 1 of --subject-regex {args.subject_regex.pattern!r} searched in the case id"
+    elif args.command == "images2d":
+        loose = [c.case_id for c in cases if c.subject is None and c.slice_index is not None]
+        if loose:  # slices of one patient in different folds (or in training and the test split) leak
+            logger.warning("%d images at the root of %s carry slice numbers (%s%s) but no patient folder: each is its "
+                           "own subject, so one patient's slices can land in different folds or in the test split. "
+                           "Put each patient's slices in a folder of its own, or pass --subject-regex (e.g. "
+                           "'^(.+)_\\d+$' for <patient>_<slice>)", len(loose), src, ", ".join(loose[:3]),
+                           ", ..." if len(loose) > 3 else "")
     test_subjects = set(args.test_subjects or [])
     folds = assign_folds(cases, args.folds, test_subjects, args.test_fraction, args.fold_assignment == "balanced")
     test = sorted({c.subject or c.case_id for c in cases if folds[c.case_id] == TEST_FOLD})

@@ -26,6 +26,8 @@ The trainer's resume/save steps live in `distseg.train.checkpoint_steps` and its
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import time
@@ -99,8 +101,12 @@ class Trainer(CheckpointSteps, BudgetSteps):
             # The audit trail of what this run saw: the cases it trains on and the ones that choose its "best"
             # checkpoint. Test-split cases are in neither (the store never lists them for training or validation).
             val_ids = store.case_ids(folds=cfg.data.val_folds, labelled_only=True) if cfg.data.val_folds else []
+            trained = set(train_ids)
+            if self.plan.tag is not None:  # resuming: the model also learnt from what earlier starts trained on
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    trained |= set(json.loads((self.run_dir / CASES_FILE).read_text(encoding="utf-8"))["train"])
             checkpoint.write_json(self.run_dir / CASES_FILE, {
-                "store": str(store.path), "val_folds": list(cfg.data.val_folds), "train": train_ids,
+                "store": str(store.path), "val_folds": list(cfg.data.val_folds), "train": sorted(trained),
                 "validation": val_ids, "test_split_excluded": len(store.case_ids(split="test"))})
         if self.plan.universal:
             elastic.ensure_universal(self.ckpt_dir / str(self.plan.tag))  # collective: rank 0 converts

@@ -109,6 +109,54 @@ def test_evaluate_refuses_choices_on_the_test_split_and_leaves_runs_alone(cv: di
 
 
 @pytest.mark.slow
+def test_evaluate_refuses_to_score_a_model_on_cases_it_trained_on(cv: dict, tmp_path: Path) -> None:
+    """The fold ensemble held out no fold (each member trained on the others'); fold 1's model trained on fold 0.
+    Neither may produce a "validation" number there: out of fold is the CV folder's oof/, unbiased is the test
+    split."""
+    evaluate = [PYTHON, "launch/evaluate.py", "--store", str(cv["store"]), "--output", str(tmp_path / "e")]
+    res = run_cmd([*evaluate, "--model", str(cv["out"])])
+    assert res.returncode == 2 and "no fold is held out by every member" in res.stdout, res.stdout[-2000:]
+    res = run_cmd([*evaluate, "--model", str(cv["out"] / "runs" / "fold_1"), "--fold", "0"])
+    assert res.returncode == 2 and "--fold 0:" in res.stdout and "trained on it" in res.stdout, res.stdout[-2000:]
+    assert not (tmp_path / "e" / "metrics.parquet").exists()
+
+
+@pytest.mark.slow
+def test_a_store_whose_assignment_changed_after_the_folds_trained_is_refused(cv: dict, tmp_path: Path) -> None:
+    """The store is re-preprocessed in place with a training case moved into the test split: finishing the CV
+    would score that case as "test" with the fold models that trained on it."""
+    store, folder = tmp_path / "b.zarr", tmp_path / "cv"
+    shutil.copytree(cv["store"], store)
+    shutil.copytree(cv["out"], folder, ignore=shutil.ignore_patterns("oof", "test"))
+    plan = json.loads((folder / "crossval.json").read_text())
+    plan.update(store=str(store), config_sha256="")  # as if this CV had been made on this store
+    (folder / "crossval.json").write_text(json.dumps(plan))
+    moved = Store.open(store).case_ids(folds=[1], labelled_only=True)[0]
+    ok(run_cmd([PYTHON, "-m", "preprocess", "brats", "--src", str(cv["root"] / "raw"), "--dst", str(tmp_path),
+                "--name", "b", "--serial", "--folds", "3", "--fold-assignment", "balanced", "--test-subjects",
+                ",".join([*TEST_SUBJECTS, moved])]))
+    assert moved in Store.open(store).case_ids(split="test")
+    res = run_cmd([PYTHON, "launch/crossval.py", "--config", TRAIN[0], "--output", str(folder), "--skip-train",
+                   "--test", f"data.store={store}", *TRAIN[1:]])
+    assert res.returncode == 2, res.stdout[-3000:]
+    assert "now puts in the test split" in res.stdout and moved in res.stdout
+    assert not (folder / "oof").exists()
+
+
+def test_a_config_edited_in_place_is_another_experiment(cv: dict, tmp_path: Path) -> None:
+    from distseg.evaluation.crossval import CrossvalError, CrossvalPlan
+
+    config = tmp_path / "mine.yaml"
+    config.write_text(Path(TRAIN[0]).read_text())
+    overrides = [f"data.store={cv['store']}"]
+    CrossvalPlan.create(config, overrides, output=tmp_path / "cv").save()
+    CrossvalPlan.create(config, overrides, output=tmp_path / "cv")  # the same experiment: fine
+    config.write_text(config.read_text().replace("lr:", "lr: 0.5 #"))
+    with pytest.raises(CrossvalError, match="the resolved config"):
+        CrossvalPlan.create(config, overrides, output=tmp_path / "cv")
+
+
+@pytest.mark.slow
 def test_the_cv_folder_is_a_model_for_predict(cv: dict, tmp_path: Path) -> None:
     raw = cv["root"] / "raw" / TEST_SUBJECTS[0]
     res = run_cmd([PYTHON, "launch/predict.py", "--model", str(cv["out"]), "--input", str(raw), "--output",

@@ -33,9 +33,11 @@ def test_figshare_layout_side_by_side_mask_suffix(shared_data, tmp_path, run_cli
         np.testing.assert_array_equal(restore_to_source_geometry(label, info.attrs), src_mask)
 
 
-def test_lgg_layout_images_and_masks_folders(shared_data, tmp_path, run_cli):
+def test_lgg_layout_images_and_masks_folders(shared_data, tmp_path, run_cli, caplog):
     src = shared_data / "seg2d" / "lgg-tcga"
     assert run_cli("images2d", "--src", str(src), "--dst", str(tmp_path), "--name", "lgg") == 0
+    # slices <patient>_<n> at the root: each its own subject, which can split a patient across folds: said so
+    assert "carry slice numbers" in caplog.text and "--subject-regex" in caplog.text
     s = Store.open(tmp_path / "lgg.zarr")
     assert s.channels == ["r", "g", "b"]  # three distinct sequences in the RGB TIFFs
     ids = s.case_ids()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -111,11 +112,18 @@ def test_crossval_array_task_trains_its_fold_where_crossval_finds_it(tmp_path: P
     env = {**_slurm_env(tmp_path), "CV_DIR": str(cv), "SLURM_ARRAY_TASK_ID": "1"}
     args = ["configs/debug.yaml", f"data.store={tmp_path / 'b.zarr'}", "train.steps=2", "train.val_every=2",
             "checkpoint.every=2", "monitor.image_every=0"]
-    ok(run(["bash", "cluster/slurm_crossval.sbatch", *args], **env))
+    spool = tmp_path / "spool" / "slurm_script"  # where sbatch runs its copy of the script from
+    spool.parent.mkdir()
+    shutil.copy("cluster/slurm_crossval.sbatch", spool)
+    ok(run(["bash", str(spool), *args], **env))
+    assert json.loads((cv / "crossval.json").read_text())["config_sha256"]  # the task checked in with its plan
     seen = json.loads((cv / "runs" / "fold_1" / "cases.json").read_text())
     assert seen["val_folds"] == [1] and len(seen["validation"]) == 2 and len(seen["train"]) == 4
     env.pop("SLURM_ARRAY_TASK_ID")
-    res = run(["bash", "cluster/slurm_crossval.sbatch", *args], **env)
+    res = run(["bash", str(spool), *args], **env)
     assert res.returncode == 2 and "fold(s) [0, 2] not trained" in res.stdout, res.stdout[-3000:]
+    res = run(["bash", str(spool), *args, "optim.lr=0.5"], **{**env, "SLURM_ARRAY_TASK_ID": "2"})
+    assert res.returncode == 2 and "this CV folder was made with overrides" in res.stdout, res.stdout[-3000:]
+    assert not (cv / "runs" / "fold_2").exists()
     plan = json.loads((cv / "crossval.json").read_text())
     assert plan["status"] == {"0": "pending", "1": "done", "2": "pending"}

@@ -156,6 +156,13 @@ def clean_partial(url: str) -> int:
     return removed
 
 
+def case_ids(url: str) -> list[str]:
+    """The complete cases in the bucket's store (those with their ``zarr.json``)."""
+    bucket = Bucket(url)
+    return sorted(n for n in bucket.list_dir(CASES_GROUP)
+                  if n != "zarr.json" and bucket.get(f"{CASES_GROUP}/{n}/zarr.json") is not None)
+
+
 def remove_index(url: str) -> None:
     bucket = Bucket(url)
     raw = bucket.get(INDEX_FILE)

@@ -14,7 +14,7 @@ from preprocess import bucket
 from preprocess.common import BALANCED_ASSIGNMENT, FOLD_ASSIGNMENT, TEST_ASSIGNMENT, assign_folds
 from preprocess.discover import apply_subject_regex
 from preprocess.runner import EXIT_USAGE, init_ray, run_cases, summarize, write_manifest
-from preprocess.writer import Layout, clean_temp, init_store, path_or_url
+from preprocess.writer import Layout, clean_temp, init_store, path_or_url, retire_cases
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def run_dataset(args: argparse.Namespace) -> int:
             row.update(subject=case.subject, slice_index=case.slice_index)
             row.update(fold=folds[case.case_id], split="test" if folds[case.case_id] == TEST_FOLD else "train")
     write_manifest(manifest, rows)
+    retire_cases(store_path, {r["case_id"] for r in rows if r["status"] in ("ok", "skipped")})
     (bucket.write_index if remote else write_index)(store_path)
     return summarize(rows, store_path, manifest)
 

@@ -56,6 +56,24 @@ def test_rerun_skips_unchanged_and_redoes_changed(brats_src, tmp_path, run_cli, 
     assert not (store_path / PREVIOUS_INDEX).exists()
 
 
+def test_a_case_gone_from_the_source_leaves_the_store_but_is_kept_aside(brats_src, tmp_path, run_cli, caplog):
+    """A patient removed from --src (e.g. to hold it out) must not stay in training with its old fold: the rerun
+    moves it, whole, beside the store and names it; the index and every reader no longer list it."""
+    import shutil
+
+    dst = tmp_path / "out"
+    args = ("brats", "--src", str(brats_src), "--dst", str(dst), "--name", "r")
+    assert run_cli(*args) == 0
+    ids = Store.open(dst / "r.zarr").case_ids()
+    gone = ids[0]
+    shutil.move(brats_src / gone, tmp_path / gone)
+    assert run_cli(*args) == 0
+    assert Store.open(dst / "r.zarr").case_ids() == ids[1:]
+    assert "moved out of the store" in caplog.text and gone in caplog.text
+    kept = list((dst / "r.retired").glob(f"*/{gone}/zarr.json"))
+    assert len(kept) == 1
+
+
 def test_leftovers_of_a_killed_run_are_cleaned_and_redone(brats_src, tmp_path, run_cli, manifest):
     dst = tmp_path / "out"
     args = ("brats", "--src", str(brats_src), "--dst", str(dst), "--name", "k")

@@ -226,7 +226,7 @@ def test_2d_modes_and_cpu_offload_train_in_one_process(runner, brats_store, imag
     assert state["counters"]["nonfinite_skipped"] == 1 and state["counters"]["micro_batches"] == 4
     # bf16 unet (BatchNorm): DeepSpeed holds the weights in bf16, the running statistics stay fp32
     module = torch.load(tmp_path / "runs" / "image2d" / "checkpoints" / "step_00000003" /
-                        "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+                        "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     stats = {k: v.dtype for k, v in module.items() if k.endswith(("running_mean", "running_var"))}
     assert stats and set(stats.values()) == {torch.float32}
 

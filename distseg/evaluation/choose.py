@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from distseg.core.fileio import atomic_write
 from distseg.data.store import Store
-from distseg.evaluation.crossval import CrossvalError, CrossvalPlan, fold_models, out_of_fold_cases
+from distseg.evaluation.crossval import (
+    CrossvalError,
+    CrossvalPlan,
+    check_oof_models,
+    fold_models,
+    out_of_fold_cases,
+)
 from distseg.evaluation.postprocessing import (
     PROBABILITIES_DIR,
     ProbabilityCache,
@@ -74,6 +80,8 @@ def choose_configuration(cv_dirs: Sequence[Path], out_dir: Path, max_members: in
     if any(s != set(cases) for s in case_sets):
         raise CrossvalError("the CV folders predicted different out-of-fold cases (other folds?); expected the same "
                             "pool")
+    for p in plans:
+        check_oof_models(p)
     caches = [ProbabilityCache(Path(p.folder) / "oof" / PROBABILITIES_DIR) for p in plans]
     missing = [n for n, c in zip(names, caches, strict=True) if not all(c.has(cid) for cid in cases)]
     if missing:

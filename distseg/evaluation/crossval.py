@@ -36,13 +36,16 @@ from typing import Any
 from distseg.core.fileio import atomic_write
 from distseg.data.store import Store
 from distseg.evaluation.crossval_plan import (  # re-exported: the plan is part of this module's API
+    OOF_MODELS_FILE,
     PLAN_FILE,
     CrossvalError,
     CrossvalPlan,
     check_fold_cases,
+    check_oof_models,
     default_env,
     fold_config,
     fold_done,
+    fold_model_stamp,
     fold_models,
     launcher_command,
     parse_folds,
@@ -70,7 +73,8 @@ from distseg.inference.ensemble import ModelSet, load_models, write_ensemble
 from distseg.inference.loading import POSTPROCESSING_FILE, load_model
 from distseg.inference.predictor import Predictor
 
-__all__ = ["PLAN_FILE", "CrossvalError", "CrossvalPlan", "CrossvalResult", "check_fold_cases", "default_env",
+__all__ = ["OOF_MODELS_FILE", "PLAN_FILE", "CrossvalError", "CrossvalPlan", "CrossvalResult", "check_fold_cases",
+           "check_oof_models", "default_env", "fold_model_stamp",
            "evaluate_test", "finish", "fold_config", "fold_done", "fold_models", "launcher_command",
            "out_of_fold_cases", "parse_folds", "run_folds", "write_summary"]
 
@@ -118,7 +122,10 @@ def finish(plan: CrossvalPlan, settings: PredictSettings, test: bool = False) ->
             yield from predict_and_score(predictor, store, by_fold[k], oof_dir / "predictions", cache,
                                          desc=f"fold {k}")
 
+    (plan.path / OOF_MODELS_FILE).unlink(missing_ok=True)  # the probabilities are about to change
     oof = evaluate_arrays(oof_items(), oof_dir, meta, total=len(all_cases))
+    stamp = json.dumps(fold_model_stamp(plan), indent=1)
+    atomic_write(plan.path / OOF_MODELS_FILE, lambda tmp: tmp.write_text(stamp, encoding="utf-8"))
     pp, table = choose_postprocessing(cache, store_truth(store), all_cases, regions)
     write_postprocessing(plan.path / POSTPROCESSING_FILE, pp, table,
                          {"store": plan.store, "cases": all_cases, "model": f"out-of-fold predictions of {plan.path}",

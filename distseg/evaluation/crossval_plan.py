@@ -231,3 +231,40 @@ def default_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: gloo stays on loopback
     return env
+
+
+OOF_MODELS_FILE = "oof/models.json"
+"""Which fold checkpoints made a CV folder's out-of-fold probabilities (written by `finish`, checked by `choose`)."""
+
+
+def fold_model_stamp(plan: CrossvalPlan) -> dict[str, dict[str, object]]:
+    """{fold: its chosen checkpoint (relative to the CV folder, so a copied folder matches) and the checkpoint
+    marker's time}: what identifies the model that predicted that fold's cases."""
+    from distseg.core import checkpoint
+
+    stamp: dict[str, dict[str, object]] = {}
+    for k, tag in fold_models(plan).items():
+        marker = checkpoint.read_marker(tag) or {}
+        stamp[str(k)] = {"checkpoint": str(tag.relative_to(plan.path)) if tag.is_relative_to(plan.path) else str(tag),
+                         "time": marker.get("time")}
+    return stamp
+
+
+def check_oof_models(plan: CrossvalPlan) -> None:
+    """The folder's cached out-of-fold probabilities come from its fold models as they are now (a fold retrained
+    after `finish` would otherwise be chosen on another model's predictions)."""
+    path = plan.path / OOF_MODELS_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        logger.warning("%s: no record of the checkpoints that made its out-of-fold probabilities (a CV folder from "
+                       "before it was kept); trusting them", plan.path)
+        return
+    except (OSError, ValueError) as e:
+        raise CrossvalError(f"{path}: unreadable ({e})") from e
+    now = fold_model_stamp(plan)
+    if saved != now:
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise CrossvalError(f"{plan.path}: the out-of-fold probabilities of fold(s) {changed} were predicted by "
+                            "other checkpoints than the fold models it holds now (retrained?); rerun "
+                            f"`launch/crossval.py --skip-train --output {plan.path} ...` first")

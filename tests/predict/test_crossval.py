@@ -191,6 +191,21 @@ def test_a_case_that_fails_is_a_counted_row(cv: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_choose_refuses_out_of_fold_probabilities_of_other_checkpoints(cv: dict, tmp_path: Path) -> None:
+    """A fold retrained after its CV finished: the cached out-of-fold probabilities are another model's. `finish`
+    records which checkpoints made them (oof/models.json); here the record says fold 1 had another one."""
+    other = tmp_path / "other_cv"
+    shutil.copytree(cv["out"], other)
+    stamp = json.loads((other / "oof" / "models.json").read_text())
+    assert set(stamp) == {"0", "1", "2"} and stamp["1"]["checkpoint"].startswith("runs/fold_1/checkpoints/step_")
+    stamp["1"]["time"] -= 1.0  # the checkpoint that predicted fold 1 was an earlier one
+    (other / "oof" / "models.json").write_text(json.dumps(stamp))
+    res = run_cmd([PYTHON, "launch/crossval.py", "choose", str(cv["out"]), str(other), "--output",
+                   str(tmp_path / "chosen")])
+    assert res.returncode == 2 and "fold(s) ['1'] were predicted by other checkpoints" in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_choose_configuration_on_out_of_fold_predictions(cv: dict, tmp_path: Path) -> None:
     """Two configurations: the CV folder and a copy whose out-of-fold probabilities are all zero (a useless model).
     The choice is made on out-of-fold Dice only: the good one alone beats the copy and the ensemble of both."""

@@ -319,6 +319,19 @@ def make_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (as `dump_yaml` writes them), "key: a -> b"."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{dotted}.")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
+
+
 def write_resolved(cfg: ExperimentConfig, run_dir: Path) -> Path:
     """Write the resolved config to ``<run_dir>/config.yaml`` atomically (write then rename)."""
     run_dir.mkdir(parents=True, exist_ok=True)

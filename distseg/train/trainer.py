@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,6 +98,8 @@ class Trainer(CheckpointSteps, BudgetSteps):
         self.train_cases = len(train_ids)
         if self.rank == 0:
             make_run_dir(cfg)
+            if self.plan.tag is not None:
+                warn_config_changes(self.run_dir, cfg)
             write_resolved(cfg, self.run_dir)
             # The audit trail of what this run saw: the cases it trains on and the ones that choose its "best"
             # checkpoint. Test-split cases are in neither (the store never lists them for training or validation).
@@ -369,3 +372,21 @@ class Trainer(CheckpointSteps, BudgetSteps):
     def close(self) -> None:
         self.monitor.close()
         self.mirror.close()  # waits for a pending upload: a stopped run (exit 4) leaves its checkpoint in the bucket
+
+
+def warn_config_changes(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
+    """A resumed run whose config differs from the one it was started with (its config.yaml) says which keys
+    changed: a longer schedule is the usual reason, another learning rate or model is rarely meant."""
+    import yaml
+
+    from distseg.config import config_changes, dump_yaml
+
+    try:
+        old = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    changes = config_changes(old, yaml.safe_load(dump_yaml(cfg)) or {})
+    if changes:
+        logger.warning("resuming %s under a changed config (%d key(s)): %s%s", run_dir, len(changes),
+                       "; ".join(changes[:8]), "; ..." if len(changes) > 8 else "")
+    return changes

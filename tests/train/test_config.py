@@ -139,3 +139,14 @@ def test_check_cli_prints_resolved_config_or_the_error(capsys):
     assert printed["optim"]["lr"] == 0.005 and printed["model"]["name"] == "unet3d"
     assert main(["check", "configs/debug.yaml", "train.val_every=-2"]) == 2
     assert "train.val_every" in capsys.readouterr().err
+
+
+def test_a_resumed_run_names_the_keys_its_config_changed(tmp_path: Path, caplog):
+    from distseg.config import write_resolved
+    from distseg.train.trainer import warn_config_changes
+
+    write_resolved(load_config("configs/debug.yaml"), tmp_path)
+    assert warn_config_changes(tmp_path, load_config("configs/debug.yaml")) == []
+    changed = warn_config_changes(tmp_path, load_config("configs/debug.yaml", ["optim.lr=0.5", "train.steps=40"]))
+    assert changed == ["optim.lr: 0.01 -> 0.5", f"train.steps: {load_config('configs/debug.yaml').train.steps} -> 40"]
+    assert "resuming" in caplog.text and "optim.lr: 0.01 -> 0.5" in caplog.text

@@ -30,12 +30,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distseg.core.exit_codes import OK, SOME_FAILED, USAGE
 from distseg.core.fileio import atomic_write
 from distseg.data.location import is_remote, path_or_url
 from distseg.evaluation import BRATS_HD95_ONE_EMPTY, EvaluationMeta, compare, evaluate_arrays
 from preprocess.label_files import KIND_REGIONS, PairingError, PairLoader, pair_label_files
+
+if TYPE_CHECKING:
+    from distseg.inference.ensemble import ModelSet
 
 logger = logging.getLogger("launch.evaluate")
 
@@ -170,7 +174,7 @@ def run_model(args: argparse.Namespace) -> int:
     return SOME_FAILED if evaluation.result.n_failed else OK
 
 
-def held_out_folds(models, asked: list[int] | None) -> tuple[list[int], str | None]:
+def held_out_folds(models: ModelSet, asked: list[int] | None) -> tuple[list[int], str | None]:
     """The folds every member of `models` held out (its `data.val_folds`): the only non-test cases it can be scored
     on without scoring cases it trained on. `asked` (--fold): checked against them. Returns (folds, problem)."""
     held = [set(m.config.data.val_folds) for m in models.members]
@@ -191,7 +195,7 @@ def held_out_folds(models, asked: list[int] | None) -> tuple[list[int], str | No
     return common, None
 
 
-def _warn_if_another_store(models, store: str) -> None:
+def _warn_if_another_store(models: ModelSet, store: str) -> None:
     """Folds and splits are the store's: scoring a model on another store's fold or test split may score cases it
     trained on (a copy or a re-preprocessing can move cases between folds)."""
     def norm(p: str) -> str:

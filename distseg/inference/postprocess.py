@@ -280,13 +280,9 @@ def binarise(probabilities: np.ndarray, regions: Mapping[str, Sequence[int]],
              pp: Postprocessing | None = None) -> np.ndarray:
     """Probabilities float (K, *S) -> bool region masks (K, *S): each region above its threshold (`pp`'s, 0.5 by
     default), then nested regions clipped to their containers. The one thresholding of prediction, evaluation and
-    the choices.
-
-    Compared at float16 precision: the choices read cached float16 probabilities (`ProbabilityCache`), so a
-    prediction's float32 value within half a float16 step of a threshold (~2.4e-4 at 0.5-1) is decided as the
-    choice saw it, not the other way."""
+    the choices."""
     t = (pp or Postprocessing()).thresholds(regions)
-    probabilities = np.asarray(probabilities).astype(np.float16)
+    probabilities = np.asarray(probabilities)
     return clip_to_containers(probabilities > t.reshape(-1, *([1] * (probabilities.ndim - 1))), regions)
 
 

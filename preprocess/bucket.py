@@ -157,10 +157,9 @@ def clean_partial(url: str) -> int:
 
 
 def case_ids(url: str) -> list[str]:
-    """The complete cases in the bucket's store (those with their ``zarr.json``)."""
-    bucket = Bucket(url)
-    return sorted(n for n in bucket.list_dir(CASES_GROUP)
-                  if n != "zarr.json" and bucket.get(f"{CASES_GROUP}/{n}/zarr.json") is not None)
+    """The case prefixes in the bucket's store: one listing, no request per case (half-uploaded ones were removed
+    by `clean_partial` when the run started)."""
+    return sorted(n for n in Bucket(url).list_dir(CASES_GROUP) if n != "zarr.json")
 
 
 def remove_index(url: str) -> None:

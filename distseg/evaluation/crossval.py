@@ -124,7 +124,7 @@ def finish(plan: CrossvalPlan, settings: PredictSettings, test: bool = False) ->
 
     (plan.path / OOF_MODELS_FILE).unlink(missing_ok=True)  # the probabilities are about to change
     oof = evaluate_arrays(oof_items(), oof_dir, meta, total=len(all_cases))
-    stamp = json.dumps(fold_model_stamp(plan), indent=1)
+    stamp = json.dumps(fold_model_stamp(plan, tags), indent=1)
     atomic_write(plan.path / OOF_MODELS_FILE, lambda tmp: tmp.write_text(stamp, encoding="utf-8"))
     pp, table = choose_postprocessing(cache, store_truth(store), all_cases, regions)
     write_postprocessing(plan.path / POSTPROCESSING_FILE, pp, table,

@@ -237,13 +237,14 @@ OOF_MODELS_FILE = "oof/models.json"
 """Which fold checkpoints made a CV folder's out-of-fold probabilities (written by `finish`, checked by `choose`)."""
 
 
-def fold_model_stamp(plan: CrossvalPlan) -> dict[str, dict[str, object]]:
+def fold_model_stamp(plan: CrossvalPlan, tags: dict[int, Path] | None = None) -> dict[str, dict[str, object]]:
     """{fold: its chosen checkpoint (relative to the CV folder, so a copied folder matches) and the checkpoint
-    marker's time}: what identifies the model that predicted that fold's cases."""
+    marker's time}: what identifies the model that predicted that fold's cases. `tags`: `fold_models(plan)` when
+    the caller has it."""
     from distseg.core import checkpoint
 
     stamp: dict[str, dict[str, object]] = {}
-    for k, tag in fold_models(plan).items():
+    for k, tag in (tags if tags is not None else fold_models(plan)).items():
         marker = checkpoint.read_marker(tag) or {}
         stamp[str(k)] = {"checkpoint": str(tag.relative_to(plan.path)) if tag.is_relative_to(plan.path) else str(tag),
                          "time": marker.get("time")}

@@ -172,6 +172,9 @@ class CheckpointConfig:
     resume: str = "auto"
     """"auto": continue from the newest COMPLETE checkpoint of this run if any; "never": refuse to start when
     the run folder already holds checkpoints (choose a new run.name)."""
+    upload_nice: int = 10
+    """With an s3:// `run.output_root`: niceness (0-19) of the child process that uploads each checkpoint, so that
+    the upload takes only CPU the ranks and their loader workers leave idle (0 = the ranks' own priority)."""
 
 
 @dataclass

@@ -92,6 +92,8 @@ def _check_train(c: TrainConfig, ck: CheckpointConfig, dbg: DebugConfig) -> None
     _need(ck.every >= 0, "checkpoint.every", "an int >= 0 (0 = only at the end)", ck.every)
     _need(ck.keep_last >= 1, "checkpoint.keep_last", "an int >= 1", ck.keep_last)
     _need(ck.resume in ("auto", "never"), "checkpoint.resume", "'auto' or 'never'", ck.resume)
+    _need(isinstance(ck.upload_nice, int) and not isinstance(ck.upload_nice, bool) and 0 <= ck.upload_nice <= 19,
+          "checkpoint.upload_nice", "an int 0-19", ck.upload_nice)
     _need(dbg.inject_nan_times >= 1, "debug.inject_nan_times", "an int >= 1", dbg.inject_nan_times)
 
 

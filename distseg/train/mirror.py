@@ -7,7 +7,9 @@ Checkpoints (``<run_url>/checkpoints/<tag>/``):
 2. the first rank of each node uploads the files of the tag that its node's ranks wrote (`node_files`: by the rank
    in the file name; the staging folder may be node-local or shared, each file goes up once), then puts
    ``<tag>/uploaded/node<k>.json`` listing them with their sizes: training goes on meanwhile (one background
-   thread per node; the next save waits only if the previous upload is still running);
+   thread per node drives a child process that puts the files at `checkpoint.upload_nice`, so that the upload's CPU
+   yields to the ranks and their loaders: `distseg.train.upload_proc`; the next save waits only if the previous
+   upload is still running);
 3. rank 0's thread waits for every node's list, checks each listed object's size in the bucket, then puts
    ``COMPLETE.json`` (the local marker with every node's files) LAST, then ``latest``, then prunes the bucket;
 4. a tag without ``COMPLETE.json`` in the bucket (an upload killed half-way) is ignored, and deleted once a newer
@@ -36,6 +38,7 @@ from typing import Any
 from distseg.core import checkpoint, dist
 from distseg.core.checkpoint import MARKER, TAG_PREFIX, CheckpointError
 from distseg.core.checkpoint_s3 import download_tag, newest_complete_remote, prune_remote
+from distseg.train.upload_proc import upload_in_child
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +89,10 @@ def _node_index() -> tuple[int, int]:
 class RunMirror:
     """Uploads one rank's share of a run to ``run_url`` (no-op object for a POSIX run: see `build_mirror`)."""
 
-    def __init__(self, run_dir: Path, run_url: str, keep_last: int, keep_best: bool) -> None:
+    def __init__(self, run_dir: Path, run_url: str, keep_last: int, keep_best: bool, upload_nice: int = 10) -> None:
         self.run_dir, self.url = run_dir, run_url.rstrip("/")
         self.keep_last, self.keep_best = keep_last, keep_best
+        self.upload_nice = upload_nice
         self.node, self.nodes = _node_index()
         self.local_size = _local_size()
         self.uploads_files = dist.local_rank() == 0
@@ -138,10 +142,8 @@ class RunMirror:
         import obstore
 
         tag_dir = self.run_dir / "checkpoints" / tag
-        files = {}
-        for p in node_files(tag_dir, self.node, self.local_size):
-            obstore.put(self.s3, f"checkpoints/{tag}/{p.name}", p)
-            files[p.name] = p.stat().st_size
+        files = upload_in_child(self.url, f"checkpoints/{tag}", node_files(tag_dir, self.node, self.local_size),
+                                nice=self.upload_nice)
         obstore.put(self.s3, f"checkpoints/{tag}/{UPLOADED}/node{self.node:05d}.json", json.dumps(files).encode())
         if self.rank0:
             local_marker = json.loads((tag_dir / MARKER).read_text(encoding="utf-8"))
@@ -218,5 +220,6 @@ class NullMirror:
         pass
 
 
-def build_mirror(run_dir: Path, run_url: str | None, keep_last: int, keep_best: bool) -> RunMirror | NullMirror:
-    return NullMirror() if run_url is None else RunMirror(run_dir, run_url, keep_last, keep_best)
+def build_mirror(run_dir: Path, run_url: str | None, keep_last: int, keep_best: bool, upload_nice: int = 10
+                 ) -> RunMirror | NullMirror:
+    return NullMirror() if run_url is None else RunMirror(run_dir, run_url, keep_last, keep_best, upload_nice)

@@ -78,7 +78,8 @@ class Trainer(CheckpointSteps, BudgetSteps):
         self.stopped = False
         """True when the run ended early on a stop signal (checkpoint saved): the caller exits EXIT_REQUEUE."""
         # An s3:// run: the bucket's newest complete checkpoint is brought into every node's staging folder first.
-        self.mirror = build_mirror(self.run_dir, cfg.run_url, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        self.mirror = build_mirror(self.run_dir, cfg.run_url, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
+                                   cfg.checkpoint.upload_nice)
         self.mirror.download_newest()  # collective
         # Rank 0 picks the checkpoint (collective); on another rank count the accumulation changes to keep the
         # global batch, so the plan comes before anything that reads cfg.train.grad_accum.

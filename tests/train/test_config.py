@@ -88,6 +88,7 @@ def test_defaults_apply_where_the_yaml_is_silent():
         ("model.overrides={bogus: 1}", "model.overrides:"),
         ("model.preset=huge", "model.preset:"),
         ("checkpoint.resume=sometimes", "checkpoint.resume"),
+        ("checkpoint.upload_nice=20", "checkpoint.upload_nice: expected an int 0-19"),
         ("loss.name=focal", "loss.name"),
         ("monitor.log_every=0", "monitor.log_every"),
         ("optim=3", "optim: expected a mapping of OptimConfig fields"),

@@ -116,3 +116,41 @@ def test_installing_a_download_never_replaces_a_complete_copy_and_clears_a_stale
     _install(_tag(tmp_path / ".step_00000020.download.2", complete=True, step=20), stale)
     assert read_marker(stale) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010", "step_00000020"]
+
+
+def test_a_checkpoint_is_uploaded_by_a_child_process_at_a_lower_priority(s3, tmp_path):
+    """The upload of a tag runs in a child process `nice` steps below the rank (its CPU yields to the ranks and
+    their loaders): every file lands in the bucket byte for byte, and the child reports the niceness it ran at."""
+    import os
+
+    import boto3
+
+    from distseg.train import upload_proc
+    from tests.s3server import BUCKET
+
+    tag = tmp_path / "step_00000010"
+    tag.mkdir()
+    files = {"mp_rank_00_model_states.pt": os.urandom(6_000_000), "rng_rank00000.pt": os.urandom(100)}
+    for name, data in files.items():
+        (tag / name).write_bytes(data)
+    sizes = upload_proc.upload_in_child(f"s3://{BUCKET}/run", "checkpoints/step_00000010",
+                                        [tag / name for name in files], nice=7)
+    assert sizes == {name: len(data) for name, data in files.items()}
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1")
+    for name, data in files.items():
+        assert client.get_object(Bucket=BUCKET, Key=f"run/checkpoints/step_00000010/{name}")["Body"].read() == data
+
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "distseg.train.upload_proc", "--url", f"s3://{BUCKET}/run",
+                          "--prefix", "x", "--nice", "7"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"files": {}, "nice": min(19, os.nice(0) + 7)}
+
+
+def test_a_failed_child_upload_names_the_object_and_the_file(s3, tmp_path):
+    from distseg.train import upload_proc
+
+    (tmp_path / "a.pt").write_bytes(b"x")
+    with pytest.raises(OSError, match=r"s3://no-such-bucket-here/run/checkpoints/t/a\.pt: upload of .*a\.pt failed"):
+        upload_proc.upload_in_child("s3://no-such-bucket-here/run", "checkpoints/t", [tmp_path / "a.pt"], nice=0)

@@ -8,6 +8,11 @@ runtime threads included, runs at `--nice` (Linux scheduling: a nice-10 task get
 wants), shares no GIL with the training loop and cannot stall it. Endpoint and credentials come from the
 environment (the standard AWS variables, inherited), never from the command line.
 
+The child is deaf to the stop signals (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2; blocked from before it starts,
+then ignored): Slurm signals every process of a job step, and a preemption stop (exit 4) waits for the upload in
+flight, which must not die with the ranks' signal. SIGKILL still ends it; a child whose rank died finishes its
+files and exits (the tag stays incomplete: no marker).
+
 Prints one JSON object on stdout: {"files": {file name: size in bytes} of what was put, in order, "nice": the
 niceness the upload ran at}. Exit 0, or 1 with the
 error (naming the file and the URL) on stderr; a file already put stays put (the tag is incomplete without its
@@ -20,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +33,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MAX_NICE = 19
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def put_files(url: str, prefix: str, files: list[Path]) -> dict[str, int]:
@@ -54,7 +61,13 @@ def upload_in_child(url: str, prefix: str, files: list[Path], nice: int, timeout
            *(str(p) for p in files)]
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this distseg, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
+    # Blocked signals are inherited through fork and exec: the child never has a moment where a stop signal kills
+    # it. (This thread only: process-directed signals go to a thread that does not block them.)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     if proc.returncode != 0:
         raise OSError(f"upload to {url}/{prefix} failed (exit {proc.returncode}): "
                       f"{proc.stderr.strip()[-2000:] or 'no message'}")
@@ -69,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", required=True, help="key prefix under the URL (e.g. checkpoints/<tag>)")
     p.add_argument("--nice", type=int, default=0, help=f"added niceness, 0-{MAX_NICE}")
     p.add_argument("files", nargs="*", type=Path)
+    for sig in STOP_SIGNALS:  # see the module docstring
+        signal.signal(sig, signal.SIG_IGN)
     args = p.parse_args(argv)
     if not 0 <= args.nice <= MAX_NICE:
         p.error(f"--nice: expected 0-{MAX_NICE}, got {args.nice}")

@@ -154,3 +154,50 @@ def test_a_failed_child_upload_names_the_object_and_the_file(s3, tmp_path):
     (tmp_path / "a.pt").write_bytes(b"x")
     with pytest.raises(OSError, match=r"s3://no-such-bucket-here/run/checkpoints/t/a\.pt: upload of .*a\.pt failed"):
         upload_proc.upload_in_child("s3://no-such-bucket-here/run", "checkpoints/t", [tmp_path / "a.pt"], nice=0)
+
+
+def test_a_stop_signal_for_the_ranks_does_not_kill_the_upload_in_flight(s3, tmp_path):
+    """Slurm signals every process of a job step; the preemption stop waits for the upload in flight, so the upload
+    child must survive SIGTERM / SIGUSR1 (sent here to it directly, while it runs) and finish every file."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import boto3
+    import psutil
+
+    from distseg.train import upload_proc
+    from tests.s3server import BUCKET
+
+    big = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    big.write_bytes(os.urandom(48 * 2**20))
+    result: dict[str, object] = {}
+
+    def upload() -> None:
+        try:
+            result["sizes"] = upload_proc.upload_in_child(f"s3://{BUCKET}/run", "checkpoints/t", [big], nice=0)
+        except BaseException as e:  # noqa: BLE001  (asserted below)
+            result["error"] = e
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    child = None
+    for _ in range(200):
+        kids = [k for k in psutil.Process().children() if "distseg.train.upload_proc" in " ".join(k.cmdline())]
+        if kids:
+            child = kids[0]
+            break
+        time.sleep(0.02)
+    assert child is not None, "the upload child never started"
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        try:
+            child.send_signal(sig)
+        except psutil.NoSuchProcess:  # it died of the previous one: the assertion below says how
+            break
+        time.sleep(0.05)
+    thread.join(timeout=120)
+    assert "error" not in result, result.get("error")
+    assert result["sizes"] == {big.name: big.stat().st_size}
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1")
+    assert client.head_object(Bucket=BUCKET, Key=f"run/checkpoints/t/{big.name}")["ContentLength"] == big.stat().st_size

@@ -102,3 +102,44 @@ def test_preprocess_train_kill_and_resume_from_the_bucket(runner, s3, tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert any(k.endswith(".nii.gz") for k in _keys(client, "preds/")), _keys(client, "preds/")
     assert "ev/summary.json" in _keys(client, "ev/")
+
+
+def test_a_preemption_stop_waits_for_the_upload_in_flight(runner, s3, tmp_path, no_leftovers):
+    """SIGTERM to the supervised launcher right after a checkpoint was saved locally (its upload starting): the
+    supervisor's SIGUSR1 reaches every process of the job, the upload child included, which must finish; the stop
+    checkpoint is saved, uploaded and complete in the bucket, and the job exits 4."""
+    import json
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    env = train_env()
+    for cmd in (["synth", "--kind", "brats", "--n", "4", "--dst", str(tmp_path / "src"), "--shape", "48x48x32"],
+                ["brats", "--src", str(tmp_path / "src"), "--dst", str(tmp_path), "--name", "brats", "--serial",
+                 "--folds", "2"]):
+        done = subprocess.run([sys.executable, "-m", "preprocess", *cmd], cwd=runner.repo, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    staging = tmp_path / "staging"
+    args = [f"data.store={tmp_path / 'brats.zarr'}", "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
+            "train.steps=40", "train.val_every=0", "checkpoint.every=2", "checkpoint.keep_last=20",
+            f"run.output_root=s3://{BUCKET}/out",
+            "run.name=stop", f"run.staging_dir={staging}"]
+    proc = runner.start([sys.executable, "launch/supervise.py", *runner.launcher_cmd(DEBUG, args)],
+                        tmp_path / "stop.log")
+    local = staging / "runs" / "stop" / "checkpoints" / "step_00000002" / "COMPLETE.json"
+    runner.wait_until(local.exists, proc, "the step-2 checkpoint saved locally")
+    proc.send_signal(signal.SIGTERM)  # its upload is starting now
+    log_path = tmp_path / "stop.log"
+    assert proc.wait(timeout=180) == 4, log_path.read_text()[-4000:]
+    log = log_path.read_text()
+    assert "supervise: SIGTERM: asking every rank to save" in log
+    latest = client.get_object(Bucket=BUCKET, Key="out/runs/stop/checkpoints/latest")["Body"].read().decode()
+    stopped_at = int(latest.removeprefix("step_"))
+    assert f"stopped after step {stopped_at} on request" in log and stopped_at < 40
+    keys = _keys(client, "out/runs/stop/checkpoints/")
+    for tag in ("step_00000002", latest):
+        marker = json.loads(client.get_object(Bucket=BUCKET, Key=f"out/runs/stop/checkpoints/{tag}/COMPLETE.json")
+                            ["Body"].read())
+        for name, size in marker["files"].items():
+            assert f"out/runs/stop/checkpoints/{tag}/{name}" in keys, f"{tag}/{name} missing in the bucket"
+            head = client.head_object(Bucket=BUCKET, Key=f"out/runs/stop/checkpoints/{tag}/{name}")
+            assert head["ContentLength"] == size

@@ -44,8 +44,8 @@ bench: venv
 	$(PY) tests/benchmarks/bench_train.py
 	$(PY) tests/benchmarks/bench_inference.py
 
-# The results tables on the shared real data (../shared/data): convert, cross-validate, train the budget configs, evaluate (81 min on
-# 2 cores). Output: reproduce_out/results.md.
+# The results tables on the shared real data (../shared/data): convert, cross-validate, train the budget configs,
+# evaluate (81 min on 2 cores). Output: reproduce_out/results.md.
 reproduce: venv
 	$(PY) -m launch.reproduce
 

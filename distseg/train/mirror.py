@@ -38,7 +38,7 @@ from typing import Any
 from distseg.core import checkpoint, dist
 from distseg.core.checkpoint import MARKER, TAG_PREFIX, CheckpointError
 from distseg.core.checkpoint_s3 import download_tag, newest_complete_remote, prune_remote
-from distseg.train.upload_proc import upload_in_child
+from distseg.train.upload_proc import bucket_store, upload_in_child
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,6 @@ def node_files(tag_dir: Path, node: int, local_size: int) -> list[Path]:
             if p.is_file() and p.name != MARKER and file_rank(p.name) // max(1, local_size) == node]
 
 
-def _s3(url: str) -> Any:
-    """The obstore S3Store rooted at `url` (endpoint and credentials from the standard AWS variables)."""
-    from distseg.data.remote import open_zarr_store
-
-    return open_zarr_store(url, read_only=False, backend="obstore").store
-
-
 def _local_size() -> int:
     """Ranks per node (`LOCAL_SIZE`, set by DeepSpeed's launcher; 1 without it)."""
     return max(1, int(os.environ.get("LOCAL_SIZE", "1")))
@@ -89,7 +82,7 @@ def _node_index() -> tuple[int, int]:
 class RunMirror:
     """Uploads one rank's share of a run to ``run_url`` (no-op object for a POSIX run: see `build_mirror`)."""
 
-    def __init__(self, run_dir: Path, run_url: str, keep_last: int, keep_best: bool, upload_nice: int = 10) -> None:
+    def __init__(self, run_dir: Path, run_url: str, keep_last: int, keep_best: bool, upload_nice: int) -> None:
         self.run_dir, self.url = run_dir, run_url.rstrip("/")
         self.keep_last, self.keep_best = keep_last, keep_best
         self.upload_nice = upload_nice
@@ -100,7 +93,7 @@ class RunMirror:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload") if self.uploads_files else None
         self._pending: Future | None = None
         self._lock = threading.Lock()
-        self.s3 = _s3(self.url)
+        self.s3 = bucket_store(self.url)
 
     # ---------------------------------------------------------------------------------------------- resume
     def download_newest(self) -> str | None:
@@ -220,6 +213,6 @@ class NullMirror:
         pass
 
 
-def build_mirror(run_dir: Path, run_url: str | None, keep_last: int, keep_best: bool, upload_nice: int = 10
+def build_mirror(run_dir: Path, run_url: str | None, keep_last: int, keep_best: bool, upload_nice: int
                  ) -> RunMirror | NullMirror:
     return NullMirror() if run_url is None else RunMirror(run_dir, run_url, keep_last, keep_best, upload_nice)

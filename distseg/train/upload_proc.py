@@ -14,9 +14,8 @@ flight, which must not die with the ranks' signal. SIGKILL still ends it; a chil
 files and exits (the tag stays incomplete: no marker).
 
 Prints one JSON object on stdout: {"files": {file name: size in bytes} of what was put, in order, "nice": the
-niceness the upload ran at}. Exit 0, or 1 with the
-error (naming the file and the URL) on stderr; a file already put stays put (the tag is incomplete without its
-marker and the bucket rules ignore it).
+niceness the upload ran at}. Exit 0, or 1 with the error (naming the file and the URL) on stderr; a file already
+put stays put (the tag is incomplete without its marker and the bucket rules ignore it).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,18 @@ MAX_NICE = 19
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def bucket_store(url: str) -> Any:
+    """The obstore S3Store rooted at `url` (endpoint and credentials from the standard AWS variables)."""
+    from distseg.data.remote import open_zarr_store
+
+    return open_zarr_store(url, read_only=False, backend="obstore").store
+
+
 def put_files(url: str, prefix: str, files: list[Path]) -> dict[str, int]:
     """Put each of `files` at ``<url>/<prefix>/<name>`` (multipart for large ones); returns {name: size}."""
     import obstore
 
-    from distseg.data.remote import open_zarr_store
-
-    store = open_zarr_store(url, read_only=False, backend="obstore").store
+    store = bucket_store(url)
     sizes: dict[str, int] = {}
     for p in files:
         try:
@@ -53,8 +58,7 @@ def put_files(url: str, prefix: str, files: list[Path]) -> dict[str, int]:
     return sizes
 
 
-def upload_in_child(url: str, prefix: str, files: list[Path], nice: int, timeout_s: float | None = None
-                    ) -> dict[str, int]:
+def upload_in_child(url: str, prefix: str, files: list[Path], nice: int) -> dict[str, int]:
     """Run `put_files` in a child process `nice` steps below this process's priority (0 = the same; the kernel
     caps niceness at 19); returns {name: size}. Raises OSError with the child's error when it fails."""
     cmd = [sys.executable, "-m", "distseg.train.upload_proc", "--url", url, "--prefix", prefix, "--nice", str(nice),
@@ -65,7 +69,7 @@ def upload_in_child(url: str, prefix: str, files: list[Path], nice: int, timeout
     # it. (This thread only: process-directed signals go to a thread that does not block them.)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     if proc.returncode != 0:

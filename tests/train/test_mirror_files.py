@@ -61,7 +61,7 @@ def test_nodes_sharing_a_staging_folder_download_the_same_tag_at_once(s3, tmp_pa
 
     from distseg.core import checkpoint
     from distseg.core.checkpoint_s3 import download_tag
-    from distseg.train.mirror import _s3
+    from distseg.train.upload_proc import bucket_store
     from tests.s3server import BUCKET, upload_tree
 
     tag = tmp_path / "bucket" / "checkpoints" / "step_00000010"
@@ -78,7 +78,7 @@ def test_nodes_sharing_a_staging_folder_download_the_same_tag_at_once(s3, tmp_pa
 
     def node() -> None:
         try:
-            download_tag(_s3(f"s3://{BUCKET}/run"), "checkpoints/step_00000010", staging / "step_00000010")
+            download_tag(bucket_store(f"s3://{BUCKET}/run"), "checkpoints/step_00000010", staging / "step_00000010")
         except BaseException as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 

@@ -39,8 +39,9 @@ class Layout:
     """Blosc shuffle filter: "shuffle" | "bitshuffle" | "noshuffle"."""
     sharded: bool = True
     """Store image and label as one Zarr v3 shard each (`sharding_indexed`, index at the end), the chunks above
-    being its inner chunks: a case is a handful of objects and a patch costs <= 2 opens or requests per array
-    (index + the merged byte ranges of its chunks) instead of one per chunk. False: one file per chunk (the layout
+    being its inner chunks: a case is a handful of objects and a patch costs one open per array on POSIX (index and
+    merged byte ranges through it; the reader keeps it open) or <= 2 requests (index once, then the merged ranges)
+    instead of one per chunk. False: one file per chunk (the layout
     before issue 14, still read)."""
     image_shuffle_1byte: str = "bitshuffle"
     """Shuffle filter for 1-byte images (2D uint8 sources), where byte shuffle does nothing. Bit shuffle stores the
@@ -186,6 +187,7 @@ def write_case(
                          ["z", "y", "x"], layout.sharded)
         fg = np.concatenate(coords) if coords else np.zeros((0, 3), dtype=np.int16)
         _write_array(group, "foreground", fg, (max(len(fg), 1), 3), layout, layout.shuffle, None, False)
+        consolidate_case(tmp)
         if remote:
             from preprocess import bucket
 
@@ -198,6 +200,21 @@ def write_case(
     finally:
         if remote:
             shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def consolidate_case(folder: Path) -> None:
+    """Copy the case's array metadata into its group ``zarr.json`` (zarr-python's inline ``consolidated_metadata``,
+    ``must_understand: false``), so a reader learns every array of the case from one file: the first patch of a
+    case then opens 3 files (this one and one per shard) instead of 5. The arrays' own ``zarr.json`` stay, for
+    readers that ignore the field; both are written here, together, before the case is published."""
+    meta = folder / "zarr.json"
+    doc = json.loads(meta.read_text())
+    arrays = {}
+    for child in sorted(folder.iterdir()):
+        if (child / "zarr.json").is_file():
+            arrays[child.name] = json.loads((child / "zarr.json").read_text())
+    doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": arrays}
+    meta.write_text(json.dumps(doc, indent=2))
 
 
 def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...], layout: Layout, shuffle: str,

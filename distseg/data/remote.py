@@ -110,6 +110,9 @@ class RemoteSource:
             raise FileNotFoundError(self.describe(key))
         return buf.to_bytes()
 
+    def close(self) -> None:
+        """Nothing to release: requests hold no open object between calls."""
+
     def get_suffix(self, key: str, n: int) -> bytes:
         from zarr.abc.store import SuffixByteRequest
 

@@ -10,6 +10,7 @@ array and then only the byte ranges of the inner chunks it needs (adjacent range
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,32 +57,49 @@ class ByteSource(Protocol):
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each (start, length) of object `key`, in one open or as few requests as possible."""
 
+    def close(self) -> None:
+        """Release what the source holds open (a file descriptor); later reads reopen."""
+
     def describe(self, key: str) -> str:
         """A human-readable location of `key`, for error messages."""
 
 
 class LocalFiles:
-    """A folder on a POSIX file system: one open per call, `os.pread` per (merged) range."""
+    """A folder on a POSIX file system, read with `os.pread`. The file read last stays open (one descriptor per
+    source, closed by `close()`, by reading another file, or when the source is garbage-collected): a sharded array
+    is one file, so after its first read (index and data through the same open) a patch opens nothing. On a shared
+    file system (Lustre, NFS) opens are what load the metadata server; reads are not."""
 
     coalesce_gap = 0
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._key: str | None = None
+        self._fd: int | None = None
+        self._closer: weakref.finalize | None = None
+
+    def _open(self, key: str) -> int:
+        if key != self._key or self._fd is None:
+            self.close()
+            fd = os.open(self.root / key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._key, self._fd = key, fd
+            self._closer = weakref.finalize(self, os.close, fd)
+        return self._fd
+
+    def close(self) -> None:
+        """Close the open file, if any (reads reopen it)."""
+        if self._closer is not None:
+            self._closer()
+        self._key, self._fd, self._closer = None, None, None
 
     def get_suffix(self, key: str, n: int) -> bytes:
-        fd = os.open(self.root / key, os.O_RDONLY)
-        try:
-            size = os.fstat(fd).st_size
-            return os.pread(fd, min(n, size), max(size - n, 0))
-        finally:
-            os.close(fd)
+        fd = self._open(key)
+        size = os.fstat(fd).st_size
+        return os.pread(fd, min(n, size), max(size - n, 0))
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        fd = os.open(self.root / key, os.O_RDONLY)
-        try:
-            return [os.pread(fd, length, start) for start, length in ranges]
-        finally:
-            os.close(fd)
+        fd = self._open(key)
+        return [os.pread(fd, length, start) for start, length in ranges]
 
     def describe(self, key: str) -> str:
         return str(self.root / key)
@@ -130,6 +148,10 @@ class ShardReader(GridReader):
             and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
             and not meta.get("storage_transformers")
         )
+
+    def close(self) -> None:
+        """Release the source's open file (POSIX); the cached shard indexes stay valid."""
+        self.source.close()
 
     def _key(self, sidx: tuple[int, ...]) -> str:
         return self.prefix + self.sep.join(str(i) for i in sidx)

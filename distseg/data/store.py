@@ -5,7 +5,8 @@ Layout written by `preprocess` (see `.notes/preprocess.md` for the measured choi
     <dst>/<name>.zarr/
         zarr.json                      root attrs: format_version, kind, channels, label_values, regions, ...
         cases/<case_id>/zarr.json      case attrs: geometry + undo info, normalisation stats, fold, checksums,
-                                       subject (patient; folds are per subject), slice_index (2D)
+                                       subject (patient; folds are per subject), slice_index (2D); and its
+                                       arrays' metadata (inline `consolidated_metadata`, since 2026-12-08)
         cases/<case_id>/image          (C, Z, Y, X) raw source intensities (int16 / uint8 / float32), chunked
         cases/<case_id>/label          (Z, Y, X) uint8, canonical label values (absent for unlabelled cases)
         cases/<case_id>/foreground     (N, 3) int16 (z, y, x) sampled voxel coords; rows per class in attrs
@@ -23,7 +24,9 @@ Beside it: `layout` (names, format version, `StoreError`), `chunks` (the direct 
 This module never imports `preprocess` or `ray`. A `Store` is cheap to open and safe to hand to DataLoader workers:
 zarr array handles are cached per process id (an inherited object reopens them after fork; a pickled one drops
 them), and the cache is bounded (`MAX_OPEN_ARRAYS`, least recently used first out), so a rank that samples
-100 000 cases does not hold 100 000 handles.
+100 000 cases does not hold 100 000 handles. A sharded array's handle keeps its one shard file open: the first
+patch of a case opens 3 files (the case's zarr.json, one per shard), later patches none (issue 14: opens are what a
+shared file system's metadata server pays for).
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ class Store:
         self.channels: list[str] = list(attrs["channels"])
         self.regions: dict[str, list[int]] = {k: list(v) for k, v in attrs["regions"].items()}
         self._case_attrs: dict[str, dict[str, Any]] = {}
+        self._case_arrays: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        """A case's consolidated array metadata ({name: zarr.json document}; None: its zarr.json has none), bounded."""
         self._indexed = False
         self._arrays: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._pid = os.getpid()
@@ -173,13 +178,46 @@ class Store:
         """The case group's attributes (cached)."""
         attrs = self._case_attrs.get(case_id)
         if attrs is None:
-            key = f"{CASES_GROUP}/{case_id}/zarr.json"
-            try:
-                attrs = self.location.read_json(key).get("attributes", {})
-            except FileNotFoundError:
-                raise StoreError(f"{self.path}: no case {case_id!r} (expected {self.location.url}/{key})") from None
+            attrs = self._read_case_group(case_id).get("attributes", {})
             self._case_attrs[case_id] = attrs
         return attrs
+
+    def _read_case_group(self, case_id: str) -> dict[str, Any]:
+        """The case group's zarr.json document; its consolidated array metadata is kept (bounded) for `_array`."""
+        key = f"{CASES_GROUP}/{case_id}/zarr.json"
+        try:
+            doc = self.location.read_json(key)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: no case {case_id!r} (expected {self.location.url}/{key})") from None
+        except ValueError as e:
+            raise StoreError(f"{self.location.url}/{key}: unreadable metadata of case {case_id!r} ({e}); re-run "
+                             "`python -m preprocess ... --force` for this case") from None
+        consolidated = doc.get("consolidated_metadata")
+        arrays = consolidated.get("metadata") if isinstance(consolidated, dict) and consolidated.get(
+            "kind") == "inline" else None
+        self._case_arrays[case_id] = arrays if isinstance(arrays, dict) else None
+        self._case_arrays.move_to_end(case_id)
+        if len(self._case_arrays) > self.MAX_OPEN_ARRAYS:
+            self._case_arrays.popitem(last=False)
+        return doc
+
+    def _array_meta(self, case_id: str, name: str) -> dict[str, Any]:
+        """An array's zarr.json document: from the case group's consolidated metadata (stores written since
+        2026-12-08: one read per case) or else the array's own zarr.json."""
+        folder = f"{CASES_GROUP}/{case_id}/{name}"
+        if case_id not in self._case_arrays:
+            self._read_case_group(case_id)
+        arrays = self._case_arrays.get(case_id)
+        if arrays is not None:
+            if name not in arrays:
+                raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (its zarr.json lists "
+                                 f"{', '.join(sorted(arrays)) or 'none'})")
+            return arrays[name]
+        try:
+            return self.location.read_json(f"{folder}/zarr.json")
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (expected "
+                             f"{self.location.url}/{folder})") from None
 
     def case_ids(
         self,
@@ -250,7 +288,10 @@ class Store:
 
     # ---- array access ----------------------------------------------------------------------------------------
     def _array(self, case_id: str, name: str) -> Any:
-        if os.getpid() != self._pid:  # forked into a loader worker: never reuse the parent's zarr handles
+        if os.getpid() != self._pid:  # forked into a loader worker: never reuse the parent's handles
+            for arr in self._arrays.values():  # the parent's open shard files: this process's copies of them
+                if isinstance(arr, ShardReader):
+                    arr.close()
             self._arrays.clear()
             self._pid = os.getpid()
         key = (case_id, name)
@@ -259,11 +300,7 @@ class Store:
             self._arrays.move_to_end(key)
         else:
             folder = f"{CASES_GROUP}/{case_id}/{name}"
-            try:
-                meta = self.location.read_json(f"{folder}/zarr.json")
-            except FileNotFoundError:
-                raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (expected "
-                                 f"{self.location.url}/{folder})") from None
+            meta = self._array_meta(case_id, name)
             what = f"{self.path}: case {case_id!r} array {name!r}"
             local = isinstance(self.location, LocalLocation)
             if ShardReader.supports(meta):
@@ -277,7 +314,9 @@ class Store:
                        zarr.open_array(self.location.store, path=folder, mode="r"))
             self._arrays[key] = arr
             if len(self._arrays) > self.MAX_OPEN_ARRAYS:
-                self._arrays.popitem(last=False)
+                _, dropped = self._arrays.popitem(last=False)
+                if isinstance(dropped, ShardReader):
+                    dropped.close()  # its open shard file
         return arr
 
     def foreground(self, case_id: str, cls: int, dtype: np.typing.DTypeLike = np.int64) -> np.ndarray:

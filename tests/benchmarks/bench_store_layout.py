@@ -5,8 +5,9 @@
 Converts the first N cases of ../shared/data/brats2018 twice (`--layout sharded`, the default, and `--layout
 chunked`, the layout before issue 14), then on one pinned core reads random 4x128^3 patches (image normalised +
 label, `Store.read_patch`, the training read) from random cases through one open `Store`, as a loader worker
-does. Reports files per case, files opened per patch (counted with a Python audit hook on `open`, which
-`os.open` and `open()` both raise), patches/s, and bytes on disk vs the cases' .nii.gz files.
+does. Reports files per case, the store's files opened per patch (counted with a Python audit hook on `open`,
+which `os.open` and `open()` both raise; the first patch of a case, then another patch of it), patches/s, and
+bytes on disk vs the cases' .nii.gz files.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def main() -> int:
     opened: list[str] = []
     counting = [False]
 
-    def hook(event: str, hook_args: tuple) -> None:
-        if counting[0] and event == "open":
+    def hook(event: str, hook_args: tuple) -> None:  # the store's files only (not modules imported on the way)
+        if counting[0] and event == "open" and str(hook_args[0]).startswith(str(work)):
             opened.append(str(hook_args[0]))
 
     sys.addaudithook(hook)

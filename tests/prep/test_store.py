@@ -279,21 +279,97 @@ def test_a_lost_chunk_file_is_an_error_naming_the_case_but_an_omitted_one_reads_
 
 
 def test_the_case_index_replaces_reading_every_case(store_path):
-    """A finished preprocessing run leaves index.json; readers then never open a case's zarr.json for metadata."""
+    """A finished preprocessing run leaves index.json; readers then take every case's attrs from it: listing,
+    filtering and `case()` open no case's zarr.json (a patch of a case reads it once, for its arrays' metadata)."""
     index = json.loads((store_path / "index.json").read_text())
     listed = sorted(p.name for p in (store_path / "cases").iterdir() if (p / "zarr.json").is_file())
     assert sorted(index["cases"]) == listed and index["format_version"] == FORMAT_VERSION
     fresh = Store.open(store_path)
     before = {c: fresh.case(c).attrs for c in fresh.case_ids()}
-    for cid in listed:  # make every case's own metadata unreadable: the index alone must serve
-        (store_path / "cases" / cid / "zarr.json").write_text("{not json")
+    for cid in listed:  # make every case's own attributes wrong: the index alone must serve them
+        meta = store_path / "cases" / cid / "zarr.json"
+        doc = json.loads(meta.read_text())
+        doc["attributes"] = {"fold": 99}
+        meta.write_text(json.dumps(doc))
     s = Store.open(store_path)
     assert s.case_ids() == listed and s.case_ids(folds=[0]) == fresh.case_ids(folds=[0])
     assert {c: s.case(c).attrs for c in listed} == before
     assert s.read_patch(listed[0], (0, 0, 0), (8, 8, 8))[0].shape == (4, 8, 8, 8)
+    assert s.case(listed[0]).attrs == before[listed[0]]
     # without the index (a preprocessing run has started) the reader goes back to each case's own file
     from distseg.data.index import remove_index
 
     remove_index(store_path)
-    with pytest.raises(ValueError):
+    assert Store.open(store_path).case_ids(folds=[99]) == listed
+    (store_path / "cases" / listed[0] / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match=rf"cases/{listed[0]}/zarr.json: unreadable metadata of case"):
         Store.open(store_path).case_ids()
+
+
+def _store_opens(store_path: Path, fn) -> list[str]:
+    """The files under `store_path` that `fn()` opens (Python's audit hook on `open`: `open()` and `os.open`)."""
+    opened: list[str] = []
+    active = [True]
+
+    def hook(event: str, args: tuple) -> None:
+        if active[0] and event == "open" and str(args[0]).startswith(str(store_path)):
+            opened.append(str(Path(args[0]).relative_to(store_path)))
+
+    import sys
+
+    sys.addaudithook(hook)  # hooks cannot be removed: switched off below
+    try:
+        fn()
+    finally:
+        active[0] = False
+    return opened
+
+
+def test_a_patch_opens_three_files_on_first_touch_of_a_case_and_none_after(store_path):
+    """Issue 14: at most 4 files per patch. The case's zarr.json carries its arrays' metadata (consolidated), and a
+    shard's index and data are read through one open that stays open: 3 opens for a case's first patch, 0 after."""
+    s = Store.open(store_path)
+    cid = s.case_ids()[0]
+    s.case(cid)
+    first = _store_opens(store_path, lambda: s.read_patch(cid, (1, 2, 3), (8, 8, 8)))
+    assert sorted(first) == sorted([f"cases/{cid}/zarr.json", f"cases/{cid}/image/c.0.0.0.0",
+                                    f"cases/{cid}/label/c.0.0.0"])
+    assert _store_opens(store_path, lambda: [s.read_patch(cid, (z, 0, 0), (8, 8, 8)) for z in range(0, 16, 4)]) == []
+    # the arrays' own zarr.json stay for zarr and older readers and say the same
+    doc = json.loads((store_path / "cases" / cid / "zarr.json").read_text())
+    assert doc["consolidated_metadata"]["kind"] == "inline"
+    for name, meta in doc["consolidated_metadata"]["metadata"].items():
+        assert meta == json.loads((store_path / "cases" / cid / name / "zarr.json").read_text())
+    group = zarr.open_group(str(store_path / "cases" / cid), mode="r")
+    np.testing.assert_array_equal(group["label"][...], s.read_label(cid))
+    # evicted handles close their files; the next read reopens
+    s.MAX_OPEN_ARRAYS = 2
+    evicted = [s._arrays[(cid, "image")], s._arrays[(cid, "label")]]
+    assert all(a.source._fd is not None for a in evicted)
+    other = s.case_ids()[1]
+    assert sorted(_store_opens(store_path, lambda: s.read_patch(other, (0, 0, 0), (4, 4, 4)))) == sorted(
+        [f"cases/{other}/zarr.json", f"cases/{other}/image/c.0.0.0.0", f"cases/{other}/label/c.0.0.0"])
+    assert list(s._arrays) == [(other, "image"), (other, "label")]
+    assert all(a.source._fd is None for a in evicted)
+    assert sorted(_store_opens(store_path, lambda: s.read_patch(cid, (0, 0, 0), (4, 4, 4)))) == sorted(
+        [f"cases/{cid}/image/c.0.0.0.0", f"cases/{cid}/label/c.0.0.0"])  # metadata still known
+
+
+def test_a_store_without_consolidated_metadata_reads_each_array_s_own(store_path):
+    """Stores written before the case's zarr.json carried its arrays' metadata read as before (one more open per
+    array on a case's first patch)."""
+    reference = Store.open(store_path)
+    cids = reference.case_ids()
+    expected = {c: reference.read_case(c) for c in cids}
+    for cid in cids:
+        meta = store_path / "cases" / cid / "zarr.json"
+        doc = json.loads(meta.read_text())
+        del doc["consolidated_metadata"]
+        meta.write_text(json.dumps(doc))
+    s = Store.open(store_path)
+    first = _store_opens(store_path, lambda: s.read_patch(cids[0], (0, 0, 0), (8, 8, 8)))
+    assert f"cases/{cids[0]}/image/zarr.json" in first and f"cases/{cids[0]}/label/zarr.json" in first
+    for cid in cids:
+        image, label = s.read_case(cid)
+        np.testing.assert_array_equal(image, expected[cid][0])
+        np.testing.assert_array_equal(label, expected[cid][1])

@@ -78,6 +78,13 @@ class Bucket:
 
         return self._call(collect(), key)
 
+    def list_prefix(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (recursively)."""
+        async def collect() -> list[str]:
+            return [key async for key in self.store.list_prefix(prefix)]
+
+        return self._call(collect(), prefix)
+
     def read_json(self, key: str) -> dict[str, Any] | None:
         raw = self.get(key)
         return None if raw is None else json.loads(raw)
@@ -122,6 +129,35 @@ def upload_case(url: str, case_id: str, folder: Path) -> None:
                 items.append((f"{prefix}/{rel}", path.read_bytes()))
     bucket.put_many(items)
     bucket.put(f"{prefix}/zarr.json", (folder / "zarr.json").read_bytes())
+
+
+def retire_cases(url: str, stale: list[str], stamp: str) -> str:
+    """Move complete cases out of the store to ``<name>.retired/<stamp>/<case>/`` beside it, as the POSIX writer
+    does (`preprocess.writer.retire_cases`); returns that prefix's URL.
+
+    Objects cannot be renamed, so each case is copied first (its ``zarr.json`` last), and only then taken out of
+    the store: its ``zarr.json`` first (readers stop listing it), then its other objects. A run killed half-way
+    leaves the case either still in the store (retired again by the next run) or hidden and half-deleted (removed
+    as a half-uploaded case by the next run's `clean_partial`), never without its complete copy."""
+    src = Bucket(url)
+    dest_url = f"{url.rstrip('/').removesuffix('.zarr')}.retired/{stamp}"
+    dest = Bucket(dest_url)
+    for cid in stale:
+        prefix = f"{CASES_GROUP}/{cid}/"
+        meta = src.get(f"{prefix}zarr.json")
+        if meta is None:  # not a complete case (any more): nothing to keep
+            continue
+        keys = [k for k in src.list_prefix(prefix) if k != f"{prefix}zarr.json"]
+        items = []
+        for key in keys:
+            data = src.get(key)
+            if data is not None:
+                items.append((f"{cid}/{key[len(prefix):]}", data))
+        dest.put_many(items)
+        dest.put(f"{cid}/zarr.json", meta)
+        src.delete(f"{prefix}zarr.json")
+        src.delete_prefix(prefix)
+    return dest_url
 
 
 def read_case_attrs(url: str, case_id: str) -> dict[str, Any] | None:

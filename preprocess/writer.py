@@ -304,28 +304,29 @@ def clean_temp(store_path: Path | str) -> int:
 def retire_cases(store_path: Path | str, current: set[str]) -> tuple[list[str], str | None]:
     """Take the store's complete cases that this run did not write or find unchanged (their source is gone from
     --src, or failed to convert this time) out of the store: their stored fold and split are no longer this run's
-    assignment, and training on a patient the user removed (or moved to another split) would leak. POSIX: each is
-    moved, whole, to ``<name>.retired/<time>/<case>`` beside the store (nothing is deleted). Object storage: they
-    are named in a warning and stay (objects cannot be moved atomically). Returns (case ids, where they went)."""
-    remote = is_remote(store_path)
-    if remote:
+    assignment, and training on a patient the user removed (or moved to another split) would leak. Each is moved,
+    whole, to ``<name>.retired/<time>/<case>`` beside the store (nothing is deleted; in a bucket: copied there, then
+    removed from the store, `preprocess.bucket.retire_cases`). Returns (case ids, where they went)."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    if is_remote(store_path):
         from preprocess import bucket
 
         stale = sorted(set(bucket.case_ids(str(store_path))) - current)
-        if stale:
-            logger.warning("%d cases in %s are not part of this run (no source under --src, or failed now): %s. "
-                           "They stay in the bucket and are still listed; delete their prefixes "
-                           "(%s/%s/<case>/) to take them out of training", len(stale), store_path,
-                           ", ".join(stale[:10]) + (", ..." if len(stale) > 10 else ""), store_path, CASES_GROUP)
-        return stale, None
+        if not stale:
+            return [], None
+        dest_url = bucket.retire_cases(str(store_path), stale, stamp)
+        logger.warning("%d cases of %s are not part of this run (no source under --src, or failed now) and were "
+                       "moved out of the store to %s: %s", len(stale), store_path, dest_url,
+                       ", ".join(stale[:10]) + (", ..." if len(stale) > 10 else ""))
+        return stale, dest_url
     cases = Path(store_path) / CASES_GROUP
     stale = sorted(d.name for d in cases.iterdir() if d.is_dir() and not d.name.startswith(".")
                    and (d / "zarr.json").is_file() and d.name not in current) if cases.is_dir() else []
     if not stale:
         return [], None
-    import time
-
-    dest = Path(store_path).with_suffix(".retired") / time.strftime("%Y%m%dT%H%M%S")
+    dest = Path(store_path).with_suffix(".retired") / stamp
     dest.mkdir(parents=True, exist_ok=True)
     for cid in stale:
         os.replace(cases / cid, dest / cid)

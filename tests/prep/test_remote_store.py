@@ -108,6 +108,40 @@ def test_preprocessing_straight_into_a_bucket(s3, brats_src, local_store, run_cl
     np.testing.assert_array_equal(again.read_case(victim)[0], here.read_case(victim)[0])
 
 
+def test_a_case_gone_from_the_source_leaves_the_bucket_store_but_is_kept_aside(s3, brats_src, tmp_path, run_cli,
+                                                                               caplog):
+    """As on POSIX (tests/prep/test_rerun.py): a patient removed from --src is moved, whole, out of the store in the
+    bucket to `<name>.retired/<time>/<case>/` (copied byte for byte, its zarr.json last, then removed from the
+    store); the index and every reader no longer list it."""
+    import shutil
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    dst = f"s3://{BUCKET}/stores"
+    args = ("brats", "--src", str(brats_src), "--dst", dst, "--name", "r")
+    assert run_cli(*args) == 0
+    ids = Store.open(f"{dst}/r.zarr").case_ids()
+    gone = ids[0]
+    pages = client.get_paginator("list_objects_v2")
+
+    def objects(prefix: str) -> dict[str, bytes]:
+        keys = [o["Key"] for page in pages.paginate(Bucket=BUCKET, Prefix=prefix) for o in page.get("Contents", [])]
+        return {k[len(prefix):]: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+
+    before = objects(f"stores/r.zarr/cases/{gone}/")
+    assert "zarr.json" in before and len(before) > 3
+    shutil.move(brats_src / gone, tmp_path / gone)
+    assert run_cli(*args) == 0
+    assert Store.open(f"{dst}/r.zarr").case_ids() == ids[1:]
+    assert objects(f"stores/r.zarr/cases/{gone}/") == {}
+    assert "moved out of the store" in caplog.text and gone in caplog.text
+    retired = objects("stores/r.retired/")
+    stamps = {k.split("/")[0] for k in retired}
+    assert len(stamps) == 1
+    assert {k.split("/", 2)[2]: v for k, v in retired.items() if k.split("/")[1] == gone} == before
+
+
 def pa_buffer(body: bytes):
     import pyarrow as pa
 

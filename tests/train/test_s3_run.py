@@ -143,3 +143,68 @@ def test_a_preemption_stop_waits_for_the_upload_in_flight(runner, s3, tmp_path, 
             assert f"out/runs/stop/checkpoints/{tag}/{name}" in keys, f"{tag}/{name} missing in the bucket"
             head = client.head_object(Bucket=BUCKET, Key=f"out/runs/stop/checkpoints/{tag}/{name}")
             assert head["ContentLength"] == size
+
+
+def _two_nodes(runner, tmp_path: Path, name: str, overrides: list[str]) -> list[str]:
+    """`deepspeed --hostfile H --no_ssh --node_rank R` twice on this machine: a 2-node job, one rank per node, each
+    node with its own (node-local) staging folder. Returns both nodes' logs."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = runner.free_port()
+    procs, logs = [], [tmp_path / f"{name}_node{k}.log" for k in (0, 1)]
+    for node in (0, 1):
+        cmd = [runner.launcher_cmd(DEBUG, [])[0], "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py", "--config", DEBUG,
+               *overrides, f"run.staging_dir={tmp_path / name / f'node{node}'}"]
+        procs.append(runner.start(cmd, logs[node], OMP_NUM_THREADS="1"))
+    for node, proc in enumerate(procs):
+        try:
+            rc = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise
+        assert rc == 0, logs[node].read_text()[-5000:]
+    return [log.read_text() for log in logs]
+
+
+def test_two_nodes_with_node_local_staging_checkpoint_into_the_bucket_and_resume_from_it(runner, s3, brats_store,
+                                                                                         tmp_path):
+    """Issue 14 on two simulated nodes: each node uploads only its own rank's checkpoint files, once, and lists them
+    (`uploaded/node<k:05d>.json`); rank 0 puts COMPLETE.json with both nodes' files; a rerun on two fresh nodes (empty
+    staging folders) resumes from the bucket, each node downloading the complete tag."""
+    import json
+
+    from distseg.train.mirror import file_rank
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    run = [f"data.store={brats_store}", "deepspeed.zero_stage=2", "deepspeed.precision=fp32", "train.val_every=0",
+           "checkpoint.every=2", "checkpoint.keep_last=2", f"run.output_root=s3://{BUCKET}/out", "run.name=nodes"]
+    log0, _ = _two_nodes(runner, tmp_path, "first", [*run, "train.steps=6"])
+    assert "nnodes=2, num_local_procs=1, node_rank=0" in log0
+    ckpts = "out/runs/nodes/checkpoints"
+    assert {k.split("/")[4] for k in _keys(client, f"{ckpts}/step_")} == {"step_00000004", "step_00000006"}
+    tag = f"{ckpts}/step_00000006"
+    marker = json.loads(client.get_object(Bucket=BUCKET, Key=f"{tag}/COMPLETE.json")["Body"].read())
+    names = {k: set(json.loads(client.get_object(Bucket=BUCKET, Key=f"{tag}/uploaded/node{k:05d}.json")["Body"]
+                               .read())) for k in (0, 1)}  # {file name: size} per node
+    assert names[0] and names[1] and not names[0] & names[1]
+    assert names[0] | names[1] == set(marker["files"])
+    for k in (0, 1):  # each node uploaded the files of its own rank only
+        assert {file_rank(n) for n in names[k]} == {k}, names[k]
+    assert {"rng_rank00000.pt", "rng_rank00001.pt"} <= set(marker["files"])
+    for name in marker["files"]:  # each object went up once
+        puts = [p for m, p, _ in s3.requests if m == "PUT" and p.split("?")[0].endswith(f"/step_00000006/{name}")]
+        assert len(puts) == 1, (name, puts)
+
+    log0, log1 = _two_nodes(runner, tmp_path, "second", [*run, "train.steps=8"])
+    for log in (log0, log1):
+        assert "resumed from checkpoint step_00000006" in log, log[-3000:]
+    assert {k.split("/")[4] for k in _keys(client, f"{ckpts}/step_")} == {"step_00000006", "step_00000008"}
+    marker = json.loads(client.get_object(Bucket=BUCKET, Key=f"{ckpts}/step_00000008/COMPLETE.json")["Body"].read())
+    assert marker["world_size"] == 2 and {"rng_rank00000.pt", "rng_rank00001.pt"} <= set(marker["files"])
+    # each fresh staging folder received the whole tag from the bucket (the files of both ranks and the marker)
+    step6 = json.loads(client.get_object(Bucket=BUCKET, Key=f"{tag}/COMPLETE.json")["Body"].read())
+    for node in (0, 1):
+        fetched = {p.name for p in (tmp_path / "second" / f"node{node}").rglob("step_00000006/*") if p.is_file()}
+        assert fetched == {*step6["files"], "COMPLETE.json"}, (node, fetched)

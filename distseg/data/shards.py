@@ -81,7 +81,7 @@ class LocalFiles:
     def _open(self, key: str) -> int:
         if key != self._key or self._fd is None:
             self.close()
-            fd = os.open(self.root / key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.root / key, os.O_RDONLY)  # not inherited by exec'd children (PEP 446)
             self._key, self._fd = key, fd
             self._closer = weakref.finalize(self, os.close, fd)
         return self._fd

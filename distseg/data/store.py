@@ -126,7 +126,7 @@ class Store:
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are per process; a pickled Store (spawned loader worker) reopens them lazily.
-        return {**self.__dict__, "_arrays": OrderedDict()}
+        return {**self.__dict__, "_arrays": OrderedDict(), "_case_arrays": OrderedDict()}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:

@@ -131,33 +131,44 @@ def upload_case(url: str, case_id: str, folder: Path) -> None:
     bucket.put(f"{prefix}/zarr.json", (folder / "zarr.json").read_bytes())
 
 
-def retire_cases(url: str, stale: list[str], stamp: str) -> str:
+def retire_cases(url: str, stale: list[str], stamp: str) -> tuple[list[str], str]:
     """Move complete cases out of the store to ``<name>.retired/<stamp>/<case>/`` beside it, as the POSIX writer
-    does (`preprocess.writer.retire_cases`); returns that prefix's URL.
+    does (`preprocess.writer.retire_cases`); returns (the cases moved, that prefix's URL).
 
     Objects cannot be renamed, so each case is copied first (its ``zarr.json`` last), and only then taken out of
     the store: its ``zarr.json`` first (readers stop listing it), then its other objects. A run killed half-way
     leaves the case either still in the store (retired again by the next run) or hidden and half-deleted (removed
-    as a half-uploaded case by the next run's `clean_partial`), never without its complete copy."""
+    as a half-uploaded case by the next run's `clean_partial`), never without its complete copy. A case the bucket
+    refuses to move is logged and stays; the others are still moved."""
     src = Bucket(url)
     dest_url = f"{url.rstrip('/').removesuffix('.zarr')}.retired/{stamp}"
     dest = Bucket(dest_url)
+    moved = []
     for cid in stale:
         prefix = f"{CASES_GROUP}/{cid}/"
-        meta = src.get(f"{prefix}zarr.json")
-        if meta is None:  # not a complete case (any more): nothing to keep
+        try:
+            meta = src.get(f"{prefix}zarr.json")
+            if meta is None:  # not a complete case (any more): nothing to keep
+                continue
+            items = []
+            for key in src.list_prefix(prefix):
+                data = None if key == f"{prefix}zarr.json" else src.get(key)
+                if data is not None:
+                    items.append((f"{cid}/{key[len(prefix):]}", data))
+            dest.put_many(items)
+            dest.put(f"{cid}/zarr.json", meta)
+        except (StoreError, OSError) as e:
+            logger.error("%s: could not copy case %r to %s (%s); it stays in the store", url, cid, dest_url, e)
             continue
-        keys = [k for k in src.list_prefix(prefix) if k != f"{prefix}zarr.json"]
-        items = []
-        for key in keys:
-            data = src.get(key)
-            if data is not None:
-                items.append((f"{cid}/{key[len(prefix):]}", data))
-        dest.put_many(items)
-        dest.put(f"{cid}/zarr.json", meta)
-        src.delete(f"{prefix}zarr.json")
-        src.delete_prefix(prefix)
-    return dest_url
+        try:
+            src.delete(f"{prefix}zarr.json")
+            src.delete_prefix(prefix)
+        except (StoreError, OSError) as e:
+            logger.error("%s: case %r was copied to %s but could not be removed from the store (%s); the next run "
+                         "retires it again", url, cid, dest_url, e)
+            continue
+        moved.append(cid)
+    return moved, dest_url
 
 
 def read_case_attrs(url: str, case_id: str) -> dict[str, Any] | None:

@@ -316,11 +316,12 @@ def retire_cases(store_path: Path | str, current: set[str]) -> tuple[list[str], 
         stale = sorted(set(bucket.case_ids(str(store_path))) - current)
         if not stale:
             return [], None
-        dest_url = bucket.retire_cases(str(store_path), stale, stamp)
-        logger.warning("%d cases of %s are not part of this run (no source under --src, or failed now) and were "
-                       "moved out of the store to %s: %s", len(stale), store_path, dest_url,
-                       ", ".join(stale[:10]) + (", ..." if len(stale) > 10 else ""))
-        return stale, dest_url
+        moved, dest_url = bucket.retire_cases(str(store_path), stale, stamp)
+        if moved:
+            logger.warning("%d cases of %s are not part of this run (no source under --src, or failed now) and were "
+                           "moved out of the store to %s: %s", len(moved), store_path, dest_url,
+                           ", ".join(moved[:10]) + (", ..." if len(moved) > 10 else ""))
+        return moved, dest_url if moved else None
     cases = Path(store_path) / CASES_GROUP
     stale = sorted(d.name for d in cases.iterdir() if d.is_dir() and not d.name.startswith(".")
                    and (d / "zarr.json").is_file() and d.name not in current) if cases.is_dir() else []

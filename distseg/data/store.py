@@ -208,16 +208,16 @@ class Store:
         if case_id not in self._case_arrays:
             self._read_case_group(case_id)
         arrays = self._case_arrays.get(case_id)
-        if arrays is not None:
-            if name not in arrays:
-                raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (its zarr.json lists "
-                                 f"{', '.join(sorted(arrays)) or 'none'})")
+        if arrays is not None and name in arrays:
             return arrays[name]
-        try:
+        try:  # no consolidated metadata (older stores), or it does not list this array
             return self.location.read_json(f"{folder}/zarr.json")
         except FileNotFoundError:
             raise StoreError(f"{self.path}: case {case_id!r} has no array {name!r} (expected "
                              f"{self.location.url}/{folder})") from None
+        except ValueError as e:
+            raise StoreError(f"{self.location.url}/{folder}/zarr.json: unreadable metadata of case {case_id!r} "
+                             f"array {name!r} ({e})") from None
 
     def case_ids(
         self,
@@ -314,9 +314,12 @@ class Store:
                        zarr.open_array(self.location.store, path=folder, mode="r"))
             self._arrays[key] = arr
             if len(self._arrays) > self.MAX_OPEN_ARRAYS:
-                _, dropped = self._arrays.popitem(last=False)
+                (old_case, _), dropped = self._arrays.popitem(last=False)
                 if isinstance(dropped, ShardReader):
                     dropped.close()  # its open shard file
+                if not any(c == old_case for c, _ in self._arrays):
+                    # its metadata goes with its last handle: a case republished meanwhile is read afresh, whole
+                    self._case_arrays.pop(old_case, None)
         return arr
 
     def foreground(self, case_id: str, cls: int, dtype: np.typing.DTypeLike = np.int64) -> np.ndarray:

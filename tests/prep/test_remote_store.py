@@ -109,7 +109,7 @@ def test_preprocessing_straight_into_a_bucket(s3, brats_src, local_store, run_cl
 
 
 def test_a_case_gone_from_the_source_leaves_the_bucket_store_but_is_kept_aside(s3, brats_src, tmp_path, run_cli,
-                                                                               caplog):
+                                                                               caplog, monkeypatch):
     """As on POSIX (tests/prep/test_rerun.py): a patient removed from --src is moved, whole, out of the store in the
     bucket to `<name>.retired/<time>/<case>/` (copied byte for byte, its zarr.json last, then removed from the
     store); the index and every reader no longer list it."""
@@ -132,13 +132,49 @@ def test_a_case_gone_from_the_source_leaves_the_bucket_store_but_is_kept_aside(s
     before = objects(f"stores/r.zarr/cases/{gone}/")
     assert "zarr.json" in before and len(before) > 3
     shutil.move(brats_src / gone, tmp_path / gone)
+
+    # the bucket refuses to delete: the complete copy was made first, the case stays in the store, the run goes on
+    from preprocess import bucket
+
+    real_delete = bucket.Bucket.delete
+    order: list[str] = []
+    real_put, real_put_many = bucket.Bucket.put, bucket.Bucket.put_many
+
+    def put(self, key, data):
+        order.append(key)
+        return real_put(self, key, data)
+
+    def put_many(self, items):
+        order.extend(k for k, _ in items)
+        return real_put_many(self, items)
+
+    def refuse(self, key):
+        if "/cases/" in f"/{key}" and key.endswith("zarr.json"):
+            raise bucket.StoreError(f"{self.url}/{key}: access denied")
+        return real_delete(self, key)
+
+    monkeypatch.setattr(bucket.Bucket, "delete", refuse)
+    monkeypatch.setattr(bucket.Bucket, "put", put)
+    monkeypatch.setattr(bucket.Bucket, "put_many", put_many)
+    assert run_cli(*args) == 0
+    assert "could not be removed from the store" in caplog.text and "moved out of the store" not in caplog.text
+    assert Store.open(f"{dst}/r.zarr").case_ids() == ids  # still listed: nothing half-done is visible
+    assert objects(f"stores/r.zarr/cases/{gone}/") == before
+    first = objects("stores/r.retired/")
+    assert {k.split("/", 2)[2]: v for k, v in first.items() if k.split("/")[1] == gone} == before
+    copied = [k for k in order if k.startswith(f"{gone}/")]  # the retired copy's keys, in upload order
+    assert copied[-1] == f"{gone}/zarr.json" and len(copied) == len(before)  # its zarr.json last
+    monkeypatch.setattr(bucket.Bucket, "delete", real_delete)
+    caplog.clear()
+    import time
+
+    time.sleep(1.1)  # the next retirement gets its own time stamp
     assert run_cli(*args) == 0
     assert Store.open(f"{dst}/r.zarr").case_ids() == ids[1:]
     assert objects(f"stores/r.zarr/cases/{gone}/") == {}
     assert "moved out of the store" in caplog.text and gone in caplog.text
-    retired = objects("stores/r.retired/")
-    stamps = {k.split("/")[0] for k in retired}
-    assert len(stamps) == 1
+    retired = {k: v for k, v in objects("stores/r.retired/").items() if k not in first}
+    assert len({k.split("/")[0] for k in retired}) == 1
     assert {k.split("/", 2)[2]: v for k, v in retired.items() if k.split("/")[1] == gone} == before
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def test_rerun_skips_unchanged_and_redoes_changed(brats_src, tmp_path, run_cli, 
             assert _mtimes(store_path / "cases" / cid) == before[cid]  # data untouched
     _, label = Store.open(store_path).read_case(changed)
     assert not (label == 2).any()  # the new content is what readers see
+    # the touched case's attrs were rewritten in place (new mtime): its arrays' consolidated metadata stays
+    doc = json.loads((store_path / "cases" / touched / "zarr.json").read_text())
+    assert set(doc["consolidated_metadata"]["metadata"]) == {"image", "label", "foreground"}
     index = store_path / "index.json"
     index_before = (index.read_bytes(), index.stat().st_mtime_ns)
     # The third run does not even re-hash the touched case: its new mtime was recorded.

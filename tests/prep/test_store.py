@@ -164,7 +164,11 @@ _INHERITED: Store | None = None
 
 def _read_sum_inherited(cid: str) -> float:
     assert _INHERITED is not None
-    return float(_INHERITED.read_patch(cid, (0, 0, 0), (4, 4, 4))[0].sum())
+    inherited = list(_INHERITED._arrays.values())  # the parent's handles, their shard files open (copies)
+    assert inherited and all(a.source._fd is not None for a in inherited)
+    total = float(_INHERITED.read_patch(cid, (0, 0, 0), (4, 4, 4))[0].sum())
+    assert all(a.source._fd is None for a in inherited), "a forked worker must close its copies of the parent's files"
+    return total
 
 
 @pytest.fixture
@@ -345,14 +349,16 @@ def test_a_patch_opens_three_files_on_first_touch_of_a_case_and_none_after(store
     # evicted handles close their files; the next read reopens
     s.MAX_OPEN_ARRAYS = 2
     evicted = [s._arrays[(cid, "image")], s._arrays[(cid, "label")]]
-    assert all(a.source._fd is not None for a in evicted)
+    closers = [a.source._closer for a in evicted]
+    assert all(a.source._fd is not None for a in evicted) and all(c.alive for c in closers)
     other = s.case_ids()[1]
     assert sorted(_store_opens(store_path, lambda: s.read_patch(other, (0, 0, 0), (4, 4, 4)))) == sorted(
         [f"cases/{other}/zarr.json", f"cases/{other}/image/c.0.0.0.0", f"cases/{other}/label/c.0.0.0"])
     assert list(s._arrays) == [(other, "image"), (other, "label")]
-    assert all(a.source._fd is None for a in evicted)
+    assert all(a.source._fd is None for a in evicted) and not any(c.alive for c in closers)  # os.close ran
+    assert cid not in s._case_arrays  # its metadata left with its last handle
     assert sorted(_store_opens(store_path, lambda: s.read_patch(cid, (0, 0, 0), (4, 4, 4)))) == sorted(
-        [f"cases/{cid}/image/c.0.0.0.0", f"cases/{cid}/label/c.0.0.0"])  # metadata still known
+        [f"cases/{cid}/zarr.json", f"cases/{cid}/image/c.0.0.0.0", f"cases/{cid}/label/c.0.0.0"])
 
 
 def test_a_store_without_consolidated_metadata_reads_each_array_s_own(store_path):
@@ -369,6 +375,15 @@ def test_a_store_without_consolidated_metadata_reads_each_array_s_own(store_path
     s = Store.open(store_path)
     first = _store_opens(store_path, lambda: s.read_patch(cids[0], (0, 0, 0), (8, 8, 8)))
     assert f"cases/{cids[0]}/image/zarr.json" in first and f"cases/{cids[0]}/label/zarr.json" in first
+    # consolidated metadata that does not list an array: that array's own zarr.json is read
+    meta = store_path / "cases" / cids[1] / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {}}
+    meta.write_text(json.dumps(doc))
+    (store_path / "cases" / cids[2] / "label" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match=rf"cases/{cids[2]}/label/zarr.json: unreadable metadata"):
+        Store.open(store_path).read_label(cids[2])
+    cids = cids[:2]
     for cid in cids:
         image, label = s.read_case(cid)
         np.testing.assert_array_equal(image, expected[cid][0])

@@ -171,12 +171,28 @@ def retire_cases(url: str, stale: list[str], stamp: str) -> tuple[list[str], str
     return moved, dest_url
 
 
-def read_case_attrs(url: str, case_id: str) -> dict[str, Any] | None:
+def read_case_doc(url: str, case_id: str) -> dict[str, Any] | None:
     try:
-        doc = Bucket(url).read_json(f"{CASES_GROUP}/{case_id}/zarr.json")
+        return Bucket(url).read_json(f"{CASES_GROUP}/{case_id}/zarr.json")
     except ValueError:
         return None
-    return None if doc is None else doc.get("attributes", {})
+
+
+def add_consolidated(url: str, case_id: str) -> None:
+    """`preprocess.writer.add_consolidated` in a bucket: one PUT of the case's ``zarr.json`` (atomic)."""
+    from preprocess.writer import consolidated_doc
+
+    bucket = Bucket(url)
+    prefix = f"{CASES_GROUP}/{case_id}"
+    doc = bucket.read_json(f"{prefix}/zarr.json")
+    if doc is None:
+        raise StoreError(f"{url}: case {case_id!r} vanished while its metadata was consolidated")
+    arrays = {}
+    for name in sorted(bucket.list_dir(prefix)):
+        meta = None if name == "zarr.json" else bucket.read_json(f"{prefix}/{name}/zarr.json")
+        if meta is not None:
+            arrays[name] = meta
+    bucket.put(f"{prefix}/zarr.json", json.dumps(consolidated_doc(doc, arrays), indent=2).encode())
 
 
 def update_case_attrs(url: str, case_id: str, updates: dict[str, Any]) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distseg.data.layout import TEST_FOLD
+from distseg.data.layout import TEST_FOLD, StoreError
 from preprocess.nifti import file_fingerprint, sha256_file
-from preprocess.writer import read_case_attrs, update_case_attrs, validate_case_id
+from preprocess.writer import add_consolidated, read_case_doc, update_case_attrs, validate_case_id
+
+logger = logging.getLogger(__name__)
 
 FOREGROUND_CAP = 10_000
 """At most this many sampled voxel coordinates per class per case (enough for oversampling, small on disk)."""
@@ -94,9 +97,11 @@ def check_existing(store_path: Path, case_id: str, files: dict[str, Path],
     """Attrs of an already-converted case whose sources are unchanged (size+mtime, else sha256), else None.
 
     A matching case keeps its data; only its `placed` attrs (fold, subject, slice index: see `placement`) and
-    refreshed fingerprints are rewritten in place.
+    refreshed fingerprints are rewritten in place (and a case written before 2026-12-08 gets its arrays' metadata
+    consolidated into its group zarr.json).
     """
-    attrs = read_case_attrs(store_path, case_id)
+    doc = read_case_doc(store_path, case_id)
+    attrs = None if doc is None else doc.get("attributes", {})
     if attrs is None or "sources" not in attrs:
         return None
     old = attrs["sources"]
@@ -114,6 +119,12 @@ def check_existing(store_path: Path, case_id: str, files: dict[str, Path],
             return None
         updates["sources"] = {m: {**now[m], "sha256": old[m]["sha256"]} for m in files}  # touched, not changed
     updates.update({k: v for k, v in placed.items() if k not in attrs or attrs[k] != v})
+    if "consolidated_metadata" not in doc:  # written before 2026-12-08: upgrade in place (first patch: 3 opens)
+        try:
+            add_consolidated(store_path, case_id)
+        except (OSError, ValueError, StoreError) as e:  # an array's metadata is damaged: convert the case again
+            logger.warning("case %s: its stored metadata cannot be consolidated (%s); converting it again", case_id, e)
+            return None
     if updates:
         update_case_attrs(store_path, case_id, updates)
         attrs = {**attrs, **updates}

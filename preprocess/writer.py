@@ -104,19 +104,43 @@ def root_attrs_base(
     }
 
 
-def read_case_attrs(store_path: Path | str, case_id: str) -> dict[str, Any] | None:
-    """Attributes of a complete case, or None when the case is not (yet) in the store."""
+def read_case_doc(store_path: Path | str, case_id: str) -> dict[str, Any] | None:
+    """A complete case's group zarr.json (attributes, consolidated array metadata), or None when the case is not
+    (yet) in the store or its metadata is unreadable (then it is redone)."""
     if is_remote(store_path):
         from preprocess import bucket
 
-        return bucket.read_case_attrs(str(store_path), case_id)
+        return bucket.read_case_doc(str(store_path), case_id)
     meta = store_path / CASES_GROUP / case_id / "zarr.json"
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
+        return json.loads(meta.read_text())
     except FileNotFoundError:
         return None
     except ValueError:  # unreadable metadata: treat as absent so the case is redone
         return None
+
+
+def add_consolidated(store_path: Path | str, case_id: str) -> None:
+    """Give a complete case written before 2026-12-08 its arrays' metadata in its group zarr.json (what
+    `consolidate_case` writes for new cases), in place and atomically (POSIX: temp file + rename; bucket: one PUT,
+    `preprocess.bucket.add_consolidated`): a rerun thus upgrades an older store to 3 opens per first patch."""
+    if is_remote(store_path):
+        from preprocess import bucket
+
+        bucket.add_consolidated(str(store_path), case_id)
+        return
+    folder = store_path / CASES_GROUP / case_id
+    tmp = folder / f".zarr.json.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(consolidated_doc(json.loads((folder / "zarr.json").read_text()), {
+        child.name: json.loads((child / "zarr.json").read_text())
+        for child in sorted(folder.iterdir()) if (child / "zarr.json").is_file()}), indent=2))
+    os.replace(tmp, folder / "zarr.json")
+
+
+def consolidated_doc(group: dict[str, Any], arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The case group document `group` with `arrays` ({name: array zarr.json}) as its inline consolidated metadata
+    (zarr-python's format, ``must_understand: false``)."""
+    return {**group, "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": arrays}}
 
 
 def update_case_attrs(store_path: Path | str, case_id: str, updates: dict[str, Any]) -> None:
@@ -208,13 +232,9 @@ def consolidate_case(folder: Path) -> None:
     case then opens 3 files (this one and one per shard) instead of 5. The arrays' own ``zarr.json`` stay, for
     readers that ignore the field; both are written here, together, before the case is published."""
     meta = folder / "zarr.json"
-    doc = json.loads(meta.read_text())
-    arrays = {}
-    for child in sorted(folder.iterdir()):
-        if (child / "zarr.json").is_file():
-            arrays[child.name] = json.loads((child / "zarr.json").read_text())
-    doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": arrays}
-    meta.write_text(json.dumps(doc, indent=2))
+    arrays = {child.name: json.loads((child / "zarr.json").read_text())
+              for child in sorted(folder.iterdir()) if (child / "zarr.json").is_file()}
+    meta.write_text(json.dumps(consolidated_doc(json.loads(meta.read_text()), arrays), indent=2))
 
 
 def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...], layout: Layout, shuffle: str,

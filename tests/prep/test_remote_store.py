@@ -93,6 +93,13 @@ def test_preprocessing_straight_into_a_bucket(s3, brats_src, local_store, run_cl
     rows = pq.read_table(pa_buffer(body)).to_pylist()
     assert sorted(r["case_id"] for r in rows) == here.case_ids() and {r["status"] for r in rows} == {"ok"}
 
+    # a case written before its zarr.json carried its arrays' metadata: the rerun adds it (one PUT, data untouched)
+    import json
+
+    old_key = f"stores/s.zarr/cases/{here.case_ids()[1]}/zarr.json"
+    doc = json.loads(client.get_object(Bucket=BUCKET, Key=old_key)["Body"].read())
+    arrays = doc.pop("consolidated_metadata")
+    client.put_object(Bucket=BUCKET, Key=old_key, Body=json.dumps(doc).encode())
     # a killed upload: the case's arrays are there, its zarr.json is not
     victim = here.case_ids()[0]
     client.delete_object(Bucket=BUCKET, Key=f"stores/s.zarr/cases/{victim}/zarr.json")
@@ -103,6 +110,7 @@ def test_preprocessing_straight_into_a_bucket(s3, brats_src, local_store, run_cl
     rows = {r["case_id"]: r["status"] for r in pq.read_table(pa_buffer(client.get_object(
         Bucket=BUCKET, Key="stores/s.manifest.parquet")["Body"].read())).to_pylist()}
     assert rows[victim] == "ok" and all(s == "skipped" for c, s in rows.items() if c != victim)
+    assert json.loads(client.get_object(Bucket=BUCKET, Key=old_key)["Body"].read())["consolidated_metadata"] == arrays
     again = Store.open(f"{dst}/s.zarr")
     assert again.case_ids() == here.case_ids()
     np.testing.assert_array_equal(again.read_case(victim)[0], here.read_case(victim)[0])

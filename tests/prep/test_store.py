@@ -361,9 +361,9 @@ def test_a_patch_opens_three_files_on_first_touch_of_a_case_and_none_after(store
         [f"cases/{cid}/zarr.json", f"cases/{cid}/image/c.0.0.0.0", f"cases/{cid}/label/c.0.0.0"])
 
 
-def test_a_store_without_consolidated_metadata_reads_each_array_s_own(store_path):
+def test_a_store_without_consolidated_metadata_reads_each_array_s_own(store_path, brats_src, run_cli):
     """Stores written before the case's zarr.json carried its arrays' metadata read as before (one more open per
-    array on a case's first patch)."""
+    array on a case's first patch); a rerun of the converter upgrades them in place without rewriting any data."""
     reference = Store.open(store_path)
     cids = reference.case_ids()
     expected = {c: reference.read_case(c) for c in cids}
@@ -376,15 +376,31 @@ def test_a_store_without_consolidated_metadata_reads_each_array_s_own(store_path
     first = _store_opens(store_path, lambda: s.read_patch(cids[0], (0, 0, 0), (8, 8, 8)))
     assert f"cases/{cids[0]}/image/zarr.json" in first and f"cases/{cids[0]}/label/zarr.json" in first
     # consolidated metadata that does not list an array: that array's own zarr.json is read
-    meta = store_path / "cases" / cids[1] / "zarr.json"
+    partial = cids[1]
+    meta = store_path / "cases" / partial / "zarr.json"
     doc = json.loads(meta.read_text())
     doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {}}
     meta.write_text(json.dumps(doc))
-    (store_path / "cases" / cids[2] / "label" / "zarr.json").write_text("{not json")
-    with pytest.raises(StoreError, match=rf"cases/{cids[2]}/label/zarr.json: unreadable metadata"):
-        Store.open(store_path).read_label(cids[2])
+    damaged = cids[2]
+    (store_path / "cases" / damaged / "label" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match=rf"cases/{damaged}/label/zarr.json: unreadable metadata"):
+        Store.open(store_path).read_label(damaged)
     cids = cids[:2]
     for cid in cids:
         image, label = s.read_case(cid)
         np.testing.assert_array_equal(image, expected[cid][0])
         np.testing.assert_array_equal(label, expected[cid][1])
+
+    def shards() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in (store_path / "cases").rglob("c.*") if damaged not in str(p)}
+
+    before = shards()
+    assert run_cli("brats", "--src", str(brats_src), "--dst", str(store_path.parent), "--name", "s",
+                   "--folds", "3") == 0
+    assert shards() == before  # the data of the intact cases untouched; the damaged case was converted again
+    s = Store.open(store_path)
+    assert damaged in s.case_ids()
+    for cid in [c for c in s.case_ids() if c != partial]:  # (a consolidated map is left as it is)
+        assert sorted(_store_opens(store_path, lambda cid=cid: s.read_patch(cid, (0, 0, 0), (4, 4, 4)))) == sorted(
+            [f"cases/{cid}/zarr.json", f"cases/{cid}/image/c.0.0.0.0", f"cases/{cid}/label/c.0.0.0"])
+        np.testing.assert_array_equal(s.read_case(cid)[0], reference.read_case(cid)[0])

@@ -197,9 +197,8 @@ def test_two_nodes_with_node_local_staging_checkpoint_into_the_bucket_and_resume
         puts = [p for m, p, _ in s3.requests if m == "PUT" and p.split("?")[0].endswith(f"/step_00000006/{name}")]
         assert len(puts) == 1, (name, puts)
 
-    log0, log1 = _two_nodes(runner, tmp_path, "second", [*run, "train.steps=8"])
-    for log in (log0, log1):
-        assert "resumed from checkpoint step_00000006" in log, log[-3000:]
+    log0, _ = _two_nodes(runner, tmp_path, "second", [*run, "train.steps=8"])
+    assert "resumed from checkpoint step_00000006" in log0, log0[-3000:]  # (rank 0 logs for the job)
     assert {k.split("/")[4] for k in _keys(client, f"{ckpts}/step_")} == {"step_00000006", "step_00000008"}
     marker = json.loads(client.get_object(Bucket=BUCKET, Key=f"{ckpts}/step_00000008/COMPLETE.json")["Body"].read())
     assert marker["world_size"] == 2 and {"rng_rank00000.pt", "rng_rank00001.pt"} <= set(marker["files"])

@@ -128,8 +128,23 @@ class RunMirror:
         """Every rank, right after `checkpoint.save(...)` of `tag` returned: start this node's upload."""
         if not self.uploads_files:
             return
-        self.wait()  # the previous tag's upload must finish before local pruning can touch its files again
+        self.wait_previous(tag)  # the previous tag's upload must finish before local pruning can touch its files
         self._pending = self._pool.submit(self._upload_tag, tag)
+
+    def wait_previous(self, tag: str) -> float:
+        """Wait for the previous tag's upload before `tag`'s starts; returns the seconds training stood still for
+        it, and says so when it did: uploads that outlast a checkpoint interval stall training at every save."""
+        pending = self._pending
+        if pending is None or pending.done():
+            self.wait()
+            return 0.0
+        t0 = time.monotonic()
+        self.wait()
+        waited = time.monotonic() - t0
+        logger.warning("checkpoint %s: training waited %.1f s for the previous checkpoint's upload to %s; an upload "
+                       "takes longer than checkpoint.every steps here: save less often (or raise the bucket's "
+                       "bandwidth)", tag, waited, self.url)
+        return waited
 
     def _upload_tag(self, tag: str) -> None:
         import obstore

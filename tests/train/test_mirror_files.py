@@ -201,3 +201,28 @@ def test_a_stop_signal_for_the_ranks_does_not_kill_the_upload_in_flight(s3, tmp_
     assert result["sizes"] == {big.name: big.stat().st_size}
     client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1")
     assert client.head_object(Bucket=BUCKET, Key=f"run/checkpoints/t/{big.name}")["ContentLength"] == big.stat().st_size
+
+
+def test_a_save_that_waits_for_the_previous_upload_says_so(caplog):
+    """An upload that outlasts the checkpoint interval stalls training at the next save: that wait is logged with
+    its length (and nothing is logged when the previous upload was already done)."""
+    import logging
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distseg.train.mirror import RunMirror
+
+    mirror = object.__new__(RunMirror)  # only the upload bookkeeping; no bucket needed
+    mirror.url = "s3://bucket/out/runs/r"
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        mirror._pending = pool.submit(release.wait, 5)
+        threading.Timer(0.3, release.set).start()
+        with caplog.at_level(logging.WARNING, logger="distseg.train.mirror"):
+            waited = mirror.wait_previous("step_00000020")
+        assert 0.2 < waited < 5 and mirror._pending is None
+        assert "checkpoint step_00000020: training waited" in caplog.text and "s3://bucket/out/runs/r" in caplog.text
+        caplog.clear()
+        mirror._pending = pool.submit(lambda: None)
+        mirror._pending.result()
+        assert mirror.wait_previous("step_00000030") == 0.0 and caplog.text == ""

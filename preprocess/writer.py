@@ -41,8 +41,7 @@ class Layout:
     """Store image and label as one Zarr v3 shard each (`sharding_indexed`, index at the end), the chunks above
     being its inner chunks: a case is a handful of objects and a patch costs one open per array on POSIX (index and
     merged byte ranges through it; the reader keeps it open) or <= 2 requests (index once, then the merged ranges)
-    instead of one per chunk. False: one file per chunk (the layout
-    before issue 14, still read)."""
+    instead of one per chunk. False: one file per chunk (the layout before issue 14, still read)."""
     image_shuffle_1byte: str = "bitshuffle"
     """Shuffle filter for 1-byte images (2D uint8 sources), where byte shuffle does nothing. Bit shuffle stores the
     LGG TIFF pixels in 1.14x the deflate-TIFF bytes instead of 1.40x at the same decode speed (0.19 ms per 3x256^2
@@ -129,12 +128,7 @@ def add_consolidated(store_path: Path | str, case_id: str) -> None:
 
         bucket.add_consolidated(str(store_path), case_id)
         return
-    folder = store_path / CASES_GROUP / case_id
-    tmp = folder / f".zarr.json.{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps(consolidated_doc(json.loads((folder / "zarr.json").read_text()), {
-        child.name: json.loads((child / "zarr.json").read_text())
-        for child in sorted(folder.iterdir()) if (child / "zarr.json").is_file()}), indent=2))
-    os.replace(tmp, folder / "zarr.json")
+    consolidate_case(store_path / CASES_GROUP / case_id)
 
 
 def consolidated_doc(group: dict[str, Any], arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -230,11 +224,13 @@ def consolidate_case(folder: Path) -> None:
     """Copy the case's array metadata into its group ``zarr.json`` (zarr-python's inline ``consolidated_metadata``,
     ``must_understand: false``), so a reader learns every array of the case from one file: the first patch of a
     case then opens 3 files (this one and one per shard) instead of 5. The arrays' own ``zarr.json`` stay, for
-    readers that ignore the field; both are written here, together, before the case is published."""
+    readers that ignore the field. Atomic (temp file + rename), so it may also upgrade a published case in place."""
     meta = folder / "zarr.json"
     arrays = {child.name: json.loads((child / "zarr.json").read_text())
               for child in sorted(folder.iterdir()) if (child / "zarr.json").is_file()}
-    meta.write_text(json.dumps(consolidated_doc(json.loads(meta.read_text()), arrays), indent=2))
+    tmp = folder / f".zarr.json.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(consolidated_doc(json.loads(meta.read_text()), arrays), indent=2))
+    os.replace(tmp, meta)
 
 
 def _write_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...], layout: Layout, shuffle: str,

@@ -135,3 +135,10 @@ def ray_head() -> Iterator[dict[str, str]]:
 def cli_env() -> dict[str, str]:
     """Environment for `python -m preprocess` subprocesses (venv first on PATH, loopback Ray, no RAY_ADDRESS)."""
     return subprocess_env()
+
+
+@pytest.fixture
+def store_path(brats_src: Path, tmp_path: Path, run_cli) -> Path:
+    """A sharded BraTS store written by the real converter from the synthetic cases (3 folds)."""
+    assert run_cli("brats", "--src", str(brats_src), "--dst", str(tmp_path / "out"), "--name", "s", "--folds", "3") == 0
+    return tmp_path / "out" / "s.zarr"
